@@ -1,0 +1,3 @@
+from hcml.launch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""``hcml`` command line: thin subcommands over library calls that the tests use directly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+
+
+def resolve_config(name: str | None) -> str | None:
+    """A path, or a recipe name under ``configs/`` (``demo`` → ``configs/demo.yaml``)."""
+    if name is None:
+        return None
+    p = Path(name)
+    if p.is_file():
+        return str(p)
+    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return str(cand)
+    return str(p)  # load_config reports the missing file by name
+
+
+def _overrides(args) -> list[str]:
+    ov = list(args.overrides)
+    if getattr(args, "data", None):
+        ov.append(f"data.root={Path(args.data).resolve()}")
+    if getattr(args, "run_dir", None):
+        ov.append(f"run_dir={args.run_dir}")
+    return ov
+
+
+def cmd_synth(args) -> int:
+    from hcml.pipeline import synth
+
+    classes = args.classes.split(",") if args.classes else None
+    out = synth.generate(args.out, classes, args.per_class, args.val_per_class, args.size, args.frames, args.codec,
+                         args.seed, workers=args.workers)
+    print(f"wrote synthetic motion dataset to {out}")
+    return 0
+
+
+def torchrun_cmd(nproc: int, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "hcml.launch.cli", *argv]
+
+
+def cmd_train(args) -> int:
+    from hcml.launch.config import ConfigError, load_config
+
+    cfg_path = resolve_config(args.config)
+    try:  # reject a bad config before any process starts
+        load_config(cfg_path, _overrides(args))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        argv = [a for a in sys.argv[1:]]
+        i = argv.index("--nproc-per-node")
+        del argv[i:i + 2]
+        return subprocess.call(torchrun_cmd(args.nproc_per_node, argv))
+    from hcml.launch.train import main_from_args
+
+    return main_from_args(cfg_path, _overrides(args), args.resume)
+
+
+def cmd_eval(args) -> int:
+    from hcml.launch.evaluate import run_eval
+
+    return run_eval(resolve_config(args.config), args.checkpoint, _overrides(args), args.out)
+
+
+def cmd_info(args) -> int:
+    from hcml.model import build_model
+    from hcml.model.summary import summarize
+
+    s = summarize(build_model(args.arch, args.classes, motion=not args.no_motion), args.frames, args.size)
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    print(f"{s['arch']}  T={s['frames']}  {s['size']}x{s['size']}  motion={s['motion']}")
+    print(f"{'stage':<8} output (C, T, H, W)")
+    for k, v in s["stages"].items():
+        print(f"{k:<8} {tuple(v)}")
+    for k, v in s["motion_levels"].items():
+        print(f"motion/{k:<5} {tuple(v)}")
+    p = s["params"]
+    print(f"params: backbone {p['backbone']:,}  motion {p['motion']:,}  heads {p['heads']:,}  total {p['total']:,}")
+    print(f"GMACs per clip: {s['gmacs_per_clip']:.2f}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from hcml.launch import bench
+
+    return bench.main(args)
+
+
+def cmd_demo(args) -> int:
+    from hcml.launch.demo import run_demo
+
+    return run_demo(Path(args.out), nproc=args.nproc, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hcml", description="Hierarchical Contrastive Motion Learning: train, "
+                                 "evaluate and profile video action recognition models.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic motion dataset (a prepared dataset directory)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--classes", default="", help="comma-separated subset of the synthetic classes")
+    p.add_argument("--per-class", type=int, default=24)
+    p.add_argument("--val-per-class", type=int, default=None)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--codec", choices=["vp9", "h264"], default="vp9")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("demo", help="synthetic set → 2-process training with and without motion → report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    p.set_defaults(fn=cmd_demo)
+
+    for name, helptext in (("train", "train per a YAML recipe (run under torchrun for several processes)"),
+                           ("eval", "multi-view evaluation of a checkpoint")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", required=name == "train", help="YAML recipe (path or name under configs/)")
+        p.add_argument("--data", help="prepared dataset directory (overrides data.root)")
+        p.add_argument("--run-dir", help="run directory (overrides run_dir)")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=10")
+        if name == "train":
+            p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in the run dir) or a path")
+            p.add_argument("--nproc-per-node", type=int, default=0, help="launch torchrun with N processes")
+            p.set_defaults(fn=cmd_train)
+        else:
+            p.add_argument("--checkpoint", required=True)
+            p.add_argument("--out", default=None, help="report directory (default: next to the checkpoint)")
+            p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("info", help="per-stage shapes, parameters and GMACs of a model")
+    p.add_argument("--arch", default="r2d50", choices=["r2d50", "r2plus1d101", "tiny"])
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--classes", type=int, default=400)
+    p.add_argument("--no-motion", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("bench", help="benchmarks: op (cost volume), model")
+    bsub = p.add_subparsers(dest="what", required=True)
+    b = bsub.add_parser("op", help="cost volume: CUDA kernel vs reference vs spatial-correlation-sampler")
+    b.add_argument("--shape", default="128,64,56,56", help="B,C,H,W")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    b.add_argument("--d", type=int, default=6)
+    b.add_argument("--s", type=int, default=2)
+    b.add_argument("--iters", type=int, default=20)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--json", action="store_true")
+    b = bsub.add_parser("model", help="train-step clips/s and GMACs per clip")
+    b.add_argument("--arch", default="r2d50", choices=["r2d50", "r2plus1d101", "tiny"])
+    b.add_argument("--frames", type=int, default=16)
+    b.add_argument("--size", type=int, default=224)
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--compile", action="store_true")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--compare", action="store_true", help="also run eager fp32 in the same process and report the ratio")
+    b.add_argument("--iters", type=int, default=10)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""R2D-50, R(2+1)D-101 and a tiny CPU variant from one builder over stage specs (supplementary Table 8).
+
+Clips are (B, C, T, H, W). All convolutions are Conv3d with a temporal kernel of 1 except the (3×1×1) temporal
+convs of R(2+1)D-101's res4/res5 (top-heavy design). Temporal striding starts at res3 (T → T/2) and continues
+at res4 (T/4); it sits on the block's 1×3×3 conv together with the spatial stride, as a 1-frame temporal kernel
+with stride 2 (frame subsampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    blocks: int
+    width: int  # bottleneck width
+    out: int  # output channels
+    t_stride: int
+    s_stride: int
+    temporal: bool  # (3×1×1) temporal conv inside each block
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    stem: int
+    stem_pool: bool
+    stages: tuple[StageSpec, ...]
+
+
+def _stages(blocks, widths, temporal) -> tuple[StageSpec, ...]:
+    t_strides, s_strides = (1, 2, 2, 1), (1, 2, 2, 2)
+    return tuple(StageSpec(f"res{i + 2}", b, w, 4 * w, ts, ss, tc)
+                 for i, (b, w, ts, ss, tc) in enumerate(zip(blocks, widths, t_strides, s_strides, temporal)))
+
+
+ARCHS: dict[str, BackboneSpec] = {
+    "r2d50": BackboneSpec(64, True, _stages((3, 4, 6, 3), (64, 128, 256, 512), (False,) * 4)),
+    "r2plus1d101": BackboneSpec(64, True, _stages((3, 4, 23, 3), (64, 128, 256, 512), (False, False, True, True))),
+    # For CPU work and tests: R2D topology (no temporal convs), 1 block per stage, 1/8 width, no stem max-pool.
+    "tiny": BackboneSpec(16, False, _stages((1, 1, 1, 1), (8, 16, 32, 64), (False,) * 4)),
+}
+
+
+def conv_bn(cin: int, cout: int, kernel, stride=1, padding=0, relu: bool = True) -> nn.Sequential:
+    layers = [nn.Conv3d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm3d(cout)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class Bottleneck(nn.Module):
+    """1×1×1 → (3×1×1) → 1×3×3 (strided) → 1×1×1, plus a projection shortcut when the shape changes."""
+
+    def __init__(self, cin: int, width: int, cout: int, t_stride: int, s_stride: int, temporal: bool):
+        super().__init__()
+        layers = [conv_bn(cin, width, 1)]
+        if temporal:
+            layers.append(conv_bn(width, width, (3, 1, 1), padding=(1, 0, 0)))
+        layers += [conv_bn(width, width, (1, 3, 3), (t_stride, s_stride, s_stride), (0, 1, 1)),
+                   conv_bn(width, cout, 1, relu=False)]
+        self.body = nn.Sequential(*layers)
+        nn.init.zeros_(self.body[-1][1].weight)  # zero-init last BN gamma: each block starts as identity
+        self.shortcut = None
+        if cin != cout or t_stride != 1 or s_stride != 1:
+            self.shortcut = conv_bn(cin, cout, 1, (t_stride, s_stride, s_stride), relu=False)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idt = x if self.shortcut is None else self.shortcut(x)
+        return self.relu(self.body(x) + idt)
+
+
+class Backbone(nn.Module):
+    """Stem + res2..res5. ``forward_stage`` lets the motion module run between stages."""
+
+    def __init__(self, spec: BackboneSpec):
+        super().__init__()
+        self.spec = spec
+        stem = [conv_bn(3, spec.stem, (1, 7, 7), (1, 2, 2), (0, 3, 3))]
+        if spec.stem_pool:
+            stem.append(nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)))
+        self.stem = nn.Sequential(*stem)
+        self.stages = nn.ModuleDict()
+        cin = spec.stem
+        for st in spec.stages:
+            blocks = [Bottleneck(cin if i == 0 else st.out, st.width, st.out, st.t_stride if i == 0 else 1,
+                                 st.s_stride if i == 0 else 1, st.temporal) for i in range(st.blocks)]
+            self.stages[st.name] = nn.Sequential(*blocks)
+            cin = st.out
+        self.out_channels = cin
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.spec.stages]
+
+    def stage_channels(self, name: str) -> int:
+        return next(s.out for s in self.spec.stages if s.name == name)
+
+
+def build_backbone(arch: str) -> Backbone:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    return Backbone(ARCHS[arch])

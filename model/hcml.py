@@ -1,0 +1,101 @@
+"""The full HCML network: backbone + three motion levels + classifier + per-level contrastive losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hcml.model.backbone import build_backbone
+from hcml.model.contrastive import future_prediction_loss
+from hcml.model.motion import Fusion, MotionLevel, PrimeMotionBlock, Predictor
+
+LEVELS = ("low", "mid", "high")
+# Motion level → backbone stage it follows.
+LEVEL_STAGE = {"low": "res2", "mid": "res3", "high": "res4"}
+
+
+@dataclass
+class HCMLSpec:
+    """What the model needs to know; built from the typed config by :func:`hcml.model.build_model`."""
+
+    arch: str = "r2d50"
+    num_classes: int = 400
+    motion: bool = True
+    max_displacement: int = 6
+    cv_stride: int = 2
+    motion_channels: list[int] = field(default_factory=list)
+    dropout: float = 0.5
+    nce_temperature: float = 0.1
+    nce_samples: int = 8
+
+
+class HCML(nn.Module):
+    """Clips (B, 3, T, H, W) → ``{"logits": (B, classes), "nce_low"|"nce_mid"|"nce_high": scalar}``.
+
+    ``motion=False`` gives the plain backbone baseline with everything else identical (no NCE terms).
+    """
+
+    def __init__(self, spec: HCMLSpec):
+        super().__init__()
+        self.spec = spec
+        self.backbone = build_backbone(spec.arch)
+        self.motion_enabled = spec.motion
+        if spec.motion:
+            chans = {lv: self.backbone.stage_channels(LEVEL_STAGE[lv]) for lv in LEVELS}
+            cm = spec.motion_channels or [max(16, chans[lv] // 4) for lv in LEVELS]
+            if len(cm) != 3:
+                raise ValueError(f"motion_channels needs 3 values (low, mid, high), got {cm}")
+            self.motion_channels = dict(zip(LEVELS, cm))
+            self.prime = PrimeMotionBlock(chans["low"], cm[0], spec.max_displacement, spec.cv_stride)
+            self.levels = nn.ModuleDict({"mid": MotionLevel(cm[0], chans["mid"], cm[1]),
+                                         "high": MotionLevel(cm[1], chans["high"], cm[2])})
+            self.fusion = nn.ModuleDict({lv: Fusion(cm[i], chans[lv]) for i, lv in enumerate(LEVELS)})
+            # Level l predicts the future of level l−1 (level 0 = backbone res2 features).
+            targets = {"low": chans["low"], "mid": cm[0], "high": cm[1]}
+            self.predictors = nn.ModuleDict({lv: Predictor(cm[i], targets[lv]) for i, lv in enumerate(LEVELS)})
+        self.dropout = nn.Dropout(spec.dropout)
+        self.fc = nn.Linear(self.backbone.out_channels, spec.num_classes)
+
+    def _run(self, x: Tensor, want_nce: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        bb = self.backbone
+        h = bb.stem(x)
+        feats: dict[str, Tensor] = {}
+        nce: dict[str, Tensor] = {}
+        prev_motion: Tensor | None = None
+        for name in bb.stage_names:
+            h = bb.stages[name](h)
+            if not self.motion_enabled:
+                continue
+            level = next((lv for lv, st in LEVEL_STAGE.items() if st == name), None)
+            if level is None:
+                continue
+            if level == "low":
+                p = self.prime(h)
+                target = h
+            else:
+                p = self.levels[level](prev_motion, h)
+                target = prev_motion
+            feats[level] = p
+            if want_nce:
+                pred = self.predictors[level](p)
+                tgt = F.adaptive_avg_pool3d(target, p.shape[2:])
+                nce[f"nce_{level}"] = future_prediction_loss(pred, tgt, self.spec.nce_samples,
+                                                             self.spec.nce_temperature)
+            h = self.fusion[level](h, p)
+            prev_motion = p
+        return h, feats, nce
+
+    def forward(self, x: Tensor, with_nce: bool = True) -> dict[str, Tensor]:
+        h, _, nce = self._run(x, with_nce and self.motion_enabled)
+        pooled = h.mean(dim=(2, 3, 4))
+        return {"logits": self.fc(self.dropout(pooled)), **nce}
+
+    @torch.no_grad()
+    def motion_features(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-level motion feature maps {"low", "mid", "high"}: (B, C_l, T_l, H_l, W_l) each (KNN, Table 7)."""
+        if not self.motion_enabled:
+            raise RuntimeError("motion_features needs a model built with motion=True")
+        return self._run(x, False)[1]

@@ -1,0 +1,154 @@
+"""Cost volume (local correlation) between two feature maps, as a real PyTorch operator.
+
+Math. For f1, f2 of shape (B, C, H, W), max displacement d and stride s, D = 2·d/s + 1 and::
+
+    out[b, i·D + j, y, x] = 1/C · Σ_c f1[b, c, y, x] · f2[b, c, y + dy_i, x + dx_j],
+    dy_i = (i − D//2)·s,  dx_j = (j − D//2)·s,    f2 = 0 outside the image.
+
+Output (B, D², H, W), channel index = row-major (displacement row i, column j). HCML uses d = 6, s = 2 (D = 7).
+
+Layout and dtype policy. Inputs may be contiguous (NCHW) or channels_last (NHWC); the CUDA kernels read
+through strides, so no copy is made for either. fp32/fp16/bf16 are accepted; products are accumulated in fp32
+and the result is cast back to the input dtype (the two inputs are promoted to a common dtype first).
+
+Memory-traffic model (forward): an ideal kernel reads f1 and f2 once (2·B·C·H·W elements) and writes
+B·D²·H·W elements; at C = 64, D² = 49 the write is ~40 % of the traffic, so the op is bandwidth-bound and
+``hcml bench op`` reports achieved GB/s against that model. Backward reads grad (B·D²·H·W), f1 and f2 and
+writes both input grads.
+
+Implementations behind one API:
+- CUDA: ``csrc/cost_volume_kernels.cu`` (raw pointers + strides, needs only the CUDA toolkit) with the torch
+  binding in ``csrc/cost_volume_binding.cpp``; built ahead of time in the Dockerfile, else JIT with a cache.
+- CPU: vectorised shift-and-multiply over the D² displacements (this file).
+- Reference: :func:`cost_volume_reference` (unfold), for tests and benchmarks only.
+
+The op is registered with ``torch.library`` (``hcml::cost_volume``) with a fake implementation and autograd,
+so ``torch.compile(fullgraph=True)`` traces through it without graph breaks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hcml.ops import _cuda
+
+
+def num_displacements(max_displacement: int, stride: int) -> int:
+    """D, the number of displacements per axis."""
+    if stride <= 0 or max_displacement < 0 or max_displacement % stride:
+        raise ValueError(f"max_displacement ({max_displacement}) must be a non-negative multiple of stride ({stride})")
+    return 2 * (max_displacement // stride) + 1
+
+
+def _check(f1: Tensor, f2: Tensor) -> None:
+    if f1.dim() != 4 or f1.shape != f2.shape:
+        raise ValueError(f"cost_volume needs two (B, C, H, W) tensors of one shape, got {tuple(f1.shape)} "
+                         f"and {tuple(f2.shape)}")
+
+
+# ---------------------------------------------------------------- CPU path (vectorised shift-multiply)
+def _shifted(x: Tensor, dy: int, dx: int) -> Tensor:
+    """x[..., y + dy, x + dx] with zeros outside (a view into a padded copy would cost the same)."""
+    H, W = x.shape[-2:]
+    out = torch.zeros_like(x)
+    ys, ye = max(0, -dy), min(H, H - dy)
+    xs, xe = max(0, -dx), min(W, W - dx)
+    if ys < ye and xs < xe:
+        out[..., ys:ye, xs:xe] = x[..., ys + dy:ye + dy, xs + dx:xe + dx]
+    return out
+
+
+def _displacements(md: int, s: int):
+    D = num_displacements(md, s)
+    r = D // 2
+    return [((i - r) * s, (j - r) * s) for i in range(D) for j in range(D)]
+
+
+def _cpu_forward(f1: Tensor, f2: Tensor, md: int, s: int) -> Tensor:
+    acc = torch.float32 if f1.dtype in (torch.float16, torch.bfloat16) else f1.dtype
+    a, b = f1.to(acc), f2.to(acc)
+    C = a.shape[1]
+    outs = [(a * _shifted(b, dy, dx)).sum(1) for dy, dx in _displacements(md, s)]
+    return (torch.stack(outs, 1) / C).to(f1.dtype)
+
+
+def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tuple[Tensor, Tensor]:
+    acc = torch.float32 if f1.dtype in (torch.float16, torch.bfloat16) else f1.dtype
+    a, b, g = f1.to(acc), f2.to(acc), grad.to(acc)
+    C = a.shape[1]
+    g1 = torch.zeros_like(a)
+    g2 = torch.zeros_like(b)
+    for k, (dy, dx) in enumerate(_displacements(md, s)):
+        gk = g[:, k:k + 1]
+        g1 += gk * _shifted(b, dy, dx)
+        g2 += _shifted(gk * a, -dy, -dx)  # scatter back: f2 at (y+dy, x+dx) received gk·f1 at (y, x)
+    return (g1 / C).to(f1.dtype), (g2 / C).to(f2.dtype)
+
+
+# ---------------------------------------------------------------- the operator
+@torch.library.custom_op("hcml::cost_volume", mutates_args=())
+def _cost_volume_op(f1: Tensor, f2: Tensor, max_displacement: int, stride: int) -> Tensor:
+    if f1.is_cuda:
+        return _cuda.forward(f1, f2, max_displacement, stride)
+    return _cpu_forward(f1, f2, max_displacement, stride)
+
+
+@_cost_volume_op.register_fake
+def _(f1, f2, max_displacement, stride):
+    D = num_displacements(max_displacement, stride)
+    B, _, H, W = f1.shape
+    return f1.new_empty((B, D * D, H, W))
+
+
+@torch.library.custom_op("hcml::cost_volume_backward", mutates_args=())
+def _cost_volume_backward_op(grad: Tensor, f1: Tensor, f2: Tensor, max_displacement: int,
+                             stride: int) -> tuple[Tensor, Tensor]:
+    if f1.is_cuda:
+        return _cuda.backward(grad, f1, f2, max_displacement, stride)
+    return _cpu_backward(grad, f1, f2, max_displacement, stride)
+
+
+@_cost_volume_backward_op.register_fake
+def _(grad, f1, f2, max_displacement, stride):
+    return torch.empty_like(f1), torch.empty_like(f2)
+
+
+def _setup_context(ctx, inputs, output):
+    f1, f2, md, s = inputs
+    ctx.save_for_backward(f1, f2)
+    ctx.md, ctx.s = md, s
+
+
+def _backward(ctx, grad):
+    f1, f2 = ctx.saved_tensors
+    g1, g2 = _cost_volume_backward_op(grad.contiguous() if not grad.is_cuda else grad, f1, f2, ctx.md, ctx.s)
+    return g1, g2, None, None
+
+
+_cost_volume_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cost_volume(f1: Tensor, f2: Tensor, max_displacement: int = 6, stride: int = 2) -> Tensor:
+    """Cost volume of (B, C, H, W) maps → (B, D², H, W); see the module docstring for the exact definition."""
+    _check(f1, f2)
+    num_displacements(max_displacement, stride)
+    if f1.dtype != f2.dtype:
+        dt = torch.promote_types(f1.dtype, f2.dtype)
+        f1, f2 = f1.to(dt), f2.to(dt)
+    return _cost_volume_op(f1, f2, max_displacement, stride)
+
+
+# ---------------------------------------------------------------- reference (tests, benchmarks)
+def cost_volume_reference(f1: Tensor, f2: Tensor, max_displacement: int = 6, stride: int = 2) -> Tensor:
+    """Obvious implementation via ``F.unfold`` of the zero-padded f2 (memory-hungry: D²·C copies of f2)."""
+    _check(f1, f2)
+    D = num_displacements(max_displacement, stride)
+    B, C, H, W = f1.shape
+    md = max_displacement
+    p = F.pad(f2.float(), (md, md, md, md))
+    # dilation = stride picks the D×D displacement grid around each output pixel.
+    cols = F.unfold(p, kernel_size=D, dilation=stride)  # (B, C·D², H·W)
+    cols = cols.view(B, C, D * D, H, W)
+    return (f1.float().unsqueeze(2) * cols).mean(1).to(f1.dtype)

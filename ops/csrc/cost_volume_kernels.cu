@@ -1,0 +1,213 @@
+// See cost_volume_kernels.cuh and hcml/ops/cost_volume.py for the math and the layout.
+//
+// Forward (fast path, D known at compile time): a block computes a TH x TW tile of output pixels of one
+// sample. Channels are walked in chunks of CC; each chunk's f2 tile plus a halo of max_displacement pixels is
+// staged in shared memory, so f2 is read from global memory about once; every thread keeps its D*D sums in
+// registers (fp32) and reads its f1 value once per channel. Strided indexing serves NCHW and NHWC alike.
+//
+// Backward: one thread per pixel. dL/df1 at (y, x) needs the D*D output grads at (y, x); dL/df2 at (y, x)
+// needs the grads at (y - dy_k, x - dx_k). Each thread loads its D*D grads once into registers, then walks the
+// channels: no atomics, each input-grad element is written exactly once.
+#include "cost_volume_kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace hcml {
+namespace {
+
+constexpr int TW = 32;
+constexpr int TH = 8;
+constexpr int CC = 4;
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ int64_t off(const Strides4& s, int64_t b, int64_t c, int64_t y, int64_t x) {
+  return b * s.n + c * s.c + y * s.h + x * s.w;
+}
+
+template <typename T, int D>
+__global__ void forward_tiled(CostVolumeShape sh, const T* __restrict__ f1, Strides4 s1, const T* __restrict__ f2,
+                              Strides4 s2, T* __restrict__ out, Strides4 so) {
+  extern __shared__ float smem[];  // [CC][TH + 2md][TW + 2md]
+  const int md = sh.max_displacement, st = sh.stride;
+  const int HH = TH + 2 * md, WW = TW + 2 * md;
+  const int b = blockIdx.z;
+  const int y0 = blockIdx.y * TH, x0 = blockIdx.x * TW;
+  const int ty = threadIdx.y, tx = threadIdx.x;
+  const int y = y0 + ty, x = x0 + tx;
+  const bool inside = y < sh.H && x < sh.W;
+  float acc[D * D];
+#pragma unroll
+  for (int k = 0; k < D * D; ++k) acc[k] = 0.f;
+
+  for (int c0 = 0; c0 < sh.C; c0 += CC) {
+    const int cn = min(CC, sh.C - c0);
+    __syncthreads();
+    for (int idx = ty * TW + tx; idx < cn * HH * WW; idx += TW * TH) {
+      const int cc = idx / (HH * WW), r = idx % (HH * WW);
+      const int yy = y0 - md + r / WW, xx = x0 - md + r % WW;
+      float v = 0.f;
+      if (yy >= 0 && yy < sh.H && xx >= 0 && xx < sh.W) v = to_f(f2[off(s2, b, c0 + cc, yy, xx)]);
+      smem[idx] = v;
+    }
+    __syncthreads();
+    if (inside) {
+      for (int cc = 0; cc < cn; ++cc) {
+        const float a = to_f(f1[off(s1, b, c0 + cc, y, x)]);
+        const float* tile = smem + cc * HH * WW + ty * WW + tx;  // displacement (-md, -md)
+#pragma unroll
+        for (int i = 0; i < D; ++i)
+#pragma unroll
+          for (int j = 0; j < D; ++j) acc[i * D + j] += a * tile[(i * st) * WW + j * st];
+      }
+    }
+  }
+  if (inside) {
+    const float inv = 1.f / sh.C;
+#pragma unroll
+    for (int k = 0; k < D * D; ++k) out[off(so, b, k, y, x)] = from_f<T>(acc[k] * inv);
+  }
+}
+
+// Any D: one thread per output element, channels walked directly from global memory.
+template <typename T>
+__global__ void forward_generic(CostVolumeShape sh, int D, const T* __restrict__ f1, Strides4 s1,
+                                const T* __restrict__ f2, Strides4 s2, T* __restrict__ out, Strides4 so) {
+  const int64_t n = (int64_t)sh.B * D * D * sh.H * sh.W;
+  for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < n; t += (int64_t)gridDim.x * blockDim.x) {
+    const int x = t % sh.W, y = (t / sh.W) % sh.H;
+    const int k = (t / ((int64_t)sh.W * sh.H)) % (D * D);
+    const int b = t / ((int64_t)sh.W * sh.H * D * D);
+    const int dy = (k / D - D / 2) * sh.stride, dx = (k % D - D / 2) * sh.stride;
+    float acc = 0.f;
+    if (y + dy >= 0 && y + dy < sh.H && x + dx >= 0 && x + dx < sh.W)
+      for (int c = 0; c < sh.C; ++c) acc += to_f(f1[off(s1, b, c, y, x)]) * to_f(f2[off(s2, b, c, y + dy, x + dx)]);
+    out[off(so, b, k, y, x)] = from_f<T>(acc / sh.C);
+  }
+}
+
+// D > 0: grads cached in registers; D == 0: runtime D (Drt), grads re-read per channel.
+template <typename T, int D>
+__global__ void backward_pixel(CostVolumeShape sh, int Drt, const T* __restrict__ g, Strides4 sg,
+                               const T* __restrict__ f1, Strides4 s1, const T* __restrict__ f2, Strides4 s2,
+                               T* __restrict__ g1, Strides4 sg1, T* __restrict__ g2, Strides4 sg2) {
+  const int DD = D > 0 ? D : Drt;
+  const int64_t n = (int64_t)sh.B * sh.H * sh.W;
+  const float inv = 1.f / sh.C;
+  for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < n; t += (int64_t)gridDim.x * blockDim.x) {
+    const int x = t % sh.W, y = (t / sh.W) % sh.H, b = t / ((int64_t)sh.W * sh.H);
+    // dL/df1[b,:,y,x] = 1/C sum_k g[b,k,y,x] f2[b,:,y+dy_k,x+dx_k]
+    // dL/df2[b,:,y,x] = 1/C sum_k g[b,k,y-dy_k,x-dx_k] f1[b,:,y-dy_k,x-dx_k]
+    float ga[D > 0 ? D * D : 1], gb[D > 0 ? D * D : 1];
+    if (D > 0) {
+#pragma unroll
+      for (int k = 0; k < (D > 0 ? D * D : 1); ++k) {
+        const int dy = (k / DD - DD / 2) * sh.stride, dx = (k % DD - DD / 2) * sh.stride;
+        const bool pa = y + dy >= 0 && y + dy < sh.H && x + dx >= 0 && x + dx < sh.W;
+        const bool pb = y - dy >= 0 && y - dy < sh.H && x - dx >= 0 && x - dx < sh.W;
+        ga[k] = pa ? to_f(g[off(sg, b, k, y, x)]) : 0.f;
+        gb[k] = pb ? to_f(g[off(sg, b, k, y - dy, x - dx)]) : 0.f;
+      }
+    }
+    for (int c = 0; c < sh.C; ++c) {
+      float a1 = 0.f, a2 = 0.f;
+      for (int k = 0; k < DD * DD; ++k) {
+        const int dy = (k / DD - DD / 2) * sh.stride, dx = (k % DD - DD / 2) * sh.stride;
+        if (y + dy >= 0 && y + dy < sh.H && x + dx >= 0 && x + dx < sh.W) {
+          const float gk = D > 0 ? ga[D > 0 ? k : 0] : to_f(g[off(sg, b, k, y, x)]);
+          a1 += gk * to_f(f2[off(s2, b, c, y + dy, x + dx)]);
+        }
+        if (y - dy >= 0 && y - dy < sh.H && x - dx >= 0 && x - dx < sh.W) {
+          const float gk = D > 0 ? gb[D > 0 ? k : 0] : to_f(g[off(sg, b, k, y - dy, x - dx)]);
+          a2 += gk * to_f(f1[off(s1, b, c, y - dy, x - dx)]);
+        }
+      }
+      g1[off(sg1, b, c, y, x)] = from_f<T>(a1 * inv);
+      g2[off(sg2, b, c, y, x)] = from_f<T>(a2 * inv);
+    }
+  }
+}
+
+int grid_for(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return (int)(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+}
+
+template <typename T>
+cudaError_t forward_t(CostVolumeShape sh, const void* f1, Strides4 s1, const void* f2, Strides4 s2, void* out,
+                      Strides4 so, cudaStream_t stream) {
+  const int D = 2 * (sh.max_displacement / sh.stride) + 1;
+  const T* a = static_cast<const T*>(f1);
+  const T* b = static_cast<const T*>(f2);
+  T* o = static_cast<T*>(out);
+  const dim3 block(TW, TH);
+  const dim3 grid((sh.W + TW - 1) / TW, (sh.H + TH - 1) / TH, sh.B);
+  const size_t smem = sizeof(float) * CC * (TH + 2 * sh.max_displacement) * (TW + 2 * sh.max_displacement);
+  if (smem <= 48 * 1024) {
+    switch (D) {
+      case 3: forward_tiled<T, 3><<<grid, block, smem, stream>>>(sh, a, s1, b, s2, o, so); return cudaGetLastError();
+      case 5: forward_tiled<T, 5><<<grid, block, smem, stream>>>(sh, a, s1, b, s2, o, so); return cudaGetLastError();
+      case 7: forward_tiled<T, 7><<<grid, block, smem, stream>>>(sh, a, s1, b, s2, o, so); return cudaGetLastError();
+      case 9: forward_tiled<T, 9><<<grid, block, smem, stream>>>(sh, a, s1, b, s2, o, so); return cudaGetLastError();
+      default: break;
+    }
+  }
+  const int64_t n = (int64_t)sh.B * D * D * sh.H * sh.W;
+  forward_generic<T><<<grid_for(n, 256), 256, 0, stream>>>(sh, D, a, s1, b, s2, o, so);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_t(CostVolumeShape sh, const void* g, Strides4 sg, const void* f1, Strides4 s1, const void* f2,
+                       Strides4 s2, void* g1, Strides4 sg1, void* g2, Strides4 sg2, cudaStream_t stream) {
+  const int D = 2 * (sh.max_displacement / sh.stride) + 1;
+  const int64_t n = (int64_t)sh.B * sh.H * sh.W;
+  const int grid = grid_for(n, 128);
+  auto args = [&](auto kernel) {
+    kernel<<<grid, 128, 0, stream>>>(sh, D, static_cast<const T*>(g), sg, static_cast<const T*>(f1), s1,
+                                     static_cast<const T*>(f2), s2, static_cast<T*>(g1), sg1, static_cast<T*>(g2),
+                                     sg2);
+  };
+  switch (D) {
+    case 3: args(backward_pixel<T, 3>); break;
+    case 5: args(backward_pixel<T, 5>); break;
+    case 7: args(backward_pixel<T, 7>); break;
+    case 9: args(backward_pixel<T, 9>); break;
+    default: args(backward_pixel<T, 0>); break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t cost_volume_forward(DType dt, CostVolumeShape sh, const void* f1, Strides4 s1, const void* f2,
+                                Strides4 s2, void* out, Strides4 so, cudaStream_t stream) {
+  if (sh.B == 0 || sh.H == 0 || sh.W == 0) return cudaSuccess;
+  switch (dt) {
+    case DType::kFloat32: return forward_t<float>(sh, f1, s1, f2, s2, out, so, stream);
+    case DType::kFloat16: return forward_t<__half>(sh, f1, s1, f2, s2, out, so, stream);
+    case DType::kBFloat16: return forward_t<__nv_bfloat16>(sh, f1, s1, f2, s2, out, so, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t cost_volume_backward(DType dt, CostVolumeShape sh, const void* g, Strides4 sg, const void* f1,
+                                 Strides4 s1, const void* f2, Strides4 s2, void* g1, Strides4 sg1, void* g2,
+                                 Strides4 sg2, cudaStream_t stream) {
+  if (sh.B == 0 || sh.H == 0 || sh.W == 0) return cudaSuccess;
+  switch (dt) {
+    case DType::kFloat32: return backward_t<float>(sh, g, sg, f1, s1, f2, s2, g1, sg1, g2, sg2, stream);
+    case DType::kFloat16: return backward_t<__half>(sh, g, sg, f1, s1, f2, s2, g1, sg1, g2, sg2, stream);
+    case DType::kBFloat16: return backward_t<__nv_bfloat16>(sh, g, sg, f1, s1, f2, s2, g1, sg1, g2, sg2, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace hcml

@@ -1,0 +1,112 @@
+"""The prepared dataset directory: the one on-disk contract between ``prepare``/``synth`` and training.
+
+Layout::
+
+    DIR/train.txt     "relative/path.webm label [num_frames]" per line (DALI file_list style)
+    DIR/val.txt       same
+    DIR/classes.txt   one class name per line; line number = label
+    DIR/dataset.yaml  codec, frames, size, fps, num_classes, name
+
+The optional third column (frame count, from probing) lets the loader pick random temporal offsets without
+opening the file; DALI's own file_list is generated from it per epoch (see ``pipeline/loader.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+class DatasetError(ValueError):
+    """A prepared dataset directory is missing a file or has a malformed line (named in the message)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # absolute
+    label: int
+    num_frames: int  # 0 if unknown
+
+
+@dataclass
+class PreparedDataset:
+    root: Path
+    classes: list[str]
+    meta: dict
+    train: list[Sample]
+    val: list[Sample]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file + fsync + rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_split(path: Path, rows: list[tuple[str, int, int]]) -> None:
+    atomic_write_text(path, "".join(f"{p} {lab} {n}\n" for p, lab, n in rows))
+
+
+def write_prepared(root: str | Path, classes: list[str], train, val, meta: dict) -> None:
+    """Write a prepared dataset directory. ``train``/``val``: rows (relative path, label, num_frames)."""
+    root = Path(root)
+    write_split(root / "train.txt", train)
+    write_split(root / "val.txt", val)
+    atomic_write_text(root / "classes.txt", "".join(c + "\n" for c in classes))
+    atomic_write_text(root / "dataset.yaml", yaml.safe_dump({**meta, "num_classes": len(classes)}, sort_keys=False))
+
+
+def _read_split(root: Path, name: str, num_classes: int) -> list[Sample]:
+    path = root / name
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing (a prepared dataset needs train.txt, val.txt, classes.txt)")
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=2)
+        try:
+            if len(parts) == 3 and parts[2].lstrip("-").isdigit() and parts[1].lstrip("-").isdigit():
+                rel, lab, nf = parts[0], int(parts[1]), int(parts[2])
+            else:
+                rel, lab = line.rsplit(maxsplit=1)
+                lab, nf = int(lab), 0
+        except ValueError:
+            raise DatasetError(f"{path}:{i}: expected 'path label [num_frames]', got {line!r}") from None
+        if not 0 <= lab < num_classes:
+            raise DatasetError(f"{path}:{i}: label {lab} outside [0, {num_classes}) of classes.txt")
+        out.append(Sample(str((root / rel).resolve()), lab, nf))
+    return out
+
+
+def load_prepared(root: str | Path) -> PreparedDataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset directory not found: {root} (create one with `hcml synth` or `hcml prepare`)")
+    cls_path = root / "classes.txt"
+    if not cls_path.is_file():
+        raise DatasetError(f"{cls_path}: missing")
+    classes = [c for c in cls_path.read_text().splitlines() if c.strip()]
+    meta_path = root / "dataset.yaml"
+    meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else {}
+    return PreparedDataset(root, classes, meta or {}, _read_split(root, "train.txt", len(classes)),
+                           _read_split(root, "val.txt", len(classes)))

@@ -1,0 +1,281 @@
+"""DALI video pipelines (train and multi-view eval), one definition for CPU and GPU, and their iterators.
+
+Why per-epoch frame-range file lists: ``readers.video`` (GPU) and ``experimental.readers.video`` (CPU + GPU)
+emit *every* sequence of a file, so an epoch would be "all clips" rather than "each video once at a random
+offset". Writing, each epoch, one ``path label start end`` line per video (frame numbers, a start drawn from
+a seeded RNG = temporal jitter, ``step`` larger than the range = exactly one clip per line) and pre-shuffling
+the list with the same seed on every rank gives PySlowFast's sampling with DALI's decoders, exact-once
+sharding (contiguous shards of one shuffled list) and DALI pipeline checkpointing for mid-epoch resume.
+
+GPU: ``experimental.readers.video(device="gpu")`` decodes H.264/HEVC with NVDEC and the whole augmentation
+graph runs on the GPU. CPU: the same reader on ``device="cpu"`` (VP9/VP8/MJPEG only) and the same graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from hcml.pipeline.dataset import Sample
+
+_BIG_STEP = 1 << 30  # one sequence per file-list line
+
+
+@dataclass
+class AugmentSpec:
+    """Everything the DALI graph needs (a subset of the config, so this package stays config-agnostic)."""
+
+    frames: int = 16
+    stride: int = 2
+    crop: int = 224
+    short_side: tuple[int, int] = (256, 320)
+    eval_short_side: int = 256
+    eval_clips: int = 10
+    eval_crops: int = 3
+    flip: str = "plain"  # none | plain | swap
+    flip_pairs: Sequence[Sequence[int]] = ()
+    mean: Sequence[float] = (0.45, 0.45, 0.45)
+    std: Sequence[float] = (0.225, 0.225, 0.225)
+
+    @property
+    def span(self) -> int:
+        return (self.frames - 1) * self.stride + 1
+
+
+def dali_device(requested: str) -> str:
+    """Resolve ``auto`` → ``gpu`` when CUDA is usable, else ``cpu``."""
+    if requested == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if requested == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("data.device=gpu but no CUDA device is visible; use data.device=cpu (VP9 data)")
+    return requested
+
+
+def clip_start(seed: int, epoch: int, index: int, num_frames: int, span: int) -> int:
+    """Random temporal offset of sample ``index`` in ``epoch``: uniform over the valid starts."""
+    if num_frames <= span:
+        return 0
+    return int(np.random.default_rng([seed, epoch, index]).integers(0, num_frames - span + 1))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled sample order of one epoch; identical on every rank."""
+    return np.random.default_rng([seed, epoch, 7919]).permutation(n)
+
+
+def write_train_list(path: Path, samples: Sequence[Sample], spec: AugmentSpec, seed: int, epoch: int) -> None:
+    lines = []
+    for i in epoch_order(len(samples), seed, epoch):
+        s = samples[i]
+        start = clip_start(seed, epoch, int(i), s.num_frames, spec.span)
+        end = start + spec.span - 1
+        if s.num_frames:
+            end = min(end, s.num_frames - 1)  # short videos: edge-padded by the reader
+        lines.append(f"{s.path} {s.label} {start} {end}\n")
+    path.write_text("".join(lines))
+
+
+def eval_views(num_frames: int, spec: AugmentSpec) -> list[tuple[int, int]]:
+    """K uniformly spaced (start, end) clip ranges covering the video (PySlowFast's multi-view testing)."""
+    span = spec.span
+    last = max(0, num_frames - span) if num_frames else 0
+    K = spec.eval_clips
+    starts = [round(last * k / (K - 1)) if K > 1 else last // 2 for k in range(K)]
+    return [(s, (min(s + span, num_frames) if num_frames else s + span) - 1) for s in starts]
+
+
+def write_eval_list(path: Path, samples: Sequence[Sample], spec: AugmentSpec) -> None:
+    """One line per (video, view); the label column holds the *row index* so that scores map back to videos."""
+    lines, row = [], 0
+    for s in samples:
+        for start, end in eval_views(s.num_frames, spec):
+            lines.append(f"{s.path} {row} {start} {end}\n")
+            row += 1
+    path.write_text("".join(lines))
+
+
+def _reader(file_list: Path, spec: AugmentSpec, device: str, shard_id: int, num_shards: int):
+    from nvidia.dali import fn
+
+    return fn.experimental.readers.video(
+        device=device, file_list=str(file_list), file_list_format="frames", file_list_include_end=True,
+        sequence_length=spec.frames, stride=spec.stride, step=_BIG_STEP, pad_mode="edge", random_shuffle=False,
+        shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="Reader")
+
+
+def build_train_pipeline(file_list: Path, spec: AugmentSpec, *, batch_size: int, device: str, device_id: int | None,
+                         shard_id: int, num_shards: int, threads: int, seed: int, checkpoint: str | None = None,
+                         half: bool = False):
+    """Train graph: decode T frames → random shorter side → one random crop for all frames → flip → normalise."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(enable_checkpointing=True)
+    def train_pipe():
+        video, label = _reader(file_list, spec, device, shard_id, num_shards)
+        short = fn.random.uniform(range=[float(spec.short_side[0]), float(spec.short_side[1])])
+        video = fn.resize(video, resize_shorter=short, antialias=False)
+        mirror = fn.random.coin_flip(probability=0.5) if spec.flip != "none" else 0
+        video = fn.crop_mirror_normalize(
+            video, crop=(spec.crop, spec.crop), crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+            crop_pos_y=fn.random.uniform(range=[0.0, 1.0]), mirror=mirror,
+            mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std], output_layout="CFHW",
+            dtype=types.FLOAT16 if half else types.FLOAT)
+        if spec.flip == "none":
+            mirror = label * 0
+        return video, label, mirror
+
+    pipe = train_pipe(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
+                      checkpoint=checkpoint, prefetch_queue_depth=2)
+    pipe.build()
+    return pipe
+
+
+def build_eval_pipeline(file_list: Path, spec: AugmentSpec, *, batch_size: int, device: str, device_id: int | None,
+                        shard_id: int, num_shards: int, threads: int, half: bool = False):
+    """Eval graph: shorter side → ``eval_short_side``, 1 or 3 crops along the longer side, stacked per sample."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def eval_pipe():
+        video, row = _reader(file_list, spec, device, shard_id, num_shards)
+        video = fn.resize(video, resize_shorter=float(spec.eval_short_side), antialias=False)
+        shape = fn.cast(video.shape(), dtype=types.FLOAT)  # (F, H, W, C)
+        landscape = shape[2] >= shape[1]
+        positions = (0.5,) if spec.eval_crops == 1 else (0.0, 0.5, 1.0)
+        crops = []
+        for p in positions:
+            px = landscape * p + (1 - landscape) * 0.5
+            py = landscape * 0.5 + (1 - landscape) * p
+            crops.append(fn.crop_mirror_normalize(
+                video, crop=(spec.crop, spec.crop), crop_pos_x=px, crop_pos_y=py,
+                mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std], output_layout="CFHW",
+                dtype=types.FLOAT16 if half else types.FLOAT))
+        return fn.stack(*crops), row
+
+    pipe = eval_pipe(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=0, prefetch_queue_depth=2)
+    pipe.build()
+    return pipe
+
+
+class TrainLoader:
+    """One rank's training batches, epoch by epoch, with a resumable position.
+
+    Every rank runs the same number of steps per epoch (``floor(N / world / B)``), so DDP never waits on a
+    rank whose shard happens to be one sample shorter.
+    """
+
+    def __init__(self, samples: Sequence[Sample], spec: AugmentSpec, *, batch_size: int, work_dir: Path,
+                 device: str = "cpu", device_id: int | None = None, rank: int = 0, world: int = 1, threads: int = 2,
+                 seed: int = 0, half: bool = False):
+        if not samples:
+            raise ValueError("no training samples")
+        self.samples, self.spec = list(samples), spec
+        self.batch_size, self.work_dir = batch_size, Path(work_dir)
+        self.device, self.device_id = device, device_id
+        self.rank, self.world, self.threads, self.seed, self.half = rank, world, threads, seed, half
+        self.steps_per_epoch = len(self.samples) // world // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.samples)} training samples cannot fill one batch of {batch_size} on each "
+                             f"of {world} ranks; lower data.batch_size")
+        self._iter = None
+        self._epoch = -1
+        self._pos = 0
+        n = max(max(p) for p in spec.flip_pairs) + 1 if spec.flip_pairs else 0
+        self._swap = None
+        if spec.flip == "swap":
+            swap = torch.arange(max(n, max(s.label for s in self.samples) + 1))
+            for a, b in spec.flip_pairs:
+                swap[a], swap[b] = b, a
+            self._swap = swap
+
+    def _start(self, epoch: int, checkpoint: str | None):
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        lst = self.work_dir / f"train_epoch{epoch}_rank{self.rank}.txt"
+        write_train_list(lst, self.samples, self.spec, self.seed, epoch)
+        pipe = build_train_pipeline(lst, self.spec, batch_size=self.batch_size, device=self.device,
+                                    device_id=self.device_id, shard_id=self.rank, num_shards=self.world,
+                                    threads=self.threads, seed=self.seed * 1000 + epoch * 10 + self.rank,
+                                    checkpoint=checkpoint, half=self.half)
+        self._iter = DALIGenericIterator([pipe], ["clips", "labels", "mirror"], reader_name="Reader",
+                                         last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        self._epoch = epoch
+
+    @property
+    def finished(self) -> bool:
+        """The current epoch has yielded all of its steps."""
+        return self._pos >= self.steps_per_epoch
+
+    def state(self) -> dict:
+        """Resumable position: epoch, batches consumed, and DALI's own checkpoint (reader + RNG state)."""
+        cp = self._iter.checkpoints()[0] if self._iter is not None else None
+        return {"epoch": self._epoch, "position": self._pos, "dali": cp}
+
+    def epoch(self, epoch: int, state: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (clips (B, 3, T, H, W), labels (B,)) for the rest of ``epoch`` (from ``state`` if resuming)."""
+        self._pos = 0
+        checkpoint = None
+        if state and state.get("epoch") == epoch:
+            self._pos = int(state.get("position", 0))
+            checkpoint = state.get("dali")
+        self._start(epoch, checkpoint)
+        if checkpoint is None and self._pos:  # no DALI checkpoint: skip decoded batches (augmentation RNG differs)
+            for _ in range(self._pos):
+                next(self._iter)
+        while self._pos < self.steps_per_epoch:
+            batch = next(self._iter)[0]
+            labels = batch["labels"].view(-1).long()
+            if self._swap is not None:
+                mirrored = batch["mirror"].view(-1).to(labels.device).bool()
+                labels = torch.where(mirrored, self._swap.to(labels.device)[labels], labels)
+            self._pos += 1
+            yield batch["clips"], labels
+        self._iter = None
+
+
+class EvalLoader:
+    """Multi-view eval batches for this rank's shard: (clips (B, crops, 3, T, H, W), view rows (B,)).
+
+    Rows are indices into the eval list (``video = row // eval_clips``); with ``pad_last_batch`` and the PARTIAL
+    policy every row of the shard comes exactly once, and shards partition the rows, so gathering (row, score)
+    pairs over ranks scores every video once.
+    """
+
+    def __init__(self, samples: Sequence[Sample], spec: AugmentSpec, *, batch_size: int, work_dir: Path,
+                 device: str = "cpu", device_id: int | None = None, rank: int = 0, world: int = 1, threads: int = 2,
+                 half: bool = False):
+        self.samples, self.spec = list(samples), spec
+        self.batch_size, self.work_dir = batch_size, Path(work_dir)
+        self.device, self.device_id, self.rank, self.world, self.threads, self.half = \
+            device, device_id, rank, world, threads, half
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.samples) * self.spec.eval_clips
+
+    def __iter__(self):
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        lst = self.work_dir / f"eval_rank{self.rank}.txt"
+        write_eval_list(lst, self.samples, self.spec)
+        pipe = build_eval_pipeline(lst, self.spec, batch_size=self.batch_size, device=self.device,
+                                   device_id=self.device_id, shard_id=self.rank, num_shards=self.world,
+                                   threads=self.threads, half=self.half)
+        it = DALIGenericIterator([pipe], ["clips", "rows"], reader_name="Reader",
+                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+        for batch in it:
+            yield batch[0]["clips"], batch[0]["rows"].view(-1).long()
+
+
+def shard_rows(n: int, rank: int, world: int) -> range:
+    """The rows DALI assigns to ``rank`` (contiguous split): for tests and cross-checks."""
+    return range(math.floor(n * rank / world), math.floor(n * (rank + 1) / world))

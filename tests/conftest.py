@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny synthetic VP9 dataset (made once per session) and GPU markers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible on this machine)")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """4 synthetic classes × 6 train / 3 val VP9 clips of 32 frames at 64 px."""
+    from hcml.pipeline import synth
+
+    out = tmp_path_factory.mktemp("synth")
+    return synth.generate(out, classes=["move_left", "move_right", "appear", "disappear"], per_class=6,
+                          val_per_class=3, seed=1, workers=2, progress=False)
+
+
+def run_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HCML_THREADS"] = "1"
+    return env
+
+
+PY = sys.executable

@@ -1,0 +1,247 @@
+"""Cost volume: every implementation against a naive loop; gradients; the torch.library contract; compile."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from hcml.ops import cost_volume, cost_volume_reference, num_displacements
+from tests.conftest import requires_cuda
+
+
+def naive(f1, f2, md, s):
+    """The definition, pixel by pixel (tiny shapes only)."""
+    B, C, H, W = f1.shape
+    D = num_displacements(md, s)
+    out = torch.zeros(B, D * D, H, W, dtype=torch.float64)
+    for b in range(B):
+        for i in range(D):
+            for j in range(D):
+                dy, dx = (i - D // 2) * s, (j - D // 2) * s
+                for y in range(H):
+                    for x in range(W):
+                        if 0 <= y + dy < H and 0 <= x + dx < W:
+                            out[b, i * D + j, y, x] = (f1[b, :, y, x].double() * f2[b, :, y + dy, x + dx].double()).mean()
+    return out
+
+
+SHAPES = [  # (B, C, H, W, md, s): odd sizes, B=1, C=1, non-square, several d/s
+    (1, 1, 5, 7, 2, 1),
+    (2, 3, 9, 6, 4, 2),
+    (1, 4, 13, 11, 6, 2),
+    (2, 2, 4, 4, 6, 2),  # window larger than the image
+    (1, 3, 8, 5, 3, 3),
+    (1, 2, 6, 9, 0, 1),  # D = 1
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_naive_loop(shape):
+    B, C, H, W, md, s = shape
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(B, C, H, W, generator=g), torch.randn(B, C, H, W, generator=g)
+    ref = naive(f1, f2, md, s)
+    D = num_displacements(md, s)
+    out = cost_volume(f1, f2, md, s)
+    assert out.shape == (B, D * D, H, W)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cost_volume_reference(f1, f2, md, s).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_known_shift_peaks_at_the_displacement():
+    """f2 = f1 shifted by (+2, -4): with unit-norm pixels (Cauchy-Schwarz) the (dy, dx) = (2, -4) channel is the
+    strict maximum away from borders and equals mean_c f1²."""
+    f1 = torch.nn.functional.normalize(torch.randn(1, 8, 20, 20), dim=1)
+    f2 = torch.zeros_like(f1)
+    f2[..., 2:, :-4] = f1[..., :-2, 4:]  # f2[y+2, x-4] = f1[y, x]
+    out = cost_volume(f1, f2, 6, 2)
+    D = 7
+    k = (2 // 2 + D // 2) * D + (-4 // 2 + D // 2)
+    inner = out[0, :, 2:-6, 6:-6]
+    assert torch.all(inner.argmax(0) == k)
+    torch.testing.assert_close(inner[k], (f1[0, :, 2:-6, 6:-6] ** 2).mean(0))
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    f1 = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    f2 = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: cost_volume(a, b, 2, 1), (f1, f2))
+    assert torch.autograd.gradcheck(lambda a, b: cost_volume(a, b, 4, 2), (f1, f2))
+
+
+def test_grad_matches_reference_autograd():
+    f1 = torch.randn(2, 5, 9, 7, requires_grad=True)
+    f2 = torch.randn(2, 5, 9, 7, requires_grad=True)
+    g = torch.randn(2, 49, 9, 7)
+    ga = torch.autograd.grad(cost_volume(f1, f2, 6, 2), (f1, f2), g)
+    gb = torch.autograd.grad(cost_volume_reference(f1, f2, 6, 2), (f1, f2), g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_half_precision_tolerances(dtype, tol):
+    """Half inputs accumulate in fp32; the error is the output rounding (documented: fp16 2e-3, bf16 1e-2)."""
+    f1, f2 = torch.randn(2, 16, 10, 12), torch.randn(2, 16, 10, 12)
+    ref = cost_volume(f1.to(dtype).float(), f2.to(dtype).float(), 6, 2)
+    out = cost_volume(f1.to(dtype), f2.to(dtype), 6, 2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_channels_last_inputs_give_the_same_result():
+    f1, f2 = torch.randn(2, 6, 9, 11), torch.randn(2, 6, 9, 11)
+    a = cost_volume(f1, f2)
+    b = cost_volume(f1.contiguous(memory_format=torch.channels_last), f2.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(a, b)
+
+
+def test_bad_arguments_are_named():
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises(ValueError, match="multiple of stride"):
+        cost_volume(x, x, 5, 2)
+    with pytest.raises(ValueError, match="one shape"):
+        cost_volume(x, torch.randn(1, 2, 5, 6))
+
+
+def test_opcheck_cpu():
+    f1 = torch.randn(2, 3, 7, 6, requires_grad=True)
+    f2 = torch.randn(2, 3, 7, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.hcml.cost_volume.default, (f1, f2, 4, 2))
+
+
+def test_compile_fullgraph_zero_graph_breaks():
+    """A module using the op, traced by dynamo: one graph, no breaks, autograd through the compiled graph."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, a, b):
+            return cost_volume(self.conv(a), self.conv(b), 4, 2).relu().sum()
+
+    m = M()
+    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    explanation = torch._dynamo.explain(m)(a, b)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=backend, fullgraph=True)
+    loss = compiled(a, b)
+    loss.backward()
+    assert len(graphs) == 1
+    assert any("hcml.cost_volume" in str(n.target) for n in graphs[0].graph.nodes)
+    torch.testing.assert_close(loss, m(a, b))
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: cannot compile the CUDA kernels here")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
+    """A kernel that does not build never lands: compile the .cu for sm_80 / sm_90 (no GPU needed)."""
+    from hcml.ops._cuda import CSRC
+
+    res = subprocess.run([NVCC, "-c", "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                          str(CSRC / "cost_volume_kernels.cu"), "-o", str(tmp_path / "k.o")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(NVCC is None or shutil.which("g++") is None, reason="needs nvcc's headers and g++")
+def test_binding_compiles_against_torch_headers():
+    """Syntax-check the torch binding against this torch's headers (CPU torch suffices: no CUDA torch headers)."""
+    import os
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    from hcml.ops._cuda import CSRC
+
+    homes = [os.environ.get("CUDA_HOME", ""), os.path.dirname(os.path.dirname(os.path.realpath(NVCC))), "/usr/local/cuda"]
+    cuda_inc = next((os.path.join(h, "include") for h in homes
+                     if h and os.path.isfile(os.path.join(h, "include", "cuda_runtime.h"))), None)
+    if cuda_inc is None:
+        pytest.skip(f"no CUDA include directory with cuda_runtime.h among {homes}")
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", *[f"-I{p}" for p in include_paths()],
+           f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_inc}", "-DTORCH_EXTENSION_NAME=hcml_check",
+           str(CSRC / "cost_volume_binding.cpp")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_cuda_extension_reports_why_it_is_unavailable():
+    if torch.version.cuda is not None:
+        pytest.skip("this torch has CUDA: the build-error path is not reachable")
+    from hcml.ops._cuda import CostVolumeBuildError, extension
+
+    extension.cache_clear()
+    with pytest.raises(CostVolumeBuildError, match="no CUDA support"):
+        extension()
+
+
+# ---------------------------------------------------------------- CUDA (run on a lent GPU)
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [(2, 16, 13, 17, 6, 2), (1, 64, 56, 56, 6, 2), (3, 5, 9, 8, 3, 1), (1, 8, 7, 7, 8, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_matches_cpu(dtype, tol, shape, channels_last):
+    B, C, H, W, md, s = shape
+    f1 = torch.randn(B, C, H, W).to(dtype)
+    f2 = torch.randn(B, C, H, W).to(dtype)
+    g = torch.randn(B, num_displacements(md, s) ** 2, H, W).to(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    a1, a2 = (t.cuda().contiguous(memory_format=fmt).requires_grad_() for t in (f1, f2))
+    c1, c2 = (t.clone().requires_grad_() for t in (f1, f2))
+    out_gpu = cost_volume(a1, a2, md, s)
+    out_cpu = cost_volume(c1, c2, md, s)
+    torch.testing.assert_close(out_gpu.cpu().float(), out_cpu.float(), atol=tol, rtol=tol)
+    out_gpu.backward(g.cuda())
+    out_cpu.backward(g)
+    torch.testing.assert_close(a1.grad.cpu().float(), c1.grad.float(), atol=tol * 4, rtol=tol * 4)
+    torch.testing.assert_close(a2.grad.cpu().float(), c2.grad.float(), atol=tol * 4, rtol=tol * 4)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_gradcheck_and_opcheck():
+    f1 = torch.randn(1, 3, 6, 7, dtype=torch.float64, device="cuda")
+    f2 = torch.randn(1, 3, 6, 7, dtype=torch.float64, device="cuda")
+    # float64 is not a kernel dtype: check fp32 grads against the float64 CPU path instead
+    a, b = f1.float().requires_grad_(), f2.float().requires_grad_()
+    ga = torch.autograd.grad(cost_volume(a, b, 4, 2).sum(), (a, b))
+    c, d = f1.cpu().requires_grad_(), f2.cpu().requires_grad_()
+    gc = torch.autograd.grad(cost_volume(c, d, 4, 2).sum(), (c, d))
+    for x, y in zip(ga, gc):
+        torch.testing.assert_close(x.cpu().double(), y, atol=1e-4, rtol=1e-4)
+    torch.library.opcheck(torch.ops.hcml.cost_volume.default,
+                          (f1.float().requires_grad_(), f2.float().requires_grad_(), 4, 2))
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_compile_bf16_channels_last():
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).cuda().to(memory_format=torch.channels_last)
+
+    def f(a, b):
+        return cost_volume(conv(a), conv(b)).float().sum()
+
+    a = torch.randn(2, 8, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    b = torch.randn(2, 8, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(f)(a, b)
+        assert explanation.graph_break_count == 0
+        loss = torch.compile(f, fullgraph=True)(a, b)
+    loss.backward()
