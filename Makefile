@@ -12,6 +12,7 @@ demo: install
 	$(VENV)/bin/hcml demo
 
 test: install
+	@bash scripts/ensure_prometheus.sh
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 gpu-check: install

@@ -11,6 +11,7 @@ import time
 from contextlib import nullcontext
 from typing import Callable
 
+import numpy as np
 import torch
 
 # Peak HBM bandwidth by device name fragment (GB/s), for the achieved-bandwidth column.
@@ -193,4 +194,188 @@ def main(args) -> int:
         if "speedup_vs_eager_fp32" in res:
             print(f"  speed-up vs eager fp32: {res['speedup_vs_eager_fp32']:.2f}x")
         return 0
+    if args.what == "pipeline":
+        res = bench_pipeline(args.data, args.config, args.device, args.batches, args.threads, args.overrides)
+        if args.json:
+            print(json.dumps(res, indent=1))
+            return 0
+        print(f"input pipeline on {res['data']} (batch {res['batch']}, T={res['frames']}, {res['threads']} threads/workers)")
+        for k in ("dali", "pyav"):
+            r = res[k]
+            label = f"DALI ({res['device']})" if k == "dali" else "PyAV CPU loader"
+            print(f"  {label:<20} {r['clips_per_s']:8.1f} clips/s {r['frames_per_s']:9.0f} frames/s")
+        print(f"  DALI / PyAV: {res['speedup_dali_vs_pyav']:.2f}x")
+        return 0
+    if args.what == "train":
+        res = bench_train(args.data, args.config, args.steps, args.overrides)
+        if args.json:
+            print(json.dumps(res, indent=1))
+            return 0
+        print(f"train step {res['arch']} batch {res['batch']} T={res['frames']} on {res['device']}: "
+              f"{res['step_s'] * 1e3:.1f} ms, {res['clips_per_s']:.1f} clips/s")
+        for k, v in res["stages_median_s"].items():
+            print(f"  {k:<10} {v * 1e3:8.1f} ms  {100 * v / res['step_s']:5.1f}%")
+        print(f"  bottleneck: {res['bottleneck']}   data-wait fraction {100 * res['data_wait_fraction']:.1f}%")
+        return 0
     raise SystemExit(f"unknown bench target {args.what}")
+
+
+# ---------------------------------------------------------------- input pipeline: DALI vs a PyAV loader
+class PyAVClips(torch.utils.data.Dataset):
+    """The loader PySlowFast-style code uses: PyAV decode on CPU workers, then the same augmentation
+    (random shorter side, one random crop for all frames, flip, normalise) in numpy/torch."""
+
+    def __init__(self, samples, spec, seed: int = 0):
+        self.samples, self.spec, self.seed = list(samples), spec, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        import av
+
+        from hcml.pipeline.loader import clip_start
+
+        s, spec = self.samples[i], self.spec
+        rng = np.random.default_rng([self.seed, i])
+        start = clip_start(self.seed, 0, i, s.num_frames, spec.span)
+        want = set(range(start, start + spec.span, spec.stride))
+        frames = []
+        with av.open(s.path) as c:
+            for k, fr in enumerate(c.decode(video=0)):
+                if k in want:
+                    frames.append(fr.to_ndarray(format="rgb24"))
+                if k >= start + spec.span - 1:
+                    break
+        while len(frames) < spec.frames:
+            frames.append(frames[-1])
+        x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()  # T, C, H, W
+        short = int(rng.uniform(*spec.short_side))
+        H, W = x.shape[-2:]
+        size = (short, round(W * short / H)) if H <= W else (round(H * short / W), short)
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        y0 = int(rng.integers(0, x.shape[-2] - spec.crop + 1))
+        x0 = int(rng.integers(0, x.shape[-1] - spec.crop + 1))
+        x = x[..., y0:y0 + spec.crop, x0:x0 + spec.crop]
+        if spec.flip != "none" and rng.random() < 0.5:
+            x = x.flip(-1)
+        mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
+        return ((x - mean) / std).permute(1, 0, 2, 3), s.label
+
+
+def bench_pipeline(data: str, config: str | None = None, device: str = "auto", batches: int = 20,
+                   threads: int | None = None, overrides: list[str] | None = None) -> dict:
+    """Clips/s and decoded frames/s of the DALI pipeline and of the PyAV loader, same data, same cores."""
+    import os
+    import tempfile
+
+    from hcml.launch.config import load_config
+    from hcml.launch.train import augment_spec
+    from hcml.pipeline.dataset import load_prepared
+    from hcml.pipeline.loader import TrainLoader, dali_device
+
+    cfg = load_config(config, [f"data.root={data}", *(overrides or [])])
+    ds = load_prepared(cfg.data.root)
+    spec = augment_spec(cfg)
+    threads = threads or cfg.data.threads
+    ddev = dali_device(device if device != "auto" else cfg.data.device)
+    B = cfg.data.batch_size
+    res = {"data": str(data), "device": ddev, "threads": threads, "batch": B, "frames": spec.frames}
+
+    def run(iterable, n):
+        it = iter(iterable)
+        next(it)  # warm-up (pipeline build, worker start)
+        t, got = time.perf_counter(), 0
+        for _ in range(n):
+            try:
+                x, _ = next(it)
+            except StopIteration:
+                break
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            got += x.shape[0]
+        dt = time.perf_counter() - t
+        return {"clips_per_s": got / dt, "frames_per_s": got * spec.frames / dt, "clips": got, "seconds": dt}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tl = TrainLoader(ds.train, spec, batch_size=B, work_dir=tmp, device=ddev, device_id=0 if ddev == "gpu" else None,
+                         threads=threads)
+        n = min(batches, tl.steps_per_epoch - 1)
+        res["dali"] = run(tl.epoch(0), n)
+    dl = torch.utils.data.DataLoader(PyAVClips(ds.train, spec), batch_size=B, num_workers=threads, shuffle=True,
+                                     drop_last=True, persistent_workers=False)
+    res["pyav"] = run(dl, n)
+    res["speedup_dali_vs_pyav"] = res["dali"]["clips_per_s"] / res["pyav"]["clips_per_s"]
+    res["cpu_cores"] = os.cpu_count()
+    return res
+
+
+# ---------------------------------------------------------------- a training step, broken down
+def bench_train(data: str, config: str | None = None, steps: int = 10, overrides: list[str] | None = None) -> dict:
+    """Median seconds per stage of a train step (data-wait, forward, backward, optimizer) and the bottleneck.
+    On GPU each stage is closed by a synchronize and wrapped in an NVTX range (visible in Nsight Systems)."""
+    import tempfile
+
+    from hcml.launch.config import load_config
+    from hcml.launch.train import augment_spec, resolve_speed_switches
+    from hcml.model import build_model, phase_loss
+    from hcml.pipeline.dataset import load_prepared
+    from hcml.pipeline.loader import TrainLoader, dali_device
+
+    cfg = load_config(config, [f"data.root={data}", *(overrides or [])])
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ds = load_prepared(cfg.data.root)
+    m = cfg.model
+    model = build_model(m.arch, m.num_classes or ds.num_classes, motion=m.motion, nce_samples=m.nce_samples).to(dev)
+    adt, use_compile, cl = resolve_speed_switches(cfg, dev)
+    if cl:
+        model = model.to(memory_format=torch.channels_last_3d)
+    net = torch.compile(model) if use_compile else model
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    ddev = dali_device(cfg.data.device)
+    stages: dict[str, list[float]] = {"data_wait": [], "forward": [], "backward": [], "optimizer": []}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def nvtx(name):
+        return torch.cuda.nvtx.range(name) if dev.type == "cuda" else nullcontext()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tl = TrainLoader(ds.train, augment_spec(cfg), batch_size=cfg.data.batch_size, work_dir=tmp, device=ddev,
+                         device_id=0 if ddev == "gpu" else None, threads=cfg.data.threads)
+        it = tl.epoch(0)
+        for i in range(min(steps + 2, tl.steps_per_epoch)):
+            t0 = time.perf_counter()
+            with nvtx("data_wait"):
+                x, y = next(it)
+                x, y = x.to(dev), y.to(dev)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                sync()
+            t1 = time.perf_counter()
+            with nvtx("forward"), (torch.autocast(dev.type, dtype=adt) if adt else nullcontext()):
+                out = net(x)
+            loss, _ = phase_loss(out, y, cfg.train.phase, m.nce_weights, m.nce_lambda)
+            sync()
+            t2 = time.perf_counter()
+            with nvtx("backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sync()
+            t3 = time.perf_counter()
+            with nvtx("optimizer"):
+                opt.step()
+                sync()
+            t4 = time.perf_counter()
+            if i >= 2:  # skip warm-up / compile steps
+                for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    stages[k].append(v)
+    med = {k: statistics.median(v) for k, v in stages.items() if v}
+    step = sum(med.values())
+    return {"device": str(dev), "arch": m.arch, "batch": cfg.data.batch_size, "frames": cfg.data.frames,
+            "stages_median_s": med, "step_s": step, "clips_per_s": cfg.data.batch_size / step,
+            "data_wait_fraction": med["data_wait"] / step, "bottleneck": max(med, key=med.get),
+            "communication_s": 0.0, "note": "single process: no gradient communication in this breakdown"}

@@ -45,6 +45,16 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from hcml.pipeline.prepare import prepare
+
+    report = prepare(args.dataset, args.root, args.out, split=args.split, workers=args.workers,
+                     reencode_to=args.reencode, short_side=args.short_side, frames=args.frames, stride=args.stride)
+    print(report["summary"])
+    print(f"prepared dataset: {args.out} (report: {Path(args.out) / 'report.json'})")
+    return 0
+
+
 def torchrun_cmd(nproc: int, argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "hcml.launch.cli", *argv]
@@ -75,6 +85,22 @@ def cmd_eval(args) -> int:
     return run_eval(resolve_config(args.config), args.checkpoint, _overrides(args), args.out)
 
 
+def cmd_knn(args) -> int:
+    from hcml.launch.analysis import run_knn
+
+    run_knn(resolve_config(args.config), args.checkpoint, _overrides(args), args.k, args.out, args.json)
+    return 0
+
+
+def cmd_gradcam(args) -> int:
+    from hcml.launch.analysis import run_gradcam
+
+    for png in run_gradcam(resolve_config(args.config), args.checkpoint, args.videos, args.out, args.baseline,
+                           _overrides(args), args.target):
+        print(f"wrote {png}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from hcml.model import build_model
     from hcml.model.summary import summarize
@@ -98,6 +124,8 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     from hcml.launch import bench
 
+    if hasattr(args, "config"):
+        args.config = resolve_config(args.config)
     return bench.main(args)
 
 
@@ -124,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.set_defaults(fn=cmd_synth)
 
+    p = sub.add_parser("prepare", help="probe (and re-encode) a public dataset into a prepared dataset directory")
+    p.add_argument("dataset", choices=["k400", "ssv1", "ssv2", "ucf101"])
+    p.add_argument("--root", required=True, help="the dataset as distributed (layouts: docs/DATASETS.md)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", type=int, default=1, help="UCF-101 split 1|2|3")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--reencode", choices=["h264", "vp9", "none"], default="none",
+                   help="h264 for NVDEC (GPU), vp9 for DALI's CPU reader; none keeps the files")
+    p.add_argument("--short-side", type=int, default=320)
+    p.add_argument("--frames", type=int, default=16, help="clip length T (sets the GOP and the minimum length)")
+    p.add_argument("--stride", type=int, default=2)
+    p.set_defaults(fn=cmd_prepare)
+
     p = sub.add_parser("demo", help="synthetic set → 2-process training with and without motion → report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--nproc", type=int, default=2)
@@ -145,6 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", required=True)
             p.add_argument("--out", default=None, help="report directory (default: next to the checkpoint)")
             p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("knn", help="per-level KNN on motion features (the paper's Table 7)")
+    p.add_argument("--config", default=None, help="default: the config stored in the checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="prepared dataset directory (overrides data.root)")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_knn)
+
+    p = sub.add_parser("gradcam", help="Grad-CAM++ strips of the last conv layer (the paper's Fig. 6)")
+    p.add_argument("--config", default=None, help="default: the config stored in the checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--videos", nargs="+", required=True)
+    p.add_argument("--baseline", default=None, help="a no-motion checkpoint shown above for comparison")
+    p.add_argument("--target", type=int, default=None, help="class index (default: the predicted class)")
+    p.add_argument("--data", help="prepared dataset directory (for labels)")
+    p.add_argument("--out", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_gradcam)
 
     p = sub.add_parser("info", help="per-stage shapes, parameters and GMACs of a model")
     p.add_argument("--arch", default="r2d50", choices=["r2d50", "r2plus1d101", "tiny"])
@@ -177,13 +239,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=int, default=10)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--json", action="store_true")
+    b = bsub.add_parser("pipeline", help="DALI clips/s vs a PyAV CPU loader with the same augmentation")
+    b.add_argument("--data", required=True)
+    b.add_argument("--config", default=None)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    b.add_argument("--batches", type=int, default=20)
+    b.add_argument("--threads", type=int, default=None, help="DALI threads = PyAV DataLoader workers")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("overrides", nargs="*")
+    b = bsub.add_parser("train", help="train-step breakdown: data-wait, forward, backward, optimizer")
+    b.add_argument("--data", required=True)
+    b.add_argument("--config", default=None)
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--json", action="store_true")
+    b.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_bench)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hcml.launch.checkpoint import CheckpointError
+    from hcml.launch.config import ConfigError
+    from hcml.pipeline.dataset import DatasetError
+
     args = build_parser().parse_args(argv)
-    return args.fn(args) or 0
+    try:
+        return args.fn(args) or 0
+    except (ConfigError, DatasetError, CheckpointError) as e:  # user errors: one clear line, no traceback
+        print(f"hcml {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

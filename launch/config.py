@@ -52,6 +52,7 @@ class ModelConfig:
     dropout: float = 0.5
     nce_temperature: float = 0.1
     nce_samples: int = 8  # N spatial positions sampled per video for the contrastive loss
+    detach_targets: bool = False  # stop-gradient on the future-feature targets of the contrastive loss
     nce_weights: list[float] = field(default_factory=lambda: [0.25, 0.25, 1.0])  # (gamma1, gamma2, 1)
     nce_lambda: float = 15.0  # lambda of Eq. 5 (joint phase)
     init_from: str = ""  # checkpoint whose model weights initialise this run (fine-tuning)

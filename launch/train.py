@@ -54,7 +54,8 @@ def build_net(cfg: C.Config, num_classes: int) -> nn.Module:
     m = cfg.model
     model = build_model(m.arch, num_classes, motion=m.motion, max_displacement=m.max_displacement,
                         cv_stride=m.cv_stride, motion_channels=m.motion_channels, dropout=m.dropout,
-                        nce_temperature=m.nce_temperature, nce_samples=m.nce_samples)
+                        nce_temperature=m.nce_temperature, nce_samples=m.nce_samples,
+                        detach_targets=m.detach_targets)
     if m.init_from:
         state = load_checkpoint(m.init_from)["model"]
         own = model.state_dict()
@@ -64,6 +65,16 @@ def build_net(cfg: C.Config, num_classes: int) -> nn.Module:
         print(f"[init] loaded {len(compatible)} tensors from {m.init_from}; skipped {len(skipped)} "
               f"(shape/name mismatch, e.g. the classifier): {skipped[:4]}")
     return model
+
+
+def freeze_unused(model: nn.Module, phase: str) -> None:
+    """Parameters a phase's loss never reaches get no gradient (DDP would wait for them): the classifier in SSL,
+    the future predictors in fine-tuning."""
+    unused = {"ssl": ["fc"], "finetune": ["predictors"]}.get(phase, [])
+    for name in unused:
+        if hasattr(model, name):
+            for p in getattr(model, name).parameters():
+                p.requires_grad_(False)
 
 
 def sync_bn(model: nn.Module, cfg: C.Config, info: DistInfo, log) -> nn.Module:
@@ -216,6 +227,7 @@ def train(cfg: C.Config, resume: str | None = None) -> dict:
     num_classes = cfg.model.num_classes or ds.num_classes
     autocast_dtype, use_compile, channels_last = resolve_speed_switches(cfg, info.device)
     model = sync_bn(build_net(cfg, num_classes), cfg, info, log).to(info.device)
+    freeze_unused(model, cfg.train.phase)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = build_optimizer(model, cfg, info, log)
@@ -257,7 +269,7 @@ def train(cfg: C.Config, resume: str | None = None) -> dict:
     net = model
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda"
-                                                  else None, broadcast_buffers=False)
+                                                  else None)
     if use_compile:
         net = torch.compile(net, mode=cfg.train.compile_mode)
 

@@ -30,6 +30,7 @@ class HCMLSpec:
     dropout: float = 0.5
     nce_temperature: float = 0.1
     nce_samples: int = 8
+    detach_targets: bool = False  # stop-gradient on the future targets (predictive-coding style)
 
 
 class HCML(nn.Module):
@@ -81,7 +82,7 @@ class HCML(nn.Module):
             feats[level] = p
             if want_nce:
                 pred = self.predictors[level](p)
-                tgt = F.adaptive_avg_pool3d(target, p.shape[2:])
+                tgt = F.adaptive_avg_pool3d(target.detach() if self.spec.detach_targets else target, p.shape[2:])
                 nce[f"nce_{level}"] = future_prediction_loss(pred, tgt, self.spec.nce_samples,
                                                              self.spec.nce_temperature)
             h = self.fusion[level](h, p)

@@ -48,6 +48,14 @@ def _check(f1: Tensor, f2: Tensor) -> None:
                          f"and {tuple(f2.shape)}")
 
 
+def _layout(t: Tensor) -> torch.memory_format:
+    """Outputs follow the input's layout: channels_last in → channels_last out (the CUDA binding does the same).
+    Real and fake implementations must agree on this, or compiled graphs get wrong strides."""
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 # ---------------------------------------------------------------- CPU path (vectorised shift-multiply)
 def _shifted(x: Tensor, dy: int, dx: int) -> Tensor:
     """x[..., y + dy, x + dx] with zeros outside (a view into a padded copy would cost the same)."""
@@ -71,7 +79,7 @@ def _cpu_forward(f1: Tensor, f2: Tensor, md: int, s: int) -> Tensor:
     a, b = f1.to(acc), f2.to(acc)
     C = a.shape[1]
     outs = [(a * _shifted(b, dy, dx)).sum(1) for dy, dx in _displacements(md, s)]
-    return (torch.stack(outs, 1) / C).to(f1.dtype)
+    return (torch.stack(outs, 1) / C).to(f1.dtype).contiguous(memory_format=_layout(f1))
 
 
 def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tuple[Tensor, Tensor]:
@@ -84,7 +92,8 @@ def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tupl
         gk = g[:, k:k + 1]
         g1 += gk * _shifted(b, dy, dx)
         g2 += _shifted(gk * a, -dy, -dx)  # scatter back: f2 at (y+dy, x+dx) received gk·f1 at (y, x)
-    return (g1 / C).to(f1.dtype), (g2 / C).to(f2.dtype)
+    return ((g1 / C).to(f1.dtype).contiguous(memory_format=_layout(f1)),
+            (g2 / C).to(f2.dtype).contiguous(memory_format=_layout(f2)))
 
 
 # ---------------------------------------------------------------- the operator
@@ -99,7 +108,7 @@ def _cost_volume_op(f1: Tensor, f2: Tensor, max_displacement: int, stride: int) 
 def _(f1, f2, max_displacement, stride):
     D = num_displacements(max_displacement, stride)
     B, _, H, W = f1.shape
-    return f1.new_empty((B, D * D, H, W))
+    return f1.new_empty((B, D * D, H, W)).contiguous(memory_format=_layout(f1))
 
 
 @torch.library.custom_op("hcml::cost_volume_backward", mutates_args=())
@@ -112,7 +121,8 @@ def _cost_volume_backward_op(grad: Tensor, f1: Tensor, f2: Tensor, max_displacem
 
 @_cost_volume_backward_op.register_fake
 def _(grad, f1, f2, max_displacement, stride):
-    return torch.empty_like(f1), torch.empty_like(f2)
+    return (f1.new_empty(f1.shape).contiguous(memory_format=_layout(f1)),
+            f2.new_empty(f2.shape).contiguous(memory_format=_layout(f2)))
 
 
 def _setup_context(ctx, inputs, output):

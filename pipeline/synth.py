@@ -30,7 +30,7 @@ TEMPORAL_ORDER_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11)]
 
 _SCALE = (0.7, 1.3)
 _ALPHA = (0.35, 1.0)
-_TRAVEL = 0.45  # fraction of the frame a mover / pan travels over the clip
+_TRAVEL = 0.6  # fraction of the frame a mover / pan travels over the clip
 
 
 def _texture(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, freq: float, amp: float) -> np.ndarray:
@@ -55,7 +55,7 @@ def render_clip(label: int, rng: np.random.Generator, frames: int = 32, size: in
     xx, yy = xx[None], yy[None]  # (1,S,S)
 
     travel = _TRAVEL * S
-    margin = 0.25 * S
+    margin = 0.18 * S
     # Position: movers sweep a segment of length `travel` inside [margin, S - margin]; static objects sit
     # uniformly in the same box.
     lo, hi = margin, S - margin
@@ -91,7 +91,7 @@ def render_clip(label: int, rng: np.random.Generator, frames: int = 32, size: in
         pan = (1 if name == "pan_left" else -1) * (travel * u - travel / 2)
 
     bg = _texture(rng, xx - pan, yy, freq=2 * np.pi / rng.uniform(8, 20), amp=0.12)
-    radius = rng.uniform(0.12, 0.18) * S
+    radius = rng.uniform(0.15, 0.21) * S
     lx = (xx - pan - cx) / scale
     ly = (yy - cy) / scale
     ca, sa = np.cos(angle), np.sin(angle)

@@ -108,10 +108,14 @@ def test_bad_arguments_are_named():
         cost_volume(x, torch.randn(1, 2, 5, 6))
 
 
-def test_opcheck_cpu():
-    f1 = torch.randn(2, 3, 7, 6, requires_grad=True)
-    f2 = torch.randn(2, 3, 7, 6, requires_grad=True)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_cpu(fmt, dtype):
+    f1 = torch.randn(2, 3, 7, 6).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    f2 = torch.randn(2, 3, 7, 6).to(dtype).contiguous(memory_format=fmt).requires_grad_()
     torch.library.opcheck(torch.ops.hcml.cost_volume.default, (f1, f2, 4, 2))
+    g = torch.randn(2, 25, 7, 6).to(dtype).contiguous(memory_format=fmt)
+    torch.library.opcheck(torch.ops.hcml.cost_volume_backward.default, (g, f1.detach(), f2.detach(), 4, 2))
 
 
 def test_compile_fullgraph_zero_graph_breaks():

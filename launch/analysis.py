@@ -1,0 +1,235 @@
+"""The paper's evidence tools: per-level KNN on motion features (Table 7) and Grad-CAM++ maps (Fig. 6).
+
+Grad-CAM++ is implemented here (about 30 lines) rather than taken from PyPI's ``grad-cam``: that package pulls
+torchvision and OpenCV, and PyPI's torchvision does not import beside the CPU torch wheel this project pins.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hcml.launch import config as C
+from hcml.launch.checkpoint import load_checkpoint
+from hcml.launch.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
+from hcml.launch.train import augment_spec, build_net
+from hcml.model import LEVELS
+from hcml.pipeline.dataset import load_prepared
+from hcml.pipeline.loader import EvalLoader, dali_device
+
+
+# ---------------------------------------------------------------- KNN (Table 7)
+def knn_predict(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, k: int,
+                num_classes: int) -> torch.Tensor:
+    """Cosine KNN: each test vector votes with its k most similar train vectors (votes weighted by similarity,
+    which breaks ties towards the closer neighbours)."""
+    a, b = F.normalize(test.float(), dim=1), F.normalize(train.float(), dim=1)
+    sim = a @ b.t()
+    k = min(k, b.shape[0])
+    top, idx = sim.topk(k, dim=1)
+    votes = torch.zeros(a.shape[0], num_classes)
+    votes.scatter_add_(1, train_labels[idx], top.clamp_min(0) + 1e-6)
+    return votes.argmax(1)
+
+
+def knn_table(feats_train: dict[str, torch.Tensor], y_train: torch.Tensor, feats_val: dict[str, torch.Tensor],
+              y_val: torch.Tensor, classes: list[str], k: int = 20) -> dict:
+    """Per level: accuracy, per-class accuracy and the 3 classes of largest gain over the level below
+    (for the low level, the 3 most accurate classes), as in the paper's Table 7."""
+    n = len(classes)
+    out = {"random_accuracy": 100.0 / n, "k": k, "levels": {}}
+    prev = None
+    for lv in [lv for lv in LEVELS if lv in feats_train]:
+        pred = knn_predict(feats_train[lv], y_train, feats_val[lv], k, n)
+        per = [float((pred[y_val == c] == c).float().mean() * 100) if (y_val == c).any() else float("nan")
+               for c in range(n)]
+        valid = [c for c in range(n) if not np.isnan(per[c])]
+        if prev is None:
+            top = sorted(valid, key=lambda c: -per[c])[:3]
+            best = [{"class": classes[c], "accuracy": per[c]} for c in top]
+        else:
+            top = sorted(valid, key=lambda c: (-(per[c] - prev[c]), -per[c]))[:3]
+            best = [{"class": classes[c], "from": prev[c], "to": per[c]} for c in top]
+        out["levels"][lv] = {"accuracy": float((pred == y_val).float().mean() * 100), "per_class": per, "top": best}
+        prev = per
+    return out
+
+
+def format_knn_table(t: dict) -> str:
+    lines = [f"KNN (k={t['k']}) on motion features per level; random output {t['random_accuracy']:.1f}%",
+             f"{'level':<8}{'acc %':>7}   classes with the largest gain (low: highest accuracy)"]
+    for lv, r in t["levels"].items():
+        tops = ", ".join(f"\"{b['class']}\" ({b['accuracy']:.1f})" if "accuracy" in b else
+                         f"\"{b['class']}\" ({b['from']:.1f} → {b['to']:.1f})" for b in r["top"])
+        lines.append(f"{lv:<8}{r['accuracy']:>7.1f}   {tops}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def extract_level_features(model, loader: EvalLoader, info: DistInfo, n_videos: int) -> dict[str, torch.Tensor]:
+    """Globally pooled, L2-normalised per-level motion features per video (views averaged), all ranks gathered."""
+    model.eval()
+    rows, feats = [], {lv: [] for lv in LEVELS}
+    for clips, r in loader:
+        B, V = clips.shape[:2]
+        x = clips.reshape(B * V, *clips.shape[2:]).to(info.device)
+        f = model.motion_features(x)
+        for lv in LEVELS:
+            feats[lv].append(F.normalize(f[lv].float().mean(dim=(2, 3, 4)), dim=1).view(B, V, -1).mean(1).cpu())
+        rows.append(r.cpu())
+    local = (torch.cat(rows), {lv: torch.cat(v) for lv, v in feats.items()})
+    K = loader.spec.eval_clips
+    out = {}
+    for r, fd in all_gather_objects(local, info):
+        for lv, v in fd.items():
+            if lv not in out:
+                out[lv] = torch.zeros(n_videos, v.shape[1])
+            out[lv].index_add_(0, r // K, v)
+    return {lv: F.normalize(v, dim=1) for lv, v in out.items()}
+
+
+def _load_model(checkpoint: str, config_path: str | None, overrides: list[str]):
+    ck = load_checkpoint(checkpoint)
+    cfg = C.from_dict(ck["config"]) if config_path is None else C.load_config(config_path)
+    C.apply_overrides(cfg, overrides)
+    if not cfg.model.motion:
+        raise C.ConfigError(f"{checkpoint}: KNN on motion features needs a model with model.motion=true")
+    cfg.model.init_from = ""
+    ds = load_prepared(cfg.data.root)
+    model = build_net(cfg, cfg.model.num_classes or ds.num_classes)
+    model.load_state_dict(ck["model"])
+    return cfg, ds, model
+
+
+def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: int = 20, out: str | None = None,
+            as_json: bool = False) -> dict:
+    """``hcml knn``: features of train and val sets (centre crop, 1 clip), cosine KNN per level."""
+    info = init_distributed()
+    cfg, ds, model = _load_model(checkpoint, config_path, overrides)
+    model = model.to(info.device)
+    spec = augment_spec(cfg)
+    spec.eval_clips, spec.eval_crops = 1, 1
+    ddev = dali_device(cfg.data.device)
+    work = Path(out or Path(checkpoint).resolve().parent.parent / "knn")
+    feats = {}
+    for split, samples in (("train", ds.train), ("val", ds.val)):
+        loader = EvalLoader(samples, spec, batch_size=cfg.data.batch_size, work_dir=work / f"lists_{split}",
+                            device=ddev, device_id=info.local_rank if ddev == "gpu" else None, rank=info.rank,
+                            world=info.world, threads=cfg.data.threads)
+        feats[split] = extract_level_features(model, loader, info, len(samples))
+    table = knn_table(feats["train"], torch.tensor([s.label for s in ds.train]), feats["val"],
+                      torch.tensor([s.label for s in ds.val]), ds.classes, k)
+    if info.main:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "knn.json").write_text(json.dumps(table, indent=1))
+        print(json.dumps(table, indent=1) if as_json else format_knn_table(table))
+    cleanup()
+    return table
+
+
+# ---------------------------------------------------------------- Grad-CAM++ (Fig. 6)
+def gradcam_pp(model, clip: torch.Tensor, target: int | None = None) -> tuple[np.ndarray, int]:
+    """Grad-CAM++ of the last convolution (end of res5) for class ``target`` (default: predicted).
+
+    clip: (1, 3, T, H, W). Returns (T_out, H, W) maps in [0, 1] upsampled to the clip's frames and size, and the
+    class used. Weights per channel follow Chattopadhyay et al. (α from 2nd/3rd powers of the gradient of
+    exp(score), positive gradients only)."""
+    model.eval()
+    acts = {}
+    last = list(model.backbone.stages.values())[-1]
+    h = last.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+    try:
+        logits = model(clip, with_nce=False)["logits"]
+    finally:
+        h.remove()
+    cls = int(logits.argmax(1)) if target is None else int(target)
+    a = acts["a"]
+    (g,) = torch.autograd.grad(logits[0, cls], a)
+    g, a = g[0], a[0]  # (C, T, h, w)
+    g2, g3 = g.pow(2), g.pow(3)
+    denom = 2 * g2 + (a * g3).sum(dim=(1, 2, 3), keepdim=True)
+    alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
+    w = (alpha * F.relu(g)).sum(dim=(1, 2, 3), keepdim=True)
+    cam = F.relu((w * a).sum(0))  # (T', h, w)
+    cam = F.interpolate(cam[None, None], size=clip.shape[2:], mode="trilinear", align_corners=False)[0, 0]
+    cam = cam - cam.min()
+    cam = cam / cam.max().clamp_min(1e-8)
+    return cam.detach().cpu().numpy(), cls
+
+
+def _overlay(frame: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    import matplotlib
+
+    heat = matplotlib.colormaps["jet"](cam)[..., :3]
+    return np.clip(0.55 * frame / 255.0 + 0.45 * heat, 0, 1)
+
+
+def save_gradcam_strip(rows: list[dict], out_png: str | Path, max_frames: int = 8) -> Path:
+    """One row per model: frames with the heat-map overlay; the title gives the model and its prediction,
+    green when correct, red when wrong (black when the true label is unknown), as in Fig. 6."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T = rows[0]["frames"].shape[0]
+    ts = np.linspace(0, T - 1, min(T, max_frames)).round().astype(int)
+    fig, axes = plt.subplots(len(rows), len(ts), figsize=(1.6 * len(ts), 1.9 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for j, t in enumerate(ts):
+            ax = axes[r, j]
+            ax.imshow(_overlay(row["frames"][t], row["cam"][t]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        color = {True: "green", False: "red", None: "black"}[row.get("correct")]
+        axes[r, 0].set_title(f"{row['name']}: {row['pred']}", loc="left", fontsize=9, color=color)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out: str,
+                baseline: str | None = None, overrides: list[str] | None = None, target: int | None = None) -> list[Path]:
+    """``hcml gradcam``: a PNG strip per video (HCML, and the baseline above it when given)."""
+    from hcml.pipeline.dataset import Sample
+    from hcml.pipeline.prepare import probe_video
+
+    cfg, ds, model = _load_model(checkpoint, config_path, overrides or [])
+    models = [("HCML", model)]
+    if baseline:
+        ck = load_checkpoint(baseline)
+        bcfg = C.from_dict(ck["config"])
+        bcfg.model.init_from = ""
+        bmodel = build_net(bcfg, bcfg.model.num_classes or ds.num_classes)
+        bmodel.load_state_dict(ck["model"])
+        models.insert(0, ("Baseline", bmodel))
+    known = {s.path: s for s in ds.train + ds.val}
+    spec = augment_spec(cfg)
+    spec.eval_clips, spec.eval_crops = 1, 1
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for v in videos:
+        path = str(Path(v).resolve())
+        s = known.get(path) or Sample(path, -1, probe_video(path).frames)
+        loader = EvalLoader([Sample(s.path, max(s.label, 0), s.num_frames)], spec, batch_size=1,
+                            work_dir=out_dir / "lists", device="cpu", threads=cfg.data.threads)
+        clips, _ = next(iter(loader))
+        clip = clips[0, :1].float()  # (1, 3, T, H, W)
+        mean = torch.tensor(spec.mean).view(3, 1, 1, 1)
+        std = torch.tensor(spec.std).view(3, 1, 1, 1)
+        frames = ((clip[0] * std + mean) * 255).clamp(0, 255).permute(1, 2, 3, 0).numpy()
+        rows = []
+        for name, m in models:
+            cam, cls = gradcam_pp(m, clip.clone().requires_grad_(False), target)
+            rows.append({"name": name, "frames": frames, "cam": cam, "pred": ds.classes[cls],
+                         "correct": None if s.label < 0 else cls == s.label})
+        png = out_dir / f"gradcam_{Path(path).stem}.png"
+        save_gradcam_strip(rows, png)
+        written.append(png)
+    return written

@@ -1,0 +1,76 @@
+"""Config: recipes, inheritance, overrides; every error names the key and where it came from."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hcml.launch.config import ConfigError, load_config
+from tests.conftest import PY, REPO
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_recipe_and_overrides(tmp_path):
+    base = write(tmp_path, "base.yaml", "model:\n  arch: tiny\ndata:\n  frames: 8\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\ndata:\n  batch_size: 4\n")
+    cfg = load_config(child, ["train.max_steps=5", "data.short_side=[300, 330]", "optim.lr_per_gpu=1"])
+    assert cfg.model.arch == "tiny" and cfg.data.frames == 8 and cfg.data.batch_size == 4
+    assert cfg.train.max_steps == 5 and cfg.data.short_side == [300, 330]
+    assert cfg.optim.lr_per_gpu == 1.0 and isinstance(cfg.optim.lr_per_gpu, float)
+    assert cfg.optim.momentum == 0.9  # untouched default
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "bad.yaml", "data:\n  frame: 8\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'data\.frame'"):
+        load_config(p)
+
+
+def test_ill_typed_value_names_key_and_file(tmp_path):
+    p = write(tmp_path, "bad.yaml", "data:\n  frames: sixteen\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: key 'data\.frames' expects int, got 'sixteen'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"<command line>: key 'train\.compile' expects bool"):
+        load_config(None, ["train.compile=maybe"])
+    with pytest.raises(ConfigError, match=r"key 'model\.arch' must be one of"):
+        load_config(None, ["model.arch=resnet9000"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="multiple of model.cv_stride"):
+        load_config(None, ["model.max_displacement=5"])
+    with pytest.raises(ConfigError, match="flip_pairs"):
+        load_config(None, ["data.flip=swap"])
+
+
+def test_missing_file_and_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    a = write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(a)
+
+
+def test_all_shipped_recipes_load():
+    recipes = sorted((REPO / "configs").glob("*.yaml"))
+    assert recipes
+    for r in recipes:
+        load_config(r)
+
+
+def test_cli_rejects_bad_config_before_any_process_starts(tmp_path):
+    res = subprocess.run([PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--nproc-per-node", "2",
+                          "data.frams=8"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2
+    assert "unknown key 'data.frams'" in res.stderr
+    assert "torch.distributed" not in res.stderr and "rank" not in res.stdout.lower()

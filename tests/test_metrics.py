@@ -1,0 +1,100 @@
+"""Prometheus: a real server (Debian 'prometheus') scrapes a short CPU training run on loopback; the series are
+read back through Prometheus' HTTP query API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from tests.conftest import PY, run_env
+from tests.test_train import SMALL
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def query(base: str, q: str) -> list:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())["data"]["result"]
+
+
+def test_exporter_port_in_use_is_reported_or_skipped():
+    from hcml.launch.metrics import PrometheusExporter
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"metrics.port {taken} .* already in use"):
+            PrometheusExporter(taken, 0, next_free=False)
+        msgs = []
+        exp = PrometheusExporter(taken, 0, next_free=True, log=msgs.append)
+        try:
+            assert exp.port != taken and f"serving Prometheus metrics on {exp.port}" in msgs[0]
+        finally:
+            exp.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="Prometheus server not installed (make test installs Debian's "
+                    "'prometheus' when it can; see scripts/ensure_prometheus.sh)")
+def test_prometheus_scrapes_a_training_run(tiny_dataset, tmp_path):
+    exporter_port, prom_port = free_port(), free_port()
+    (tmp_path / "prom.yml").write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: hcml\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{exporter_port}']\n")
+    prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prom.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{prom_port}"
+    try:
+        train = subprocess.Popen([PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset),
+                                  "--run-dir", str(tmp_path / "run"), *SMALL, "optim.epochs=40",
+                                  f"metrics.port={exporter_port}", "metrics.next_free_port=false"],
+                                 env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 240
+        got = []
+        while time.time() < deadline and train.poll() is None:
+            try:
+                got = query(base, "hcml_step")
+            except OSError:
+                got = []
+            if got and float(got[0]["value"][1]) >= 5:
+                break
+            time.sleep(0.5)
+        train.terminate()
+        out, _ = train.communicate(timeout=120)
+        assert got, f"Prometheus never saw hcml_step; training output:\n{out[-2000:]}"
+        time.sleep(1.5)
+
+        def value(q: str) -> float:
+            res = query(base, q)
+            assert res, f"no series for {q}"
+            return float(res[0]["value"][1])
+
+        assert value('hcml_samples_seen_total{rank="0"}') >= 5 * 2
+        assert value("hcml_clips_per_second") > 0
+        assert value("hcml_frames_per_second") == pytest.approx(4 * value("hcml_clips_per_second"), rel=1e-6)
+        assert value("hcml_step_seconds_count") >= 5
+        assert 0 <= value("hcml_data_wait_ratio") <= 1
+        assert 0 < value("hcml_learning_rate") < 1
+        assert 0 < value('hcml_loss{term="total"}') < 100
+        assert {r["metric"]["term"] for r in query(base, "hcml_loss")} >= {"total", "ce", "nce_low", "nce_mid",
+                                                                             "nce_high"}
+        assert query(base, "hcml_checkpoint_save_seconds_count") is not None
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)

@@ -1,0 +1,167 @@
+"""Dataset adapters on tiny fake trees in each dataset's exact distribution format, and `hcml prepare`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imsave
+
+from hcml.pipeline.dataset import DatasetError, load_prepared
+from hcml.pipeline.datasets import left_right_pairs, load_source
+from hcml.pipeline.prepare import gop_for, probe_video
+from hcml.pipeline.synth import encode, render_clip
+
+
+def clip(path: Path, label: int = 0, frames: int = 20, codec: str = "vp9") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encode(render_clip(label, np.random.default_rng(label), frames, 48), path, codec)
+    return path
+
+
+def avi_mpeg4(path: Path, frames: int = 20) -> Path:
+    """UCF-101's real format: MPEG-4 Part 2 in AVI (decodable neither by DALI's CPU reader nor by NVDEC)."""
+    import imageio_ffmpeg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fr = render_clip(0, np.random.default_rng(0), frames, 48)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt",
+                    "rgb24", "-s", "48x48", "-r", "25", "-i", "-", "-c:v", "mpeg4", str(path)], input=fr.tobytes(),
+                   check=True)
+    return path
+
+
+def test_k400_adapter(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations/train.csv").write_text(
+        "label,youtube_id,time_start,time_end,split,is_cc\n"
+        "abseiling,aaa,10,20,train,0\nbowling,bbb,0,10,train,0\nbowling,gone,5,15,train,0\n")
+    (tmp_path / "annotations/validate.csv").write_text(
+        "label,youtube_id,time_start,time_end,split,is_cc\nabseiling,ccc,3,13,val,0\n")
+    clip(tmp_path / "train/abseiling/aaa_000010_000020.mp4", codec="h264")
+    clip(tmp_path / "train/bowling/bbb_000000_000010.mp4", codec="h264")
+    clip(tmp_path / "val/abseiling/ccc_000003_000013.mp4", codec="h264")
+    ds = load_source("k400", tmp_path)
+    assert ds.classes == ["abseiling", "bowling"]
+    assert [(Path(p).name, lab) for p, lab in ds.train] == [("aaa_000010_000020.mp4", 0), ("bbb_000000_000010.mp4", 1)]
+    assert [lab for _, lab in ds.val] == [0]
+    assert ds.missing == [("train", "gone_000005_000015")]
+
+
+def test_ssv2_adapter_and_flip_pairs(tmp_path):
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels/labels.json").write_text(json.dumps({
+        "Pushing something from left to right": "0", "Pushing something from right to left": "1",
+        "Holding something": "2"}))
+    (tmp_path / "labels/train.json").write_text(json.dumps([
+        {"id": "1", "label": "pushing a cup from left to right", "template": "Pushing [something] from left to right",
+         "placeholders": ["a cup"]},
+        {"id": "2", "label": "holding a pen", "template": "Holding [something]", "placeholders": ["a pen"]}]))
+    (tmp_path / "labels/validation.json").write_text(json.dumps([
+        {"id": "3", "label": "pushing x from right to left", "template": "Pushing [something] from right to left",
+         "placeholders": ["x"]}]))
+    for i in (1, 2, 3):
+        clip(tmp_path / f"20bn-something-something-v2/{i}.webm")
+    ds = load_source("ssv2", tmp_path)
+    assert [lab for _, lab in ds.train] == [0, 2] and [lab for _, lab in ds.val] == [1]
+    assert ds.flip_pairs == [[0, 1]]
+
+
+def test_ssv1_adapter_reads_frame_folders(tmp_path):
+    (tmp_path / "something-something-v1-labels.csv").write_text("Holding something\nTurning the camera left\n")
+    (tmp_path / "something-something-v1-train.csv").write_text("100;Holding something\n101;Turning the camera left\n")
+    (tmp_path / "something-something-v1-validation.csv").write_text("102;Holding something\n")
+    for vid in ("100", "101", "102"):
+        d = tmp_path / "20bn-something-something-v1" / vid
+        d.mkdir(parents=True)
+        for t, frame in enumerate(render_clip(0, np.random.default_rng(int(vid)), 20, 48), 1):
+            imsave(d / f"{t:05d}.jpg", frame)
+    ds = load_source("ssv1", tmp_path)
+    assert [lab for _, lab in ds.train] == [0, 1] and Path(ds.train[0][0]).is_dir()
+    (tmp_path / "something-something-v1-validation.csv").write_text("102;Unknown class\n")
+    with pytest.raises(DatasetError, match=r"validation\.csv:1: label 'Unknown class'"):
+        load_source("ssv1", tmp_path)
+
+
+def make_ucf(root: Path) -> Path:
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n")
+    (lists / "trainlist01.txt").write_text(
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nArchery/v_Archery_g08_c01.avi 2\n"
+        "Archery/v_Archery_g09_c01.avi 2\nArchery/v_Archery_g10_c01.avi 2\n")
+    (lists / "testlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\nArchery/v_Archery_g01_c01.avi\n")
+    for name in ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01", "Archery/v_Archery_g08_c01",
+                 "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01", "Archery/v_Archery_g01_c01"):
+        avi_mpeg4(root / "UCF-101" / f"{name}.avi")
+    # a truncated file and a zero-length one: reported, never trained on
+    good = (root / "UCF-101/Archery/v_Archery_g08_c01.avi").read_bytes()
+    (root / "UCF-101/Archery/v_Archery_g09_c01.avi").write_bytes(good[: len(good) // 3])
+    (root / "UCF-101/Archery/v_Archery_g10_c01.avi").write_bytes(b"")
+    return root
+
+
+def test_ucf101_adapter(tmp_path):
+    ds = load_source("ucf101", make_ucf(tmp_path))
+    assert ds.classes == ["ApplyEyeMakeup", "Archery"]
+    assert [lab for _, lab in ds.train] == [0, 1, 1, 1] and [lab for _, lab in ds.val] == [0, 1]
+    with pytest.raises(DatasetError, match="splits 1, 2, 3"):
+        load_source("ucf101", tmp_path, split=4)
+
+
+def test_probe_reports_truncated_and_zero_length(tmp_path):
+    good = clip(tmp_path / "good.webm")
+    assert probe_video(good).ok and probe_video(good).frames == 20 and probe_video(good).codec == "vp9"
+    bad = tmp_path / "bad.webm"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    pr = probe_video(bad)
+    assert not pr.ok and pr.reason in ("truncated", "undecodable")
+    (tmp_path / "empty.webm").write_bytes(b"")
+    assert probe_video(tmp_path / "empty.webm").reason == "zero-length"
+    assert probe_video(tmp_path / "nope.webm").reason == "missing"
+    assert probe_video(good, min_frames=50).reason == "too few frames"
+
+
+def test_prepare_ucf101_reencodes_reports_bad_files_and_trains(tmp_path):
+    from hcml.pipeline.loader import AugmentSpec, TrainLoader
+    from hcml.pipeline.prepare import prepare
+
+    root = make_ucf(tmp_path / "src")
+    out = tmp_path / "prepared"
+    report = prepare("ucf101", root, out, workers=2, reencode_to="vp9", short_side=40, frames=4, stride=2,
+                     progress=False)
+    reasons = {Path(e["path"]).name: e["reason"] for e in report["excluded"]}
+    assert reasons["v_Archery_g10_c01.avi"] == "zero-length"
+    assert reasons["v_Archery_g09_c01.avi"] in ("truncated", "undecodable")
+    assert report["usable"] == {"train": 2, "val": 2}
+    ds = load_prepared(out)
+    assert all(s.path.endswith(".webm") and "g09" not in s.path and "g10" not in s.path for s in ds.train + ds.val)
+    assert "zero-length: 1" in (out / "report.txt").read_text()
+    # the re-encoded files are what DALI's CPU reader can decode (MPEG-4 AVI is not)
+    tl = TrainLoader(ds.train, AugmentSpec(frames=4, stride=2, crop=32, short_side=(40, 40)), batch_size=2,
+                     work_dir=tmp_path / "w", threads=1)
+    x, y = next(iter(tl.epoch(0)))
+    assert x.shape == (2, 3, 4, 32, 32)
+    # resumable: a second run re-encodes nothing and gives the same lists
+    before = {p: p.stat().st_mtime_ns for p in (out / "videos").rglob("*.webm")}
+    prepare("ucf101", root, out, workers=2, reencode_to="vp9", short_side=40, frames=4, stride=2, progress=False)
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "videos").rglob("*.webm")}
+
+
+def test_prepare_without_reencode_rejects_mpeg4(tmp_path):
+    from hcml.pipeline.prepare import prepare
+
+    report = prepare("ucf101", make_ucf(tmp_path / "src"), tmp_path / "out", reencode_to="none", frames=4,
+                     progress=False)
+    assert sum(e["reason"] == "unsupported codec" for e in report["excluded"]) == 3
+
+
+def test_gop_from_clip_span():
+    assert gop_for(16, 2) == 31 and gop_for(32, 1) == 32
+
+
+def test_left_right_pairs():
+    assert left_right_pairs(["Moving x left", "Moving x right", "Turning the camera left", "Other"]) == [[0, 1]]

@@ -1,0 +1,149 @@
+"""The driver end to end on CPU: torchrun (gloo, 2 processes), checkpoints, resume, signals, NaN guard.
+
+SyncBatchNorm runs only on CUDA, so these CPU/gloo runs use per-process BN (train.bn=local); the SyncBN path
+is exercised by the GPU check script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hcml.launch.checkpoint import CheckpointError, latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from tests.conftest import PY, run_env
+
+SMALL = ["model.arch=tiny", "data.frames=4", "data.stride=2", "data.crop=32", "data.short_side=[36,40]",
+         "data.eval_short_side=36", "data.eval_clips=1", "data.eval_crops=1", "data.batch_size=2", "data.threads=1",
+         "data.device=cpu", "data.flip=plain", "optim.epochs=2", "optim.warmup_epochs=1", "optim.lr_per_gpu=0.01",
+         "train.bn=local", "train.log_every=1", "train.progress=false", "model.nce_samples=4"]
+
+
+def train_cmd(data: Path, run_dir: Path, *extra: str, nproc: int = 2, resume: bool = False) -> list[str]:
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "hcml.launch.cli",
+           "train", "--config", "demo", "--data", str(data), "--run-dir", str(run_dir), *SMALL, *extra]
+    if resume:
+        cmd += ["--resume", "auto"]
+    return cmd
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+@pytest.mark.slow
+def test_two_process_run_writes_the_run_directory(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    res = subprocess.run(train_cmd(tiny_dataset, run, "train.max_steps=4", "checkpoint.every_steps=2"),
+                         capture_output=True, text=True, env=run_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file() and (run / "curves.png").is_file()
+    ck = list_checkpoints(run / "checkpoints")
+    assert [p.name for p in ck] == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+    state = load_checkpoint(ck[-1])
+    assert state["step"] == 4 and len(state["per_rank"]) == 2 and state["config"]["model"]["arch"] == "tiny"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval"]["videos"] == 12 and 0 <= summary["eval"]["top1"] <= 100
+    assert "world=2" in res.stdout
+
+
+@pytest.mark.slow
+def test_kill9_mid_epoch_then_resume_reproduces_the_uninterrupted_losses(tiny_dataset, tmp_path):
+    """Deterministic CPU mode: 2-process run killed with SIGKILL after a mid-epoch checkpoint, resumed with
+    --resume auto; the loss at every later step equals the uninterrupted run's."""
+    det = ["train.deterministic=true", "checkpoint.every_steps=3", "train.max_steps=9"]
+    ref = tmp_path / "ref"
+    r = subprocess.run(train_cmd(tiny_dataset, ref, *det), capture_output=True, text=True, env=run_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref_losses = losses(ref)
+    assert len(ref_losses) == 9  # 12 samples / 2 ranks / batch 2 = 3 steps per epoch → epochs end at 3, 6, 9
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(tiny_dataset, run, *det), env=run_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    # kill after the step-4 line is logged, i.e. mid-epoch 1, with the step-3 checkpoint on disk
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file() or 4 not in losses(run):
+        time.sleep(0.05)
+        assert time.time() < deadline, "the run never reached step 4"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] in ("ckpt_00000003.pt", "ckpt_00000006.pt")
+    r = subprocess.run(train_cmd(tiny_dataset, run, *det, resume=True), capture_output=True, text=True,
+                       env=run_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[resume]" in r.stdout
+    resumed = losses(run)
+    for step in range(4, 10):
+        assert resumed[step] == pytest.approx(ref_losses[step], rel=1e-6, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset),
+                             "--run-dir", str(run), *SMALL, "optim.epochs=50"], env=run_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").is_file() and 2 in losses(run)):
+        time.sleep(0.05)
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "signal 15: checkpoint written" in out
+    found = latest_valid(run / "checkpoints")
+    assert found is not None and found[1]["step"] >= 2
+    assert not json.loads((run / "summary.json").read_text()).get("eval")
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_step_and_term(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    res = subprocess.run([PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset),
+                          "--run-dir", str(run), *SMALL, "optim.lr_per_gpu=1e30", "optim.warmup_epochs=0",
+                          "optim.name=sgd"], capture_output=True, text=True, env=run_env(), timeout=600)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "non-finite loss at step" in res.stderr and "last good checkpoint" in res.stderr
+
+
+def test_checkpoints_are_atomic_rotating_and_validated(tmp_path):
+    d = tmp_path / "ck"
+    for step in (1, 2, 3, 4):
+        save_checkpoint(d, step, {"model": {"w": torch.ones(2) * step}, "step": step}, keep=2)
+    assert [p.name for p in list_checkpoints(d)] == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
+    assert not list(d.glob(".ckpt-*"))  # no temp files left behind
+    newest = list_checkpoints(d)[-1]
+    newest.write_bytes(newest.read_bytes()[:40])  # truncate the newest
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        path, state = latest_valid(d)
+    assert path.name == "ckpt_00000003.pt" and state["step"] == 3
+    (d / "ckpt_00000009.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="ckpt_00000009.pt"):
+        load_checkpoint(d / "ckpt_00000009.pt")
+
+
+def test_eval_cli_rejects_a_corrupted_checkpoint(tmp_path):
+    bad = tmp_path / "ckpt_00000001.pt"
+    bad.write_bytes(b"\x80\x02garbage")
+    res = subprocess.run([PY, "-m", "hcml.launch.cli", "eval", "--checkpoint", str(bad)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0 and "corrupted or truncated" in res.stderr
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from hcml.launch.train import lr_at
+
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
