@@ -126,7 +126,8 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
     if info.main:
         work.mkdir(parents=True, exist_ok=True)
         (work / "knn.json").write_text(json.dumps(table, indent=1))
-        print(json.dumps(table, indent=1) if as_json else format_knn_table(table))
+        if as_json is not None:  # None: the caller prints
+            print(json.dumps(table, indent=1) if as_json else format_knn_table(table))
     cleanup()
     return table
 

@@ -160,64 +160,65 @@ def bench_model(arch="r2d50", frames=16, size=224, batch=8, compile_=False, dtyp
     return res
 
 
+def _show_op(res: dict) -> None:
+    print(f"cost volume {tuple(res['shape'])} {res['dtype']} d={res['max_displacement']} s={res['stride']} on "
+          f"{res['device']} (peak {res['peak_GBps'] or 'n/a'} GB/s)")
+    for name, r in res["impls"].items():
+        if "error" in r:
+            print(f"  {name:<30} {r['error']}")
+            continue
+        pct = f" ({r['forward_pct_peak']:.0f}% of peak)" if "forward_pct_peak" in r else ""
+        print(f"  {name:<30} fwd {r['forward']['median_s'] * 1e3:8.2f} ms {r['forward_GBps']:7.1f} GB/s{pct}   "
+              f"fwd+bwd {r['forward_backward']['median_s'] * 1e3:8.2f} ms")
+    for k, v in res.items():
+        if k.startswith("speedup"):
+            print(f"  {k}: {v:.2f}x")
+
+
+def _show_model(res: dict) -> None:
+    print(f"{res['arch']} T={res['frames']} {res['size']}px batch {res['batch']} on {res['device']}: "
+          f"{res['gmacs_per_clip']:.1f} GMACs/clip")
+    for r in res["runs"]:
+        print(f"  compile={r['compile']!s:<5} {r['dtype']:<5} channels_last={r['channels_last']!s:<5} "
+              f"{r['clips_per_s']:8.2f} clips/s (step {r['median_s'] * 1e3:.1f} ms median)")
+    if "speedup_vs_eager_fp32" in res:
+        print(f"  speed-up vs eager fp32: {res['speedup_vs_eager_fp32']:.2f}x")
+
+
+def _show_pipeline(res: dict) -> None:
+    print(f"input pipeline on {res['data']} (batch {res['batch']}, T={res['frames']}, {res['threads']} threads/workers)")
+    for k, label in (("dali", f"DALI ({res['device']})"), ("pyav", "PyAV CPU loader")):
+        r = res[k]
+        print(f"  {label:<20} {r['clips_per_s']:8.1f} clips/s {r['frames_per_s']:9.0f} frames/s")
+    print(f"  DALI / PyAV: {res['speedup_dali_vs_pyav']:.2f}x")
+
+
+def _show_train(res: dict) -> None:
+    print(f"train step {res['arch']} batch {res['batch']} T={res['frames']} on {res['device']}: "
+          f"{res['step_s'] * 1e3:.1f} ms, {res['clips_per_s']:.1f} clips/s")
+    for k, v in res["stages_median_s"].items():
+        print(f"  {k:<10} {v * 1e3:8.1f} ms  {100 * v / res['step_s']:5.1f}%")
+    print(f"  bottleneck: {res['bottleneck']}   data-wait fraction {100 * res['data_wait_fraction']:.1f}%")
+
+
 def main(args) -> int:
-    if args.what == "op":
-        res = bench_op(tuple(int(v) for v in args.shape.split(",")), args.dtype, args.d, args.s, args.iters,
-                       args.device)
-        if args.json:
-            print(json.dumps(res, indent=1))
-            return 0
-        print(f"cost volume {tuple(res['shape'])} {res['dtype']} d={res['max_displacement']} s={res['stride']} on "
-              f"{res['device']} (peak {res['peak_GBps'] or 'n/a'} GB/s)")
-        for name, r in res["impls"].items():
-            if "error" in r:
-                print(f"  {name:<30} {r['error']}")
-                continue
-            pct = f" ({r['forward_pct_peak']:.0f}% of peak)" if "forward_pct_peak" in r else ""
-            print(f"  {name:<30} fwd {r['forward']['median_s'] * 1e3:8.2f} ms {r['forward_GBps']:7.1f} GB/s{pct}   "
-                  f"fwd+bwd {r['forward_backward']['median_s'] * 1e3:8.2f} ms")
-        for k, v in res.items():
-            if k.startswith("speedup"):
-                print(f"  {k}: {v:.2f}x")
-        return 0
-    if args.what == "model":
-        res = bench_model(args.arch, args.frames, args.size, args.batch, args.compile, args.dtype, args.channels_last,
-                          args.iters, args.device, args.compare)
-        if args.json:
-            print(json.dumps(res, indent=1))
-            return 0
-        print(f"{res['arch']} T={res['frames']} {res['size']}px batch {res['batch']} on {res['device']}: "
-              f"{res['gmacs_per_clip']:.1f} GMACs/clip")
-        for r in res["runs"]:
-            print(f"  compile={r['compile']!s:<5} {r['dtype']:<5} channels_last={r['channels_last']!s:<5} "
-                  f"{r['clips_per_s']:8.2f} clips/s (step {r['median_s'] * 1e3:.1f} ms median)")
-        if "speedup_vs_eager_fp32" in res:
-            print(f"  speed-up vs eager fp32: {res['speedup_vs_eager_fp32']:.2f}x")
-        return 0
-    if args.what == "pipeline":
-        res = bench_pipeline(args.data, args.config, args.device, args.batches, args.threads, args.overrides)
-        if args.json:
-            print(json.dumps(res, indent=1))
-            return 0
-        print(f"input pipeline on {res['data']} (batch {res['batch']}, T={res['frames']}, {res['threads']} threads/workers)")
-        for k in ("dali", "pyav"):
-            r = res[k]
-            label = f"DALI ({res['device']})" if k == "dali" else "PyAV CPU loader"
-            print(f"  {label:<20} {r['clips_per_s']:8.1f} clips/s {r['frames_per_s']:9.0f} frames/s")
-        print(f"  DALI / PyAV: {res['speedup_dali_vs_pyav']:.2f}x")
-        return 0
-    if args.what == "train":
-        res = bench_train(args.data, args.config, args.steps, args.overrides)
-        if args.json:
-            print(json.dumps(res, indent=1))
-            return 0
-        print(f"train step {res['arch']} batch {res['batch']} T={res['frames']} on {res['device']}: "
-              f"{res['step_s'] * 1e3:.1f} ms, {res['clips_per_s']:.1f} clips/s")
-        for k, v in res["stages_median_s"].items():
-            print(f"  {k:<10} {v * 1e3:8.1f} ms  {100 * v / res['step_s']:5.1f}%")
-        print(f"  bottleneck: {res['bottleneck']}   data-wait fraction {100 * res['data_wait_fraction']:.1f}%")
-        return 0
-    raise SystemExit(f"unknown bench target {args.what}")
+    """``hcml bench TARGET``: run the target, print JSON (``--json``) or a readable summary."""
+    targets = {
+        "op": (lambda: bench_op(tuple(int(v) for v in args.shape.split(",")), args.dtype, args.d, args.s,
+                                args.iters, args.device), _show_op),
+        "model": (lambda: bench_model(args.arch, args.frames, args.size, args.batch, args.compile, args.dtype,
+                                      args.channels_last, args.iters, args.device, args.compare), _show_model),
+        "pipeline": (lambda: bench_pipeline(args.data, args.config, args.device, args.batches, args.threads,
+                                            args.overrides), _show_pipeline),
+        "train": (lambda: bench_train(args.data, args.config, args.steps, args.overrides), _show_train),
+    }
+    run, show = targets[args.what]
+    res = run()
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        show(res)
+    return 0
 
 
 # ---------------------------------------------------------------- input pipeline: DALI vs a PyAV loader

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("bench", help="benchmarks: op (cost volume), model")
+    p = sub.add_parser("bench", help="benchmarks: op (cost volume), model, pipeline (DALI vs PyAV), train (step breakdown)")
     bsub = p.add_subparsers(dest="what", required=True)
     b = bsub.add_parser("op", help="cost volume: CUDA kernel vs reference vs spatial-correlation-sampler")
     b.add_argument("--shape", default="128,64,56,56", help="B,C,H,W")

@@ -151,6 +151,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -255,6 +260,9 @@ def validate(cfg: Config) -> None:
         )
     if len(m.nce_weights) != 3:
         raise ConfigError(f"model.nce_weights needs 3 values (low, mid, high), got {m.nce_weights}")
+    if m.motion and cfg.train.phase != "finetune" and d.frames // 4 < 2:
+        raise ConfigError(f"data.frames={d.frames}: the high motion level runs at T/4 frames and predicting the "
+                          f"future needs at least 2 there, so data.frames must be >= 8 (or train.phase=finetune)")
     if cfg.train.phase == "ssl" and not m.motion:
         raise ConfigError("train.phase=ssl needs model.motion=true (the SSL losses live in the motion module)")
 

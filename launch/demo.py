@@ -52,6 +52,21 @@ def format_demo_report(results: dict, classes: list[str], pairs) -> str:
     return "\n".join(lines)
 
 
+def evidence(out: Path, ds) -> str:
+    """The paper's evidence tools on the demo runs: per-level KNN (Table 7) and one Grad-CAM++ strip (Fig. 6)."""
+    from hcml.launch.analysis import format_knn_table, run_gradcam, run_knn
+    from hcml.launch.checkpoint import list_checkpoints
+
+    ck = list_checkpoints(out / "motion" / "checkpoints")[-1]
+    base = list_checkpoints(out / "baseline" / "checkpoints")[-1]
+    print("[demo] KNN on per-level motion features and a Grad-CAM++ strip", flush=True)
+    table = run_knn(None, str(ck), [], k=10, out=str(out / "knn"), as_json=None)
+    video = next(s.path for s in ds.val if s.label == ds.classes.index("pan_left")) \
+        if "pan_left" in ds.classes else ds.val[0].path
+    pngs = run_gradcam(None, str(ck), [video], str(out / "gradcam"), baseline=str(base))
+    return format_knn_table(table) + f"\nGrad-CAM++ (baseline above, HCML below): {pngs[0]}"
+
+
 def run_demo(out: Path, nproc: int = 2, quick: bool = False) -> int:
     t0 = time.time()
     out = out.resolve()
@@ -78,6 +93,7 @@ def run_demo(out: Path, nproc: int = 2, quick: bool = False) -> int:
         ev["pair_direction"], ev["pair_n"] = pair_direction_accuracy(labels, ev["predictions"], pairs)
         results[name] = ev
     report = format_demo_report(results, ds.classes, pairs)
+    report += "\n\n" + evidence(out, ds)
     (out / "report.txt").write_text(report + "\n")
     print("\n" + report)
     print(f"\n[demo] done in {time.time() - t0:.0f}s. Runs (config, metrics.jsonl, curves.png, checkpoints) in {out}")

@@ -25,7 +25,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD/.devpath:${PYTHONPATH:-}
+python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "installing hcml failed"; exit 1; }
+python3 -m pip install -q pyyaml prometheus-client imageio-ffmpeg tqdm av 2>/dev/null \
+  || echo "no package index here: carry pyyaml/prometheus-client/imageio-ffmpeg/tqdm/av wheels in .whl/ too"
 python3 -c "import hcml, nvidia.dali; print('dali', nvidia.dali.__version__)" || echo "DALI missing: DALI GPU tests will skip"
 
 step "build the CUDA cost-volume op (JIT, cached)"
@@ -37,14 +39,25 @@ if ls .whl/spatial_correlation_sampler-*.tar.gz >/dev/null 2>&1; then
     || echo "spatial-correlation-sampler did not build: bench op compares against the reference only"
 fi
 
-step "GPU tests"
+step "GPU tests (op numerics fwd/bwd fp32/fp16/bf16, channels_last, opcheck, compile; DALI GPU pipeline)"
 timeout 240 python3 -m pytest -q -m gpu tests/ --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider; tests_rc=$?
+
+step "2-process SyncBN + compile + bf16 training on synthetic H.264 clips (NCCL)"
+hcml synth --out /tmp/h264 --codec h264 --size 320 --frames 48 --per-class 16 --val-per-class 2 >/dev/null
+timeout 150 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m hcml.launch.cli train \
+  --config configs/k400_r2d50_joint.yaml --data /tmp/h264 --run-dir "$OUT/train_run" train.max_steps=30 \
+  train.bn=global data.device=gpu data.batch_size=8 data.eval_clips=1 data.eval_crops=1 train.progress=false \
+  metrics.port=0 optim.epochs=2 optim.warmup_epochs=1 || echo "2-process training FAILED"
 
 step "benchmarks"
 timeout 90 hcml bench op --dtype bf16 --json > "$OUT/bench_op_bf16.json"
 timeout 60 hcml bench op --dtype fp32 --json > "$OUT/bench_op_fp32.json"
 timeout 150 hcml bench model --arch r2d50 --frames 16 --compile --dtype bf16 --channels-last --compare --json \
   > "$OUT/bench_model.json"
+timeout 60 hcml bench pipeline --data /tmp/h264 --config configs/k400_r2d50_joint.yaml --device gpu --threads 4 \
+  --json > "$OUT/bench_pipeline.json"
+timeout 90 hcml bench train --data /tmp/h264 --config configs/k400_r2d50_joint.yaml --steps 20 --json \
+  data.device=gpu > "$OUT/bench_train.json"
 
 step "report"
 python3 - "$OUT" "$tests_rc" <<'PY'

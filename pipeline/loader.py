@@ -117,7 +117,8 @@ def build_train_pipeline(file_list: Path, spec: AugmentSpec, *, batch_size: int,
     @pipeline_def(enable_checkpointing=True)
     def train_pipe():
         video, label = _reader(file_list, spec, device, shard_id, num_shards)
-        short = fn.random.uniform(range=[float(spec.short_side[0]), float(spec.short_side[1])])
+        lo, hi = (float(v) for v in spec.short_side)
+        short = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
         video = fn.resize(video, resize_shorter=short, antialias=False)
         mirror = fn.random.coin_flip(probability=0.5) if spec.flip != "none" else 0
         video = fn.crop_mirror_normalize(

@@ -82,6 +82,13 @@ def probe_video(path: str | Path, min_frames: int = 1) -> Probe:
         if st.frames and n < 0.9 * st.frames:
             return Probe(**{**asdict(p), "ok": False, "reason": "truncated",
                             "detail": f"{n} packets but the header says {st.frames} frames"})
+        if pts and container.duration and st.time_base and p.fps:
+            # containers without a frame count (WebM/MKV) still record the duration: the last packet must reach it
+            last = float(max(pts) * st.time_base) + 1 / p.fps
+            total = container.duration / 1e6
+            if last < 0.9 * total - 1 / p.fps:
+                return Probe(**{**asdict(p), "ok": False, "reason": "truncated",
+                                "detail": f"packets end at {last:.2f}s of a {total:.2f}s video"})
         if len(pts) > 2:
             d = sorted(b - a for a, b in zip(sorted(pts), sorted(pts)[1:]))
             p.vfr = d[-1] > 1.5 * max(d[len(d) // 2], 1)

@@ -20,7 +20,9 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 def test_defaults_recipe_and_overrides(tmp_path):
     base = write(tmp_path, "base.yaml", "model:\n  arch: tiny\ndata:\n  frames: 8\n")
     child = write(tmp_path, "child.yaml", "base: base.yaml\ndata:\n  batch_size: 4\n")
-    cfg = load_config(child, ["train.max_steps=5", "data.short_side=[300, 330]", "optim.lr_per_gpu=1"])
+    cfg = load_config(child, ["train.max_steps=5", "data.short_side=[300, 330]", "optim.lr_per_gpu=1",
+                              "optim.weight_decay=1e-5"])
+    assert cfg.optim.weight_decay == 1e-5
     assert cfg.model.arch == "tiny" and cfg.data.frames == 8 and cfg.data.batch_size == 4
     assert cfg.train.max_steps == 5 and cfg.data.short_side == [300, 330]
     assert cfg.optim.lr_per_gpu == 1.0 and isinstance(cfg.optim.lr_per_gpu, float)
@@ -50,6 +52,9 @@ def test_cross_field_validation():
         load_config(None, ["model.max_displacement=5"])
     with pytest.raises(ConfigError, match="flip_pairs"):
         load_config(None, ["data.flip=swap"])
+    with pytest.raises(ConfigError, match="data.frames must be >= 8"):
+        load_config(None, ["data.frames=4"])
+    load_config(None, ["data.frames=4", "train.phase=finetune"])
 
 
 def test_missing_file_and_cycle(tmp_path):

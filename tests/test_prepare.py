@@ -156,7 +156,11 @@ def test_prepare_without_reencode_rejects_mpeg4(tmp_path):
 
     report = prepare("ucf101", make_ucf(tmp_path / "src"), tmp_path / "out", reencode_to="none", frames=4,
                      progress=False)
-    assert sum(e["reason"] == "unsupported codec" for e in report["excluded"]) == 3
+    reasons = {Path(e["path"]).name: e["reason"] for e in report["excluded"]}
+    assert [n for n, r in reasons.items() if r == "unsupported codec"].__len__() == 4  # the 4 intact MPEG-4 AVIs
+    assert reasons["v_Archery_g10_c01.avi"] == "zero-length"
+    assert reasons["v_Archery_g09_c01.avi"] in ("truncated", "undecodable")
+    assert report["usable"] == {"train": 0, "val": 0}
 
 
 def test_gop_from_clip_span():

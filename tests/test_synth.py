@@ -39,8 +39,9 @@ def clips(n_per_class: int, offset: int, tint: bool = False):
     for y in range(len(synth.CLASSES)):
         for i in range(n_per_class):
             c = synth.render_clip(y, synth.clip_seed(0, "train", y, offset + i), frames=16, size=48)
-            if tint:  # a control that leaks the label through colour
-                c = np.clip(c.astype(int) + y * 20 - 120, 0, 255).astype(np.uint8)
+            if tint:  # a control that leaks the label through colour: blend in a class colour
+                palette = np.random.default_rng(99).uniform(0, 255, (len(synth.CLASSES), 3))
+                c = (0.3 * c + 0.7 * palette[y]).astype(np.uint8)
             out.append((c, y))
     return out
 

@@ -19,7 +19,7 @@ import torch
 from hcml.launch.checkpoint import CheckpointError, latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
 from tests.conftest import PY, run_env
 
-SMALL = ["model.arch=tiny", "data.frames=4", "data.stride=2", "data.crop=32", "data.short_side=[36,40]",
+SMALL = ["model.arch=tiny", "data.frames=8", "data.stride=2", "data.crop=32", "data.short_side=[36,40]",
          "data.eval_short_side=36", "data.eval_clips=1", "data.eval_crops=1", "data.batch_size=2", "data.threads=1",
          "data.device=cpu", "data.flip=plain", "optim.epochs=2", "optim.warmup_epochs=1", "optim.lr_per_gpu=0.01",
          "train.bn=local", "train.log_every=1", "train.progress=false", "model.nce_samples=4"]
