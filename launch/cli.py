@@ -70,9 +70,14 @@ def cmd_train(args) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index("--nproc-per-node")
-        del argv[i:i + 2]
+        argv, skip = [], False
+        for a in sys.argv[1:]:  # drop --nproc-per-node N / --nproc-per-node=N; torchrun takes it instead
+            if skip:
+                skip = False
+            elif a == "--nproc-per-node":
+                skip = True
+            elif not a.startswith("--nproc-per-node="):
+                argv.append(a)
         return subprocess.call(torchrun_cmd(args.nproc_per_node, argv))
     from hcml.launch.train import main_from_args
 
