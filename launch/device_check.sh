@@ -18,9 +18,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 step "install carried wheels (DALI, ...) and the project"
-if [ -d .whl/parts ]; then
-  for base in $(ls .whl/parts | sed 's/\.part[0-9]*$//' | sort -u); do cat .whl/parts/"$base".part* > .whl/"$base"; done
-fi
+# Parts of wheels over one call's carry arrive over several calls, each copied to $PARTS (see device_carry.sh).
+PARTS=${PARTS:-/tmp/parts}
+mkdir -p "$PARTS" && cp -n .whl/parts/* "$PARTS"/ 2>/dev/null || true
+for base in $(ls "$PARTS" 2>/dev/null | sed 's/\.part[0-9]*$//' | sort -u); do
+  cat "$PARTS/$base".part* > .whl/"$base" && echo "joined $base ($(ls "$PARTS/$base".part* | wc -l) parts)"
+done
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
