@@ -45,5 +45,6 @@ def test_grafana_dashboard_uses_only_exported_metrics():
     assert used and used <= names, used - names
 
 
-def test_device_check_script_is_valid_bash():
-    assert subprocess.run(["bash", "-n", str(LAUNCH / "device_check.sh")]).returncode == 0
+def test_device_scripts_are_valid_bash():
+    for name in ("device_check.sh", "device_carry.sh"):
+        assert subprocess.run(["bash", "-n", str(LAUNCH / name)]).returncode == 0, name
