@@ -51,9 +51,9 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
-def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from hcml.launch import config as C
 from hcml.launch.checkpoint import latest_valid, load_checkpoint, save_checkpoint
-from hcml.launch.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from hcml.launch.distributed import DistInfo, all_gather_objects, all_reduce_max, barrier, cleanup, init_distributed
 from hcml.launch.metrics import JsonlLog, PrometheusExporter, plot_run
 from hcml.model import build_model, phase_loss
 from hcml.pipeline.dataset import PreparedDataset, load_prepared
@@ -351,9 +351,11 @@ def train(cfg: C.Config, resume: str | None = None) -> dict:
                 bar.update(1)
                 if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
                     checkpoint()
-                stop_now = all_gather_objects(stopper.signal, info) if info.distributed else [stopper.signal]
-                if any(s is not None for s in stop_now):
-                    stopped_by = next(s for s in stop_now if s is not None)
+                # a signal may reach one rank only: agree on it, so that every rank stops at the same step
+                flag = torch.tensor([stopper.signal or 0], device=info.device)
+                stop_sig = int(all_reduce_max(flag, info).item())
+                if stop_sig:
+                    stopped_by = stop_sig
                     break
                 if st.step >= max_steps:
                     break

@@ -147,3 +147,23 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
     assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
     assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_dataset, tmp_path):
+    """Preemption may signal one worker only: the ranks agree (all-reduce) and checkpoint together."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(tiny_dataset, run, "optim.epochs=50"), env=run_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").is_file() and 2 in losses(run)):
+        time.sleep(0.05)
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(max(workers, key=int)), signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "checkpoint written" in out
+    found = latest_valid(run / "checkpoints")
+    assert found is not None and len(found[1]["per_rank"]) == 2
