@@ -62,7 +62,9 @@ class PrimeMotionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B = x.shape[0]
-        f = F.normalize(x, dim=1)  # cosine correlation: the match, not the feature energy, decides
+        # cosine correlation: the match, not the feature energy, decides. normalize() runs in fp32 under
+        # autocast; cast back so the cost volume reads bf16/fp16 (half the memory traffic, fp32 accumulation).
+        f = F.normalize(x, dim=1).to(x.dtype)
         cv = cost_volume(frames_to_batch(previous_frame(f)), frames_to_batch(f), self.md, self.s)
         cv = F.relu(self.cv_bn(batch_to_frames(cv, B)))
         return self.mix(torch.cat([cv, self.reduce(x)], dim=1))
