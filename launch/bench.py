@@ -26,8 +26,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def summarize_times(times: list[float]) -> dict:
+    """The one summary every bench target reports: median/min/max seconds and the count."""
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "iters": len(times)}
+
+
 def time_fn(fn: Callable[[], object], device: torch.device, iters: int = 20, warmup: int = 3) -> dict:
-    """Median/min/max seconds per call of ``fn``."""
+    """Median/min/max seconds per call of ``fn`` (CUDA events on GPU, wall clock on CPU)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -43,7 +48,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, iters: int = 20, war
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "iters": iters}
+    return summarize_times(times)
 
 
 def peak_bandwidth(device: torch.device) -> float | None:
@@ -287,7 +292,8 @@ def bench_pipeline(data: str, config: str | None = None, device: str = "auto", b
     def run(iterable, n):
         it = iter(iterable)
         next(it)  # warm-up (pipeline build, worker start)
-        t, got = time.perf_counter(), 0
+        t0 = t = time.perf_counter()
+        got, per_batch = 0, []
         for _ in range(n):
             try:
                 x, _ = next(it)
@@ -296,8 +302,12 @@ def bench_pipeline(data: str, config: str | None = None, device: str = "auto", b
             if x.is_cuda:
                 torch.cuda.synchronize()
             got += x.shape[0]
-        dt = time.perf_counter() - t
-        return {"clips_per_s": got / dt, "frames_per_s": got * spec.frames / dt, "clips": got, "seconds": dt}
+            now = time.perf_counter()
+            per_batch.append(now - t)
+            t = now
+        dt = time.perf_counter() - t0
+        return {"clips_per_s": got / dt, "frames_per_s": got * spec.frames / dt, "clips": got, "seconds": dt,
+                "batch": summarize_times(per_batch)}
 
     with tempfile.TemporaryDirectory() as tmp:
         tl = TrainLoader(ds.train, spec, batch_size=B, work_dir=tmp, device=ddev, device_id=0 if ddev == "gpu" else None,
@@ -377,6 +387,6 @@ def bench_train(data: str, config: str | None = None, steps: int = 10, overrides
     med = {k: statistics.median(v) for k, v in stages.items() if v}
     step = sum(med.values())
     return {"device": str(dev), "arch": m.arch, "batch": cfg.data.batch_size, "frames": cfg.data.frames,
-            "stages_median_s": med, "step_s": step, "clips_per_s": cfg.data.batch_size / step,
+            "stages_median_s": med, "stages": {k: summarize_times(v) for k, v in stages.items() if v}, "step_s": step, "clips_per_s": cfg.data.batch_size / step,
             "data_wait_fraction": med["data_wait"] / step, "bottleneck": max(med, key=med.get),
             "communication_s": 0.0, "note": "single process: no gradient communication in this breakdown"}

@@ -53,6 +53,8 @@ def test_bench_train_breakdown_cpu(tiny_dataset):
     res = json.loads(r.stdout)
     assert set(res["stages_median_s"]) == {"data_wait", "forward", "backward", "optimizer"}
     assert res["bottleneck"] in res["stages_median_s"] and 0 <= res["data_wait_fraction"] <= 1
+    f = res["stages"]["forward"]
+    assert f["min_s"] <= f["median_s"] <= f["max_s"] and f["iters"] >= 1
 
 
 def test_bench_pipeline_dali_vs_pyav_cpu(tiny_dataset):
@@ -61,6 +63,7 @@ def test_bench_pipeline_dali_vs_pyav_cpu(tiny_dataset):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["dali"]["clips_per_s"] > 0 and res["pyav"]["clips_per_s"] > 0 and res["speedup_dali_vs_pyav"] > 0
+    assert res["dali"]["batch"]["iters"] >= 1 and res["pyav"]["batch"]["min_s"] <= res["pyav"]["batch"]["max_s"]
 
 
 @pytest.mark.slow
