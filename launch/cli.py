@@ -55,9 +55,9 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def torchrun_cmd(nproc: int, argv: list[str]) -> list[str]:
+def torchrun_cmd(nproc: int, argv: list[str], max_restarts: int = 0) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "hcml.launch.cli", *argv]
+            f"--max-restarts={max_restarts}", "-m", "hcml.launch.cli", *argv]
 
 
 def cmd_train(args) -> int:
@@ -71,14 +71,15 @@ def cmd_train(args) -> int:
         return 2
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         argv, skip = [], False
-        for a in sys.argv[1:]:  # drop --nproc-per-node N / --nproc-per-node=N; torchrun takes it instead
+        launcher_flags = ("--nproc-per-node", "--max-restarts")  # torchrun's, not the workers'
+        for a in sys.argv[1:]:
             if skip:
                 skip = False
-            elif a == "--nproc-per-node":
+            elif a in launcher_flags:
                 skip = True
-            elif not a.startswith("--nproc-per-node="):
+            elif not a.startswith(tuple(f + "=" for f in launcher_flags)):
                 argv.append(a)
-        return subprocess.call(torchrun_cmd(args.nproc_per_node, argv))
+        return subprocess.call(torchrun_cmd(args.nproc_per_node, argv, args.max_restarts))
     from hcml.launch.train import main_from_args
 
     return main_from_args(cfg_path, _overrides(args), args.resume)
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in the run dir) or a path")
             p.add_argument("--nproc-per-node", type=int, default=0, help="launch torchrun with N processes")
+            p.add_argument("--max-restarts", type=int, default=0,
+                           help="with --nproc-per-node: torchrun restarts failed workers, which resume from the "
+                                "newest checkpoint (also automatic under any torchrun restart)")
             p.set_defaults(fn=cmd_train)
         else:
             p.add_argument("--checkpoint", required=True)

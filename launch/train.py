@@ -400,6 +400,8 @@ def _eval_and_log(model, cfg, ds, num_classes, info, autocast_dtype, channels_la
 
 def main_from_args(config_path: str | None, overrides: list[str], resume: str | None) -> int:
     cfg = C.load_config(config_path, overrides)
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"  # torchrun restarted the workers after a failure: continue from the newest checkpoint
     try:
         train(cfg, resume)
     except NonFiniteLoss as e:

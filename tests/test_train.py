@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -167,3 +168,26 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_dataset, tmp_path)
     assert "checkpoint written" in out
     found = latest_valid(run / "checkpoints")
     assert found is not None and len(found[1]["per_rank"]) == 2
+
+
+@pytest.mark.slow
+def test_elastic_restart_resumes_from_the_newest_checkpoint(tiny_dataset, tmp_path):
+    """A worker dies (SIGKILL); torchrun --max-restarts=1 restarts both, and they continue from the step-3
+    checkpoint by themselves (TORCHELASTIC_RESTART_COUNT > 0 implies --resume auto), finishing the run."""
+    run = tmp_path / "run"
+    cmd = [PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset), "--run-dir",
+           str(run), "--nproc-per-node", "2", "--max-restarts", "1", *SMALL, "checkpoint.every_steps=3",
+           "train.max_steps=9"]
+    proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").is_file() and 4 in losses(run)):
+        time.sleep(0.05)
+        assert time.time() < deadline and proc.poll() is None, "training did not reach step 4"
+    torchrun = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    workers = subprocess.run(["pgrep", "-P", torchrun[0]], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert re.search(r"\[resume\] \S+ckpt_0000000[36]\.pt: epoch \d+, step [36]", out), out[-2000:]
+    assert json.loads((run / "summary.json").read_text())["step"] == 9
