@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hcml.launch import config as C
-from hcml.launch.checkpoint import latest_valid, load_checkpoint, save_checkpoint
+from hcml.launch.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
 from hcml.launch.distributed import DistInfo, all_gather_objects, all_reduce_max, barrier, cleanup, init_distributed
 from hcml.launch.metrics import JsonlLog, PrometheusExporter, plot_run
 from hcml.model import build_model, phase_loss
@@ -265,6 +265,9 @@ def train(cfg: C.Config, resume: str | None = None) -> dict:
             log(f"[resume] {path}: epoch {st.epoch}, step {st.step}")
         else:
             log(f"[resume] no valid checkpoint in {ckpt_dir}: starting fresh")
+    elif list_checkpoints(ckpt_dir):
+        log(f"[train] WARNING: {ckpt_dir} already has checkpoints; starting fresh and overwriting them as steps "
+            f"come around (pass --resume auto to continue instead)")
 
     net = model
     if info.distributed:
