@@ -19,7 +19,7 @@ writes both input grads.
 Implementations behind one API:
 - CUDA: ``csrc/cost_volume_kernels.cu`` (raw pointers + strides, needs only the CUDA toolkit) with the torch
   binding in ``csrc/cost_volume_binding.cpp``; built ahead of time in the Dockerfile, else JIT with a cache.
-- CPU: vectorised shift-and-multiply over the D² displacements (this file).
+- CPU: vectorised shift-and-multiply over the D² displacements, each a view into one zero-padded copy of f2.
 - Reference: :func:`cost_volume_reference` (unfold), for tests and benchmarks only.
 
 The op is registered with ``torch.library`` (``hcml::cost_volume``) with a fake implementation and autograd,
@@ -57,41 +57,42 @@ def _layout(t: Tensor) -> torch.memory_format:
 
 
 # ---------------------------------------------------------------- CPU path (vectorised shift-multiply)
-def _shifted(x: Tensor, dy: int, dx: int) -> Tensor:
-    """x[..., y + dy, x + dx] with zeros outside (a view into a padded copy would cost the same)."""
-    H, W = x.shape[-2:]
-    out = torch.zeros_like(x)
-    ys, ye = max(0, -dy), min(H, H - dy)
-    xs, xe = max(0, -dx), min(W, W - dx)
-    if ys < ye and xs < xe:
-        out[..., ys:ye, xs:xe] = x[..., ys + dy:ye + dy, xs + dx:xe + dx]
-    return out
-
-
 def _displacements(md: int, s: int):
     D = num_displacements(md, s)
     r = D // 2
     return [((i - r) * s, (j - r) * s) for i in range(D) for j in range(D)]
 
 
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
 def _cpu_forward(f1: Tensor, f2: Tensor, md: int, s: int) -> Tensor:
-    acc = torch.float32 if f1.dtype in (torch.float16, torch.bfloat16) else f1.dtype
-    a, b = f1.to(acc), f2.to(acc)
-    C = a.shape[1]
-    outs = [(a * _shifted(b, dy, dx)).sum(1) for dy, dx in _displacements(md, s)]
+    """One zero-padded copy of f2; every displacement is a view into it (no per-displacement copies)."""
+    a, b = f1.to(_acc_dtype(f1)), f2.to(_acc_dtype(f1))
+    C, H, W = a.shape[1:]
+    p = F.pad(b, (md, md, md, md))
+    buf = torch.empty_like(a)
+    outs = []
+    for dy, dx in _displacements(md, s):
+        torch.mul(a, p[..., md + dy:md + dy + H, md + dx:md + dx + W], out=buf)
+        outs.append(buf.sum(1))
     return (torch.stack(outs, 1) / C).to(f1.dtype).contiguous(memory_format=_layout(f1))
 
 
 def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tuple[Tensor, Tensor]:
-    acc = torch.float32 if f1.dtype in (torch.float16, torch.bfloat16) else f1.dtype
+    """dL/df1 reads shifted views of padded f2; dL/df2 accumulates into shifted views of a padded buffer."""
+    acc = _acc_dtype(f1)
     a, b, g = f1.to(acc), f2.to(acc), grad.to(acc)
-    C = a.shape[1]
+    C, H, W = a.shape[1:]
+    p = F.pad(b, (md, md, md, md))
     g1 = torch.zeros_like(a)
-    g2 = torch.zeros_like(b)
+    g2p = torch.zeros_like(p)
     for k, (dy, dx) in enumerate(_displacements(md, s)):
         gk = g[:, k:k + 1]
-        g1 += gk * _shifted(b, dy, dx)
-        g2 += _shifted(gk * a, -dy, -dx)  # scatter back: f2 at (y+dy, x+dx) received gk·f1 at (y, x)
+        g1.addcmul_(gk, p[..., md + dy:md + dy + H, md + dx:md + dx + W])
+        g2p[..., md + dy:md + dy + H, md + dx:md + dx + W].addcmul_(gk, a)  # f2 at (y+dy, x+dx) got gk·f1(y, x)
+    g2 = g2p[..., md:md + H, md:md + W]
     return ((g1 / C).to(f1.dtype).contiguous(memory_format=_layout(f1)),
             (g2 / C).to(f2.dtype).contiguous(memory_format=_layout(f2)))
 
