@@ -209,6 +209,9 @@ def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out
         bmodel = build_net(bcfg, bcfg.model.num_classes or ds.num_classes)
         bmodel.load_state_dict(ck["model"])
         models.insert(0, ("Baseline", bmodel))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = [(name, m.to(device)) for name, m in models]
+    ddev = dali_device(cfg.data.device)  # H.264 data needs the GPU reader
     known = {s.path: s for s in ds.train + ds.val}
     spec = augment_spec(cfg)
     spec.eval_clips, spec.eval_crops = 1, 1
@@ -219,12 +222,13 @@ def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out
         path = str(Path(v).resolve())
         s = known.get(path) or Sample(path, -1, probe_video(path).frames)
         loader = EvalLoader([Sample(s.path, max(s.label, 0), s.num_frames)], spec, batch_size=1,
-                            work_dir=out_dir / "lists", device="cpu", threads=cfg.data.threads)
+                            work_dir=out_dir / "lists", device=ddev, device_id=0 if ddev == "gpu" else None,
+                            threads=cfg.data.threads)
         clips, _ = next(iter(loader))
-        clip = clips[0, :1].float()  # (1, 3, T, H, W)
+        clip = clips[0, :1].float().to(device)  # (1, 3, T, H, W)
         mean = torch.tensor(spec.mean).view(3, 1, 1, 1)
         std = torch.tensor(spec.std).view(3, 1, 1, 1)
-        frames = ((clip[0] * std + mean) * 255).clamp(0, 255).permute(1, 2, 3, 0).numpy()
+        frames = ((clip[0].cpu() * std + mean) * 255).clamp(0, 255).permute(1, 2, 3, 0).numpy()
         rows = []
         for name, m in models:
             cam, cls = gradcam_pp(m, clip.clone().requires_grad_(False), target)
