@@ -215,7 +215,7 @@ def main(args) -> int:
                                       args.channels_last, args.iters, args.device, args.compare), _show_model),
         "pipeline": (lambda: bench_pipeline(args.data, args.config, args.device, args.batches, args.threads,
                                             args.overrides), _show_pipeline),
-        "train": (lambda: bench_train(args.data, args.config, args.steps, args.overrides), _show_train),
+        "train": (lambda: bench_train(args.data, args.config, args.steps, args.overrides, args.trace), _show_train),
     }
     run, show = targets[args.what]
     res = run()
@@ -323,9 +323,11 @@ def bench_pipeline(data: str, config: str | None = None, device: str = "auto", b
 
 
 # ---------------------------------------------------------------- a training step, broken down
-def bench_train(data: str, config: str | None = None, steps: int = 10, overrides: list[str] | None = None) -> dict:
+def bench_train(data: str, config: str | None = None, steps: int = 10, overrides: list[str] | None = None,
+                trace: str | None = None) -> dict:
     """Median seconds per stage of a train step (data-wait, forward, backward, optimizer) and the bottleneck.
-    On GPU each stage is closed by a synchronize and wrapped in an NVTX range (visible in Nsight Systems)."""
+    On GPU each stage is closed by a synchronize and wrapped in an NVTX range (visible in Nsight Systems);
+    ``trace``: also write a torch.profiler Chrome trace of the timed steps to that file."""
     import tempfile
 
     from hcml.launch.config import load_config
@@ -354,7 +356,12 @@ def bench_train(data: str, config: str | None = None, steps: int = 10, overrides
     def nvtx(name):
         return torch.cuda.nvtx.range(name) if dev.type == "cuda" else nullcontext()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    profiler = nullcontext()
+    if trace:
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                        if dev.type == "cuda" else [])
+        profiler = torch.profiler.profile(activities=acts, record_shapes=False)
+    with tempfile.TemporaryDirectory() as tmp, profiler as prof:
         tl = TrainLoader(ds.train, augment_spec(cfg), batch_size=cfg.data.batch_size, work_dir=tmp, device=ddev,
                          device_id=0 if ddev == "gpu" else None, threads=cfg.data.threads)
         it = tl.epoch(0)
@@ -384,6 +391,8 @@ def bench_train(data: str, config: str | None = None, steps: int = 10, overrides
             if i >= 2:  # skip warm-up / compile steps
                 for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                     stages[k].append(v)
+    if trace:
+        prof.export_chrome_trace(trace)
     med = {k: statistics.median(v) for k, v in stages.items() if v}
     step = sum(med.values())
     return {"device": str(dev), "arch": m.arch, "batch": cfg.data.batch_size, "frames": cfg.data.frames,

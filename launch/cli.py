@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", required=True)
     b.add_argument("--config", default=None)
     b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--trace", default=None, help="write a torch.profiler Chrome trace (JSON) of the timed steps")
     b.add_argument("--json", action="store_true")
     b.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_bench)

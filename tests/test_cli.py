@@ -47,14 +47,18 @@ SMALL_DATA = ["model.arch=tiny", "data.frames=8", "data.crop=32", "data.short_si
               "data.threads=1", "data.device=cpu"]
 
 
-def test_bench_train_breakdown_cpu(tiny_dataset):
-    r = hcml("bench", "train", "--data", str(tiny_dataset), "--config", "demo", "--steps", "3", "--json", *SMALL_DATA)
+def test_bench_train_breakdown_cpu(tiny_dataset, tmp_path):
+    trace = tmp_path / "trace.json"
+    r = hcml("bench", "train", "--data", str(tiny_dataset), "--config", "demo", "--steps", "3", "--json",
+             "--trace", str(trace), *SMALL_DATA)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert set(res["stages_median_s"]) == {"data_wait", "forward", "backward", "optimizer"}
     assert res["bottleneck"] in res["stages_median_s"] and 0 <= res["data_wait_fraction"] <= 1
     f = res["stages"]["forward"]
     assert f["min_s"] <= f["median_s"] <= f["max_s"] and f["iters"] >= 1
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("convolution" in e.get("name", "") for e in events)
 
 
 def test_bench_pipeline_dali_vs_pyav_cpu(tiny_dataset):
