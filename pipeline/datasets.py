@@ -33,6 +33,14 @@ class SourceDataset:
     missing: list[tuple[str, str]] = field(default_factory=list)  # (split, expected path or id)
     flip_pairs: list[list[int]] = field(default_factory=list)
 
+    def add(self, split: str, path: Path, label: int, folder: bool = False) -> None:
+        """A listed video (a file, or a frame folder with ``folder``): into its split if present, else into
+        ``missing``."""
+        if path.is_dir() if folder else path.is_file():
+            (self.train if split == "train" else self.val).append((str(path), label))
+        else:
+            self.missing.append((split, str(path)))
+
 
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
@@ -99,19 +107,15 @@ def ssv2(root: Path, split: int = 1) -> SourceDataset:
     classes = [c for c, _ in sorted(labels.items(), key=lambda kv: int(kv[1]))]
     index = {c: int(i) for c, i in labels.items()}
     vid_dir = root / "20bn-something-something-v2"
-    rows: dict[str, list] = {"train": [], "val": []}
-    missing = []
+    ds = SourceDataset("ssv2", classes, [], [], flip_pairs=left_right_pairs(classes))
     for split_name, fname in (("train", "train.json"), ("val", "validation.json")):
         for item in json.loads(_need(lab_dir / fname, "split list").read_text()):
             name = _ssv2_name(item["template"])
             if name not in index:
-                raise DatasetError(f"{lab_dir / fname}: template {item['template']!r} (id {item['id']}) not in labels.json")
-            p = vid_dir / f"{item['id']}.webm"
-            if p.is_file():
-                rows[split_name].append((str(p), index[name]))
-            else:
-                missing.append((split_name, str(p)))
-    return SourceDataset("ssv2", classes, rows["train"], rows["val"], missing, left_right_pairs(classes))
+                raise DatasetError(f"{lab_dir / fname}: template {item['template']!r} (id {item['id']}) not in "
+                                   f"labels.json")
+            ds.add(split_name, vid_dir / f"{item['id']}.webm", index[name])
+    return ds
 
 
 # ---------------------------------------------------------------- Something-Something V1 (JPEG frame folders)
@@ -120,8 +124,7 @@ def ssv1(root: Path, split: int = 1) -> SourceDataset:
                if c.strip()]
     index = {c: i for i, c in enumerate(classes)}
     frames = root / "20bn-something-something-v1"
-    rows: dict[str, list] = {"train": [], "val": []}
-    missing = []
+    ds = SourceDataset("ssv1", classes, [], [], flip_pairs=left_right_pairs(classes))
     for split_name, fname in (("train", "something-something-v1-train.csv"),
                               ("val", "something-something-v1-validation.csv")):
         path = _need(root / fname, "id;label list")
@@ -131,12 +134,8 @@ def ssv1(root: Path, split: int = 1) -> SourceDataset:
             vid, _, lab = line.partition(";")
             if lab not in index:
                 raise DatasetError(f"{path}:{i}: label {lab!r} not in something-something-v1-labels.csv")
-            d = frames / vid
-            if d.is_dir():
-                rows[split_name].append((str(d), index[lab]))
-            else:
-                missing.append((split_name, str(d)))
-    return SourceDataset("ssv1", classes, rows["train"], rows["val"], missing, left_right_pairs(classes))
+            ds.add(split_name, frames / vid, index[lab], folder=True)
+    return ds
 
 
 # ---------------------------------------------------------------- UCF-101
@@ -153,8 +152,7 @@ def ucf101(root: Path, split: int = 1) -> SourceDataset:
             classes.append(name)
     index = {c: i for i, c in enumerate(classes)}
     videos = root / "UCF-101"
-    rows: dict[str, list] = {"train": [], "val": []}
-    missing = []
+    ds = SourceDataset("ucf101", classes, [], [])
     for split_name, fname in (("train", f"trainlist0{split}.txt"), ("val", f"testlist0{split}.txt")):
         for line in _need(lists / fname, "split list").read_text().splitlines():
             if not line.strip():
@@ -163,12 +161,8 @@ def ucf101(root: Path, split: int = 1) -> SourceDataset:
             cls = rel.split("/")[0]
             if cls not in index:
                 raise DatasetError(f"{lists / fname}: class {cls!r} of {rel} not in classInd.txt")
-            p = videos / rel
-            if p.is_file():
-                rows[split_name].append((str(p), index[cls]))
-            else:
-                missing.append((split_name, str(p)))
-    return SourceDataset("ucf101", classes, rows["train"], rows["val"], missing)
+            ds.add(split_name, videos / rel, index[cls])
+    return ds
 
 
 ADAPTERS = {"k400": k400, "ssv1": ssv1, "ssv2": ssv2, "ucf101": ucf101}

@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hcml.pipeline.dataset import atomic_write_text, write_prepared
@@ -76,25 +76,24 @@ def probe_video(path: str | Path, min_frames: int = 1) -> Probe:
             err = e
         p.frames = n
         if err is not None:
-            return Probe(**{**asdict(p), "ok": False, "reason": "truncated", "detail": f"after {n} packets: {err}"})
+            return replace(p, ok=False, reason="truncated", detail=f"after {n} packets: {err}")
         if decoded == 0 and n > 0:
-            return Probe(**{**asdict(p), "ok": False, "reason": "undecodable", "detail": "no frame decodes"})
+            return replace(p, ok=False, reason="undecodable", detail="no frame decodes")
         if st.frames and n < 0.9 * st.frames:
-            return Probe(**{**asdict(p), "ok": False, "reason": "truncated",
-                            "detail": f"{n} packets but the header says {st.frames} frames"})
+            return replace(p, ok=False, reason="truncated",
+                           detail=f"{n} packets but the header says {st.frames} frames")
         if pts and container.duration and st.time_base and p.fps:
             # containers without a frame count (WebM/MKV) still record the duration: the last packet must reach it
             last = float(max(pts) * st.time_base) + 1 / p.fps
             total = container.duration / 1e6
             if last < 0.9 * total - 1 / p.fps:
-                return Probe(**{**asdict(p), "ok": False, "reason": "truncated",
-                                "detail": f"packets end at {last:.2f}s of a {total:.2f}s video"})
+                return replace(p, ok=False, reason="truncated",
+                               detail=f"packets end at {last:.2f}s of a {total:.2f}s video")
         if len(pts) > 2:
             d = sorted(b - a for a, b in zip(sorted(pts), sorted(pts)[1:]))
             p.vfr = d[-1] > 1.5 * max(d[len(d) // 2], 1)
         if n < min_frames:
-            return Probe(**{**asdict(p), "ok": False, "reason": "too few frames",
-                            "detail": f"{n} frames < clip span {min_frames}"})
+            return replace(p, ok=False, reason="too few frames", detail=f"{n} frames < clip span {min_frames}")
         return p
 
 
@@ -157,25 +156,24 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, split: int = 1, 
         if reencode_to == "none":
             allowed = DALI_GPU_CODECS | DALI_CPU_CODECS
             if pr.codec not in allowed:
-                return split_name, lab, Probe(**{**asdict(pr), "ok": False, "reason": "unsupported codec",
-                                                 "detail": f"{pr.codec}: use --reencode h264|vp9"}), None
+                return split_name, lab, replace(pr, ok=False, reason="unsupported codec",
+                                                detail=f"{pr.codec}: use --reencode h264|vp9"), None
             final, fp = path, pr
         else:
             rel = path.resolve().relative_to(root)
             final = (out / "videos" / rel).with_suffix(ext)
             if not (final.is_file() and final.stat().st_size > 0):  # resumable: done files are skipped
                 try:
-                    reencode(path, final, reencode_to, short_side, pr.fps, gop_for(frames, stride))
+                    reencode(path, final, reencode_to, short_side, pr.fps, span)
                 except RuntimeError as e:
-                    return split_name, lab, Probe(**{**asdict(pr), "ok": False, "reason": "undecodable",
-                                                     "detail": f"re-encode failed: {e}"}), None
+                    return split_name, lab, replace(pr, ok=False, reason="undecodable",
+                                                    detail=f"re-encode failed: {e}"), None
             fp = probe_video(final)
             if not fp.ok:
-                return split_name, lab, Probe(**{**asdict(fp), "path": str(path)}), None
+                return split_name, lab, replace(fp, path=str(path)), None
         if fp.frames < span:
-            return split_name, lab, Probe(**{**asdict(fp), "path": str(path), "ok": False,
-                                             "reason": "too few frames",
-                                             "detail": f"{fp.frames} frames < T·stride span {span}"}), None
+            return split_name, lab, replace(fp, path=str(path), ok=False, reason="too few frames",
+                                            detail=f"{fp.frames} frames < T·stride span {span}"), None
         return split_name, lab, fp, final
 
     rows: dict[str, list] = {"train": [], "val": []}
