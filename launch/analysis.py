@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from hcml.launch import config as C
-from hcml.launch.checkpoint import load_checkpoint
 from hcml.launch.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
-from hcml.launch.train import augment_spec, build_net
+from hcml.launch.train import augment_spec, load_trained
 from hcml.model import LEVELS
-from hcml.pipeline.dataset import load_prepared
 from hcml.pipeline.loader import EvalLoader, dali_device
 
 
@@ -92,16 +90,10 @@ def extract_level_features(model, loader: EvalLoader, info: DistInfo, n_videos: 
     return {lv: F.normalize(v, dim=1) for lv, v in out.items()}
 
 
-def _load_model(checkpoint: str, config_path: str | None, overrides: list[str]):
-    ck = load_checkpoint(checkpoint)
-    cfg = C.from_dict(ck["config"]) if config_path is None else C.load_config(config_path)
-    C.apply_overrides(cfg, overrides)
+def _load_motion_model(checkpoint: str, config_path: str | None, overrides: list[str]):
+    cfg, ds, model = load_trained(checkpoint, config_path, overrides)
     if not cfg.model.motion:
         raise C.ConfigError(f"{checkpoint}: KNN on motion features needs a model with model.motion=true")
-    cfg.model.init_from = ""
-    ds = load_prepared(cfg.data.root)
-    model = build_net(cfg, cfg.model.num_classes or ds.num_classes)
-    model.load_state_dict(ck["model"])
     return cfg, ds, model
 
 
@@ -109,7 +101,7 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
             as_json: bool = False) -> dict:
     """``hcml knn``: features of train and val sets (centre crop, 1 clip), cosine KNN per level."""
     info = init_distributed()
-    cfg, ds, model = _load_model(checkpoint, config_path, overrides)
+    cfg, ds, model = _load_motion_model(checkpoint, config_path, overrides)
     model = model.to(info.device)
     spec = augment_spec(cfg)
     spec.eval_clips, spec.eval_crops = 1, 1
@@ -200,15 +192,10 @@ def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out
     from hcml.pipeline.dataset import Sample
     from hcml.pipeline.prepare import probe_video
 
-    cfg, ds, model = _load_model(checkpoint, config_path, overrides or [])
+    cfg, ds, model = _load_motion_model(checkpoint, config_path, overrides or [])
     models = [("HCML", model)]
     if baseline:
-        ck = load_checkpoint(baseline)
-        bcfg = C.from_dict(ck["config"])
-        bcfg.model.init_from = ""
-        bmodel = build_net(bcfg, bcfg.model.num_classes or ds.num_classes)
-        bmodel.load_state_dict(ck["model"])
-        models.insert(0, ("Baseline", bmodel))
+        models.insert(0, ("Baseline", load_trained(baseline)[2]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = [(name, m.to(device)) for name, m in models]
     ddev = dali_device(cfg.data.device)  # H.264 data needs the GPU reader
@@ -231,7 +218,7 @@ def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out
         frames = ((clip[0].cpu() * std + mean) * 255).clamp(0, 255).permute(1, 2, 3, 0).numpy()
         rows = []
         for name, m in models:
-            cam, cls = gradcam_pp(m, clip.clone().requires_grad_(False), target)
+            cam, cls = gradcam_pp(m, clip, target)
             rows.append({"name": name, "frames": frames, "cam": cam, "pred": ds.classes[cls],
                          "correct": None if s.label < 0 else cls == s.label})
         png = out_dir / f"gradcam_{Path(path).stem}.png"

@@ -331,8 +331,8 @@ def bench_train(data: str, config: str | None = None, steps: int = 10, overrides
     import tempfile
 
     from hcml.launch.config import load_config
-    from hcml.launch.train import augment_spec, resolve_speed_switches
-    from hcml.model import build_model, phase_loss
+    from hcml.launch.train import augment_spec, build_net, resolve_speed_switches
+    from hcml.model import phase_loss
     from hcml.pipeline.dataset import load_prepared
     from hcml.pipeline.loader import TrainLoader, dali_device
 
@@ -340,7 +340,7 @@ def bench_train(data: str, config: str | None = None, steps: int = 10, overrides
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ds = load_prepared(cfg.data.root)
     m = cfg.model
-    model = build_model(m.arch, m.num_classes or ds.num_classes, motion=m.motion, nce_samples=m.nce_samples).to(dev)
+    model = build_net(cfg, m.num_classes or ds.num_classes).to(dev)  # every model.* key, as training builds it
     adt, use_compile, cl = resolve_speed_switches(cfg, dev)
     if cl:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -393,9 +393,10 @@ def bench_train(data: str, config: str | None = None, steps: int = 10, overrides
                     stages[k].append(v)
     if trace:
         prof.export_chrome_trace(trace)
-    med = {k: statistics.median(v) for k, v in stages.items() if v}
+    summary = {k: summarize_times(v) for k, v in stages.items() if v}
+    med = {k: v["median_s"] for k, v in summary.items()}
     step = sum(med.values())
     return {"device": str(dev), "arch": m.arch, "batch": cfg.data.batch_size, "frames": cfg.data.frames,
-            "stages_median_s": med, "stages": {k: summarize_times(v) for k, v in stages.items() if v}, "step_s": step, "clips_per_s": cfg.data.batch_size / step,
+            "stages_median_s": med, "stages": summary, "step_s": step, "clips_per_s": cfg.data.batch_size / step,
             "data_wait_fraction": med["data_wait"] / step, "bottleneck": max(med, key=med.get),
             "communication_s": 0.0, "note": "single process: no gradient communication in this breakdown"}

@@ -7,11 +7,8 @@ from pathlib import Path
 
 import torch
 
-from hcml.launch import config as C
-from hcml.launch.checkpoint import load_checkpoint
 from hcml.launch.distributed import cleanup, init_distributed
-from hcml.launch.train import augment_spec, build_net, evaluate, resolve_speed_switches
-from hcml.pipeline.dataset import load_prepared
+from hcml.launch.train import augment_spec, evaluate, load_trained, resolve_speed_switches
 from hcml.pipeline.loader import EvalLoader, dali_device
 
 
@@ -47,15 +44,9 @@ def format_report(res: dict, classes: list[str]) -> str:
 
 
 def run_eval(config_path: str | None, checkpoint: str, overrides: list[str], out: str | None) -> int:
-    ck = load_checkpoint(checkpoint)
-    cfg = C.from_dict(ck["config"]) if config_path is None else C.load_config(config_path)
-    C.apply_overrides(cfg, overrides)
+    cfg, ds, model = load_trained(checkpoint, config_path, overrides)
     info = init_distributed()
-    ds = load_prepared(cfg.data.root)
     num_classes = cfg.model.num_classes or ds.num_classes
-    cfg.model.init_from = ""
-    model = build_net(cfg, num_classes)
-    model.load_state_dict(ck["model"])
     autocast_dtype, _, channels_last = resolve_speed_switches(cfg, info.device)
     model = model.to(info.device)
     if channels_last:

@@ -67,6 +67,20 @@ def build_net(cfg: C.Config, num_classes: int) -> nn.Module:
     return model
 
 
+def load_trained(checkpoint: str, config_path: str | None = None, overrides: list[str] | None = None
+                 ) -> tuple[C.Config, PreparedDataset, nn.Module]:
+    """A trained model from a checkpoint: its stored config (or ``config_path``) plus overrides, the dataset it
+    names and the network with the checkpoint's weights (on CPU). Used by eval, KNN and Grad-CAM++."""
+    ck = load_checkpoint(checkpoint)
+    cfg = C.from_dict(ck["config"]) if config_path is None else C.load_config(config_path)
+    C.apply_overrides(cfg, overrides or [])
+    cfg.model.init_from = ""  # the checkpoint holds all the weights
+    ds = load_prepared(cfg.data.root)
+    model = build_net(cfg, cfg.model.num_classes or ds.num_classes)
+    model.load_state_dict(ck["model"])
+    return cfg, ds, model
+
+
 def freeze_unused(model: nn.Module, phase: str) -> None:
     """Parameters a phase's loss never reaches get no gradient (DDP would wait for them): the classifier in SSL,
     the future predictors in fine-tuning."""

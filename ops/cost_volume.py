@@ -63,6 +63,11 @@ def _displacements(md: int, s: int):
     return [((i - r) * s, (j - r) * s) for i in range(D) for j in range(D)]
 
 
+def _window(padded: Tensor, md: int, dy: int, dx: int, H: int, W: int) -> Tensor:
+    """The view of a map zero-padded by ``md`` that is the original shifted by (dy, dx): ``x[y + dy, x + dx]``."""
+    return padded[..., md + dy:md + dy + H, md + dx:md + dx + W]
+
+
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
@@ -75,7 +80,7 @@ def _cpu_forward(f1: Tensor, f2: Tensor, md: int, s: int) -> Tensor:
     buf = torch.empty_like(a)
     outs = []
     for dy, dx in _displacements(md, s):
-        torch.mul(a, p[..., md + dy:md + dy + H, md + dx:md + dx + W], out=buf)
+        torch.mul(a, _window(p, md, dy, dx, H, W), out=buf)
         outs.append(buf.sum(1))
     return (torch.stack(outs, 1) / C).to(f1.dtype).contiguous(memory_format=_layout(f1))
 
@@ -90,9 +95,9 @@ def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tupl
     g2p = torch.zeros_like(p)
     for k, (dy, dx) in enumerate(_displacements(md, s)):
         gk = g[:, k:k + 1]
-        g1.addcmul_(gk, p[..., md + dy:md + dy + H, md + dx:md + dx + W])
-        g2p[..., md + dy:md + dy + H, md + dx:md + dx + W].addcmul_(gk, a)  # f2 at (y+dy, x+dx) got gk·f1(y, x)
-    g2 = g2p[..., md:md + H, md:md + W]
+        g1.addcmul_(gk, _window(p, md, dy, dx, H, W))
+        _window(g2p, md, dy, dx, H, W).addcmul_(gk, a)  # f2 at (y+dy, x+dx) got gk·f1(y, x)
+    g2 = _window(g2p, md, 0, 0, H, W)
     return ((g1 / C).to(f1.dtype).contiguous(memory_format=_layout(f1)),
             (g2 / C).to(f2.dtype).contiguous(memory_format=_layout(f2)))
 
@@ -134,7 +139,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     f1, f2 = ctx.saved_tensors
-    g1, g2 = _cost_volume_backward_op(grad.contiguous() if not grad.is_cuda else grad, f1, f2, ctx.md, ctx.s)
+    g1, g2 = _cost_volume_backward_op(grad, f1, f2, ctx.md, ctx.s)  # both paths read through strides
     return g1, g2, None, None
 
 

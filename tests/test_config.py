@@ -18,7 +18,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_defaults_recipe_and_overrides(tmp_path):
-    base = write(tmp_path, "base.yaml", "model:\n  arch: tiny\ndata:\n  frames: 8\n")
+    write(tmp_path, "base.yaml", "model:\n  arch: tiny\ndata:\n  frames: 8\n")
     child = write(tmp_path, "child.yaml", "base: base.yaml\ndata:\n  batch_size: 4\n")
     cfg = load_config(child, ["train.max_steps=5", "data.short_side=[300, 330]", "optim.lr_per_gpu=1",
                               "optim.weight_decay=1e-5"])

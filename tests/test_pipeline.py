@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hcml.pipeline.dataset import Sample, load_prepared
-from hcml.pipeline.loader import (AugmentSpec, EvalLoader, TrainLoader, build_train_pipeline, clip_start, epoch_order,
-                                  eval_views, shard_rows, write_train_list)
+from hcml.pipeline.loader import (AugmentSpec, EvalLoader, TrainLoader, clip_start, epoch_order, eval_views, shard_rows,
+                                  write_train_list)
 from tests.conftest import requires_cuda
 
 SPEC = AugmentSpec(frames=8, stride=2, crop=48, short_side=(56, 64), eval_short_side=56, eval_clips=3, eval_crops=3,
