@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hcml.model.backbone import build_backbone
 from hcml.model.contrastive import future_prediction_loss
-from hcml.model.motion import Fusion, MotionLevel, PrimeMotionBlock, Predictor
+from hcml.model.motion import Fusion, MotionLevel, PrimeMotionBlock, Predictor, resample
 
 LEVELS = ("low", "mid", "high")
 # Motion level → backbone stage it follows.
@@ -19,7 +18,8 @@ LEVEL_STAGE = {"low": "res2", "mid": "res3", "high": "res4"}
 
 @dataclass
 class HCMLSpec:
-    """What the model needs to know; built from the typed config by :func:`hcml.model.build_model`."""
+    """What the network needs to know. The training config's ``model`` section *is* an HCMLSpec (it adds the loss
+    weights and the initialisation), so no field is copied by hand between the config and the model."""
 
     arch: str = "r2d50"
     num_classes: int = 400
@@ -82,7 +82,7 @@ class HCML(nn.Module):
             feats[level] = p
             if want_nce:
                 pred = self.predictors[level](p)
-                tgt = F.adaptive_avg_pool3d(target.detach() if self.spec.detach_targets else target, p.shape[2:])
+                tgt = resample(target.detach() if self.spec.detach_targets else target, p.shape[2:])
                 nce[f"nce_{level}"] = future_prediction_loss(pred, tgt, self.spec.nce_samples,
                                                              self.spec.nce_temperature)
             h = self.fusion[level](h, p)

@@ -21,15 +21,41 @@ from torch import Tensor, nn
 from hcml.ops import cost_volume, num_displacements
 
 
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last_3d when ``x`` is stored that way, else contiguous.
+
+    Why: BatchNorm, pooling and convolutions pick their output strides from their input's layout, and for
+    layouts other than these two the CPU kernels (which differ by ISA: oneDNN on AVX-512, native on AVX2) and the
+    fake tensors that torch.compile traces with do not always agree. The motion module therefore hands those ops
+    only these two layouts, chosen once from the block's input.
+    """
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def resample(x: Tensor, size) -> Tensor:
+    """Average-pool (B, C, T, H, W) to ``size`` = (T', H', W'): identity when equal, ``avg_pool3d`` when every axis
+    shrinks by an integer factor (the motion levels halve time and space), adaptive pooling otherwise."""
+    src, size = tuple(x.shape[2:]), tuple(size)
+    if src == size:
+        return x
+    if all(b and a % b == 0 for a, b in zip(src, size)):
+        k = tuple(a // b for a, b in zip(src, size))
+        return F.avg_pool3d(x, k, k)
+    return F.adaptive_avg_pool3d(x, size)
+
+
 def frames_to_batch(x: Tensor) -> Tensor:
     """(B, C, T, H, W) → (B·T, C, H, W); a view for contiguous and channels_last_3d inputs alike."""
     B, C, T, H, W = x.shape
     return x.transpose(1, 2).reshape(B * T, C, H, W)
 
 
-def batch_to_frames(x: Tensor, B: int) -> Tensor:
+def batch_to_frames(x: Tensor, B: int, fmt: torch.memory_format) -> Tensor:
+    """(B·T, C, H, W) → (B, C, T, H, W) stored as ``fmt`` (a view when the strides already are, else a copy)."""
     BT, C, H, W = x.shape
-    return x.reshape(B, BT // B, C, H, W).transpose(1, 2)
+    return x.reshape(B, BT // B, C, H, W).transpose(1, 2).contiguous(memory_format=fmt)
 
 
 def previous_frame(x: Tensor) -> Tensor:
@@ -61,12 +87,12 @@ class PrimeMotionBlock(nn.Module):
                                  nn.BatchNorm3d(cm), nn.ReLU(inplace=True))
 
     def forward(self, x: Tensor) -> Tensor:
-        B = x.shape[0]
+        B, fmt = x.shape[0], memory_format_of(x)
         # cosine correlation: the match, not the feature energy, decides. normalize() runs in fp32 under
         # autocast; cast back so the cost volume reads bf16/fp16 (half the memory traffic, fp32 accumulation).
         f = F.normalize(x, dim=1).to(x.dtype)
         cv = cost_volume(frames_to_batch(previous_frame(f)), frames_to_batch(f), self.md, self.s)
-        cv = F.relu(self.cv_bn(batch_to_frames(cv, B)))
+        cv = F.relu(self.cv_bn(batch_to_frames(cv, B, fmt)))
         return self.mix(torch.cat([cv, self.reduce(x)], dim=1))
 
 
@@ -80,9 +106,11 @@ class MotionLevel(nn.Module):
                                       nn.BatchNorm3d(cm), nn.ReLU(inplace=True))
 
     def forward(self, p_prev: Tensor, x: Tensor) -> Tensor:
-        p = F.adaptive_avg_pool3d(p_prev, x.shape[2:])
+        fmt = memory_format_of(x)
+        p = resample(p_prev, x.shape[2:]).contiguous(memory_format=fmt)
         h = torch.cat([p, self.reduce(x)], dim=1)
-        return self.temporal(F.pad(h, (0, 0, 0, 0, 1, 0)))  # causal: pad one frame in front
+        h = F.pad(h, (0, 0, 0, 0, 1, 0)).contiguous(memory_format=fmt)  # causal: pad one frame in front
+        return self.temporal(h)
 
 
 class Predictor(nn.Module):
