@@ -18,7 +18,7 @@ COPY launch launch
 COPY configs configs
 # Install without letting pip touch torch: the image's build is the one that matches its CUDA/NCCL.
 RUN python -c "import torch; print('image torch', torch.__version__)" \
- && pip install --no-cache-dir pyyaml prometheus-client imageio-ffmpeg tqdm matplotlib av \
+ && pip install --no-cache-dir pyyaml prometheus-client tqdm matplotlib av \
  && pip install --no-cache-dir --no-deps -e . \
  && TORCH_CUDA_ARCH_LIST="8.0;9.0" python -m hcml.ops.build \
  && python -c "import hcml_cost_volume_cuda, hcml, nvidia.dali; print('hcml ready')"

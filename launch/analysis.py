@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hcml.launch import config as C
+from hcml.errors import ConfigError
+from hcml.launch import components
 from hcml.launch.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
-from hcml.launch.train import augment_spec, load_trained
 from hcml.model import LEVELS
-from hcml.pipeline.loader import EvalLoader, dali_device
+from hcml.pipeline.loader import EvalLoader
 
 
 # ---------------------------------------------------------------- KNN (Table 7)
@@ -91,9 +91,9 @@ def extract_level_features(model, loader: EvalLoader, info: DistInfo, n_videos: 
 
 
 def _load_motion_model(checkpoint: str, config_path: str | None, overrides: list[str]):
-    cfg, ds, model = load_trained(checkpoint, config_path, overrides)
+    cfg, ds, model = components.load_trained(checkpoint, config_path, overrides)
     if not cfg.model.motion:
-        raise C.ConfigError(f"{checkpoint}: KNN on motion features needs a model with model.motion=true")
+        raise ConfigError(f"{checkpoint}: motion features need a model trained with model.motion=true")
     return cfg, ds, model
 
 
@@ -103,15 +103,10 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
     info = init_distributed()
     cfg, ds, model = _load_motion_model(checkpoint, config_path, overrides)
     model = model.to(info.device)
-    spec = augment_spec(cfg)
-    spec.eval_clips, spec.eval_crops = 1, 1
-    ddev = dali_device(cfg.data.device)
     work = Path(out or Path(checkpoint).resolve().parent.parent / "knn")
     feats = {}
     for split, samples in (("train", ds.train), ("val", ds.val)):
-        loader = EvalLoader(samples, spec, batch_size=cfg.data.batch_size, work_dir=work / f"lists_{split}",
-                            device=ddev, device_id=info.local_rank if ddev == "gpu" else None, rank=info.rank,
-                            world=info.world, threads=cfg.data.threads)
+        loader = components.eval_loader(cfg, ds, samples, info, work / f"lists_{split}", single_view=True)
         feats[split] = extract_level_features(model, loader, info, len(samples))
     table = knn_table(feats["train"], torch.tensor([s.label for s in ds.train]), feats["val"],
                       torch.tensor([s.label for s in ds.val]), ds.classes, k)
@@ -189,32 +184,29 @@ def save_gradcam_strip(rows: list[dict], out_png: str | Path, max_frames: int = 
 def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out: str,
                 baseline: str | None = None, overrides: list[str] | None = None, target: int | None = None) -> list[Path]:
     """``hcml gradcam``: a PNG strip per video (HCML, and the baseline above it when given)."""
-    from hcml.pipeline.dataset import Sample
+    from hcml.pipeline.prepared import Sample
     from hcml.pipeline.prepare import probe_video
 
     cfg, ds, model = _load_motion_model(checkpoint, config_path, overrides or [])
     models = [("HCML", model)]
     if baseline:
-        models.insert(0, ("Baseline", load_trained(baseline)[2]))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        models.insert(0, ("Baseline", components.load_trained(baseline)[2]))
+    info = DistInfo(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = info.device
     models = [(name, m.to(device)) for name, m in models]
-    ddev = dali_device(cfg.data.device)  # H.264 data needs the GPU reader
     known = {s.path: s for s in ds.train + ds.val}
-    spec = augment_spec(cfg)
-    spec.eval_clips, spec.eval_crops = 1, 1
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for v in videos:
         path = str(Path(v).resolve())
         s = known.get(path) or Sample(path, -1, probe_video(path).frames)
-        loader = EvalLoader([Sample(s.path, max(s.label, 0), s.num_frames)], spec, batch_size=1,
-                            work_dir=out_dir / "lists", device=ddev, device_id=0 if ddev == "gpu" else None,
-                            threads=cfg.data.threads)
+        loader = components.eval_loader(cfg, ds, [Sample(s.path, max(s.label, 0), s.num_frames)], info,
+                                        out_dir / "lists", single_view=True)
         clips, _ = next(iter(loader))
         clip = clips[0, :1].float().to(device)  # (1, 3, T, H, W)
-        mean = torch.tensor(spec.mean).view(3, 1, 1, 1)
-        std = torch.tensor(spec.std).view(3, 1, 1, 1)
+        mean = torch.tensor(cfg.data.mean).view(3, 1, 1, 1)
+        std = torch.tensor(cfg.data.std).view(3, 1, 1, 1)
         frames = ((clip[0].cpu() * std + mean) * 255).clamp(0, 255).permute(1, 2, 3, 0).numpy()
         rows = []
         for name, m in models:

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import torch
 
+from hcml.errors import CheckpointError
+
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or not an hcml checkpoint (named in the message)."""
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict, keep: int = 3) -> Path:

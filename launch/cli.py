@@ -9,21 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
+from hcml.errors import HCMLError
+
 
 
 def resolve_config(name: str | None) -> str | None:
-    """A path, or a recipe name under ``configs/`` (``demo`` → ``configs/demo.yaml``)."""
-    if name is None:
-        return None
-    p = Path(name)
-    if p.is_file():
-        return str(p)
-    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return str(cand)
-    return str(p)  # load_config reports the missing file by name
+    from hcml.launch.config import resolve_recipe
+
+    return resolve_recipe(name)
 
 
 def _overrides(args) -> list[str]:
@@ -55,20 +48,16 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def torchrun_cmd(nproc: int, argv: list[str], max_restarts: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--max-restarts={max_restarts}", "-m", "hcml.launch.cli", *argv]
-
-
 def cmd_train(args) -> int:
-    from hcml.launch.config import ConfigError, load_config
+    from hcml.launch.components import check_runnable
+    from hcml.launch.config import load_config
+    from hcml.launch.distributed import torchrun_cmd
 
     cfg_path = resolve_config(args.config)
-    try:  # reject a bad config before any process starts
-        load_config(cfg_path, _overrides(args))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    # Reject a bad config, dataset or batch before any process starts (raises: one line, exit 2).
+    cfg = load_config(cfg_path, _overrides(args))
+    if "LOCAL_RANK" not in os.environ:
+        check_runnable(cfg, args.nproc_per_node or 1)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         argv, skip = [], False
         launcher_flags = ("--nproc-per-node", "--max-restarts")  # torchrun's, not the workers'
@@ -130,7 +119,7 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     from hcml.launch import bench
 
-    if hasattr(args, "config"):
+    if getattr(args, "config", None):
         args.config = resolve_config(args.config)
     return bench.main(args)
 
@@ -142,6 +131,9 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hcml.model.backbone import ARCHS
+
+    ARCH_CHOICES = sorted(ARCHS)
     ap = argparse.ArgumentParser(prog="hcml", description="Hierarchical Contrastive Motion Learning: train, "
                                  "evaluate and profile video action recognition models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -218,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_gradcam)
 
     p = sub.add_parser("info", help="per-stage shapes, parameters and GMACs of a model")
-    p.add_argument("--arch", default="r2d50", choices=["r2d50", "r2plus1d101", "tiny"])
+    p.add_argument("--arch", default="r2d50", choices=ARCH_CHOICES)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--classes", type=int, default=400)
@@ -229,22 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: op (cost volume), model, pipeline (DALI vs PyAV), train (step breakdown)")
     bsub = p.add_subparsers(dest="what", required=True)
     b = bsub.add_parser("op", help="cost volume: CUDA kernel vs reference vs spatial-correlation-sampler")
-    b.add_argument("--shape", default="128,64,56,56", help="B,C,H,W")
+    b.add_argument("--shape", default=None, help="B,C,H,W (default: 128,64,56,56 on a GPU, 8,64,28,28 on a CPU)")
+    b.add_argument("--sweep", action="store_true", help="every cost-volume shape the R2D-50/R(2+1)D-101 recipes run")
     b.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    b.add_argument("--channels-last", action="store_true", help="NHWC inputs (the layout the model runs in)")
     b.add_argument("--d", type=int, default=6)
     b.add_argument("--s", type=int, default=2)
     b.add_argument("--iters", type=int, default=20)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--json", action="store_true")
-    b = bsub.add_parser("model", help="train-step clips/s and GMACs per clip")
-    b.add_argument("--arch", default="r2d50", choices=["r2d50", "r2plus1d101", "tiny"])
+    b = bsub.add_parser("model", help="train-step clips/s (random clips) and GMACs per clip")
+    b.add_argument("--arch", default="r2d50", choices=ARCH_CHOICES)
     b.add_argument("--frames", type=int, default=16)
     b.add_argument("--size", type=int, default=224)
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--compile", action="store_true")
+    b.add_argument("--backend", default="inductor", help="torch.compile backend (inductor; eager/aot_eager for checks)")
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     b.add_argument("--channels-last", action="store_true")
-    b.add_argument("--compare", action="store_true", help="also run eager fp32 in the same process and report the ratio")
+    b.add_argument("--no-motion", action="store_true", help="the backbone alone")
+    b.add_argument("--compare", action="store_true", help="in one run: HCML eager fp32, eager bf16 channels_last, "
+                   "compiled bf16 channels_last, and the backbone alone compiled bf16 channels_last")
+    b.add_argument("--profile", action="store_true", help="print the top kernels (torch.profiler)")
     b.add_argument("--iters", type=int, default=10)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--json", action="store_true")
@@ -252,14 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", required=True)
     b.add_argument("--config", default=None)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    b.add_argument("--batches", type=int, default=20)
+    b.add_argument("--batches", type=int, default=30, help="timed batches per loader (>= 10; small sets cycle)")
     b.add_argument("--threads", type=int, default=None, help="DALI threads = PyAV DataLoader workers")
+    b.add_argument("--compare", action="store_true", help="also the candidate reader graphs (pipeline/readers.py)")
     b.add_argument("--json", action="store_true")
     b.add_argument("overrides", nargs="*")
-    b = bsub.add_parser("train", help="train-step breakdown: data-wait, forward, backward, optimizer")
+    b = bsub.add_parser("train", help="a real training step: overlapped steady state (or --breakdown per stage)")
     b.add_argument("--data", required=True)
     b.add_argument("--config", default=None)
-    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--breakdown", action="store_true", help="synchronise after each stage: data-wait / forward / "
+                   "backward / optimizer (serialises the pipeline)")
     b.add_argument("--trace", default=None, help="write a torch.profiler Chrome trace (JSON) of the timed steps")
     b.add_argument("--json", action="store_true")
     b.add_argument("overrides", nargs="*")
@@ -267,16 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    from hcml.launch.checkpoint import CheckpointError
-    from hcml.launch.config import ConfigError
-    from hcml.pipeline.dataset import DatasetError
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may also follow options (``--resume auto k=v``)."""
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        ap.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
 
-    args = build_parser().parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return args.fn(args) or 0
-    except (ConfigError, DatasetError, CheckpointError) as e:  # user errors: one clear line, no traceback
-        print(f"hcml {args.cmd}: error: {e}", file=sys.stderr)
+    except HCMLError as e:  # user errors: one clear line, no traceback, exit 2 (in every torchrun worker too)
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"hcml {args.cmd}{where}: error: {e}", file=sys.stderr, flush=True)
         return 2
 
 

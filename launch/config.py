@@ -16,46 +16,28 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key, the value and where it came from."""
+from hcml.errors import ConfigError
+from hcml.model import ARCHS, HCMLSpec
+from hcml.ops import num_displacements
+from hcml.pipeline.loader import DataSpec
 
 
 @dataclass
-class DataConfig:
+class DataConfig(DataSpec):
+    """The pipeline's :class:`~hcml.pipeline.loader.DataSpec` (every field documented there) plus the dataset."""
+
     root: str = ""  # a prepared dataset directory (train.txt, val.txt, classes.txt, dataset.yaml)
-    frames: int = 16  # T, frames per clip
-    stride: int = 2  # temporal stride between sampled frames
-    crop: int = 224
-    short_side: list[int] = field(default_factory=lambda: [256, 320])  # random shorter-side range (train)
-    eval_short_side: int = 256
-    eval_clips: int = 10  # K uniformly spaced clips per video at test time
-    eval_crops: int = 3  # 1 (centre) or 3 (left/centre/right or top/centre/bottom)
-    flip: str = "plain"  # none | plain | swap
-    flip_pairs: list[list[int]] = field(default_factory=list)  # label pairs swapped by a flip (flip=swap)
-    batch_size: int = 8  # clips per GPU (per process)
-    threads: int = 4  # DALI worker threads per process
-    device: str = "auto"  # auto | cpu | gpu: where DALI decodes and augments
-    mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])
-    std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])
-    prefetch: int = 2
 
 
 @dataclass
-class ModelConfig:
-    arch: str = "r2d50"  # r2d50 | r2plus1d101 | tiny
+class ModelConfig(HCMLSpec):
+    """The model's :class:`~hcml.model.HCMLSpec` (architecture, motion module, contrastive sampling) plus the
+    loss weights and initialisation, which belong to training rather than to the network."""
+
     num_classes: int = 0  # 0: taken from the dataset's classes.txt
-    motion: bool = True  # False: the plain backbone baseline, everything else identical
-    max_displacement: int = 6
-    cv_stride: int = 2
-    motion_channels: list[int] = field(default_factory=list)  # per level; empty: derived from the backbone
-    dropout: float = 0.5
-    nce_temperature: float = 0.1
-    nce_samples: int = 8  # N spatial positions sampled per video for the contrastive loss
-    detach_targets: bool = False  # stop-gradient on the future-feature targets of the contrastive loss
     nce_weights: list[float] = field(default_factory=lambda: [0.25, 0.25, 1.0])  # (gamma1, gamma2, 1)
     nce_lambda: float = 15.0  # lambda of Eq. 5 (joint phase)
-    init_from: str = ""  # checkpoint whose model weights initialise this run (fine-tuning)
+    init_from: str = ""  # checkpoint whose model weights initialise this run (SSL → joint, fine-tuning)
 
 
 @dataclass
@@ -113,8 +95,9 @@ class Config:
 _CHOICES = {
     "data.flip": ("none", "plain", "swap"),
     "data.device": ("auto", "cpu", "gpu"),
+    "data.dtype": ("auto", "float32", "float16"),
     "optim.name": ("sgd", "adamw"),
-    "model.arch": ("r2d50", "r2plus1d101", "tiny"),
+    "model.arch": tuple(sorted(ARCHS)),
     "train.phase": ("ssl", "joint", "finetune"),
     "train.amp": ("auto", "none", "bf16", "fp16"),
     "train.bn": ("global", "local"),
@@ -221,6 +204,29 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def recipe_dir() -> Path:
+    """The shipped recipes (``configs/`` in the repository, package data ``hcml.configs`` in any install)."""
+    from importlib.resources import files
+
+    return Path(str(files("hcml.configs")))
+
+
+def resolve_recipe(name: str | None) -> str | None:
+    """A YAML path as given, or a shipped recipe by name (``demo`` → ``<recipes>/demo.yaml``)."""
+    if name is None:
+        return None
+    p = Path(name)
+    if p.is_file():
+        return str(p)
+    for cand in (recipe_dir() / name, recipe_dir() / f"{name}.yaml"):
+        if cand.is_file():
+            return str(cand)
+    if p.suffix in (".yaml", ".yml") or p.parent != Path("."):
+        return str(p)  # load_config reports the missing file by name
+    known = sorted(q.stem for q in recipe_dir().glob("*.yaml"))
+    raise ConfigError(f"no config file {name!r} and no shipped recipe of that name (recipes: {', '.join(known)})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a :class:`Config` from defaults, a YAML recipe chain and command-line overrides (in that order)."""
     cfg = Config()
@@ -249,15 +255,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.short_side min {d.short_side[0]} is smaller than data.crop {d.crop}")
     if d.eval_crops not in (1, 3):
         raise ConfigError(f"data.eval_crops must be 1 or 3, got {d.eval_crops}")
-    if d.flip == "swap" and not d.flip_pairs:
-        raise ConfigError("data.flip=swap needs data.flip_pairs (label pairs that swap under a flip)")
+    if d.batch_size < 1 or d.threads < 1 or d.prefetch < 1:
+        raise ConfigError(f"data.batch_size, data.threads and data.prefetch must be >= 1, got {d.batch_size}, "
+                          f"{d.threads}, {d.prefetch}")
     for p in d.flip_pairs:
         if len(p) != 2:
             raise ConfigError(f"data.flip_pairs entries must be [a, b], got {p}")
-    if m.max_displacement % m.cv_stride:
-        raise ConfigError(
-            f"model.max_displacement ({m.max_displacement}) must be a multiple of model.cv_stride ({m.cv_stride})"
-        )
+    try:
+        num_displacements(m.max_displacement, m.cv_stride)
+    except ValueError as e:
+        raise ConfigError(f"model.max_displacement={m.max_displacement} must be a non-negative multiple of "
+                          f"model.cv_stride={m.cv_stride} ({e})") from None
     if len(m.nce_weights) != 3:
         raise ConfigError(f"model.nce_weights needs 3 values (low, mid, high), got {m.nce_weights}")
     if m.motion and cfg.train.phase != "finetune" and d.frames // 4 < 2:

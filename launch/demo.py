@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from hcml.launch.cli import CONFIG_DIR, torchrun_cmd
+from hcml.launch.config import resolve_recipe
+from hcml.launch.distributed import torchrun_cmd
 from hcml.pipeline import synth
-from hcml.pipeline.dataset import load_prepared
+from hcml.pipeline.prepared import load_prepared
 
 
 def pair_direction_accuracy(labels: list[int], preds: list[int], pairs) -> tuple[float, int]:
@@ -80,7 +81,7 @@ def run_demo(out: Path, nproc: int = 2, quick: bool = False) -> int:
     results = {}
     for name, sub, motion in (("HCML (motion)", "motion", True), ("baseline (no motion)", "baseline", False)):
         run_dir = out / sub
-        argv = ["train", "--config", str(CONFIG_DIR / "demo.yaml"), "--data", str(data), "--run-dir", str(run_dir),
+        argv = ["train", "--config", resolve_recipe("demo"), "--data", str(data), "--run-dir", str(run_dir),
                 f"model.motion={str(motion).lower()}", *extra]
         print(f"[demo] training {name}: torchrun --nproc_per_node={nproc} hcml {' '.join(argv)}", flush=True)
         rc = subprocess.call(torchrun_cmd(nproc, argv))

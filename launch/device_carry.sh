@@ -13,7 +13,7 @@ grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/e
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
-  -d .whl "$DALI" pyyaml prometheus-client imageio-ffmpeg tqdm av
+  -d .whl "$DALI" pyyaml prometheus-client tqdm av
 "$PY" -m pip download -q --no-deps --no-binary=:all: -d .whl spatial-correlation-sampler==0.5.0 || true
 limit=$((60 * 1024 * 1024))
 for f in .whl/*.whl; do

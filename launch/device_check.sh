@@ -29,8 +29,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "installing hcml failed"; exit 1; }
-python3 -m pip install -q pyyaml prometheus-client imageio-ffmpeg tqdm av 2>/dev/null \
-  || echo "no package index here: carry pyyaml/prometheus-client/imageio-ffmpeg/tqdm/av wheels in .whl/ too"
+python3 -m pip install -q pyyaml prometheus-client tqdm av 2>/dev/null \
+  || echo "no package index here: carry pyyaml/prometheus-client/tqdm/av wheels in .whl/ too"
 python3 -c "import hcml, nvidia.dali; print('dali', nvidia.dali.__version__)" || echo "DALI missing: DALI GPU tests will skip"
 
 step "build the CUDA cost-volume op (JIT, cached)"

@@ -1,4 +1,5 @@
-"""``hcml eval``: multi-view evaluation of a checkpoint with a report (JSON, per-class accuracy, confusion PNG)."""
+"""Multi-view evaluation (:func:`evaluate`, used by the training loop too) and ``hcml eval``: a checkpoint's report
+(JSON, per-class accuracy, confusion PNG)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,52 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from hcml.launch.distributed import cleanup, init_distributed
-from hcml.launch.train import augment_spec, evaluate, load_trained, resolve_speed_switches
-from hcml.pipeline.loader import EvalLoader, dali_device
+from hcml.launch import components
+from hcml.launch.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
+from hcml.pipeline.loader import EvalLoader
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: EvalLoader, samples, num_classes: int, info: DistInfo,
+             prec: components.Precision, progress: bool = False) -> dict:
+    """Multi-view testing: softmax averaged over K clips × crops per video, every video exactly once over all
+    ranks (a view seen twice or never raises). Returns top-1/top-5 (%), per-class top-1, confusion, predictions."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    rows, scores = [], []
+    for clips, r in tqdm(loader, desc="eval", disable=not (progress and info.main), leave=False):
+        B, V = clips.shape[:2]
+        x = prec.to_input(clips.reshape(B * V, *clips.shape[2:]), info.device)
+        with prec.autocast_ctx(info.device):
+            logits = model(x, with_nce=False)["logits"]
+        rows.append(r.cpu())
+        scores.append(logits.float().softmax(-1).view(B, V, -1).mean(1).cpu())
+    model.train(was_training)
+    local = (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long),
+             torch.cat(scores) if scores else torch.zeros(0, num_classes))
+    K = loader.spec.eval_clips
+    video_scores = torch.zeros(len(samples), num_classes)
+    seen = torch.zeros(len(samples) * K, dtype=torch.long)
+    for r, s in all_gather_objects(local, info):
+        seen.index_add_(0, r, torch.ones_like(r))
+        video_scores.index_add_(0, r // K, s)
+    if not torch.all(seen == 1):
+        raise RuntimeError(f"eval sharding error: views seen {seen.min()}..{seen.max()} times (expected once)")
+    labels = torch.tensor([s.label for s in samples])
+    top5 = video_scores.topk(min(5, num_classes), dim=1).indices
+    pred = top5[:, 0]
+    per_class = [float((pred[labels == c] == c).float().mean() * 100) if (labels == c).any() else float("nan")
+                 for c in range(num_classes)]
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    return {"top1": float((pred == labels).float().mean() * 100),
+            "top5": float((top5 == labels[:, None]).any(1).float().mean() * 100),
+            "per_class": per_class, "confusion": confusion.tolist(), "videos": len(samples),
+            "predictions": pred.tolist()}
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], out_png: str | Path) -> Path:
@@ -44,19 +87,13 @@ def format_report(res: dict, classes: list[str]) -> str:
 
 
 def run_eval(config_path: str | None, checkpoint: str, overrides: list[str], out: str | None) -> int:
-    cfg, ds, model = load_trained(checkpoint, config_path, overrides)
+    cfg, ds, model = components.load_trained(checkpoint, config_path, overrides)
     info = init_distributed()
-    num_classes = cfg.model.num_classes or ds.num_classes
-    autocast_dtype, _, channels_last = resolve_speed_switches(cfg, info.device)
-    model = model.to(info.device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    ddev = dali_device(cfg.data.device)
+    prec = components.precision(cfg, info.device)
+    model = components.to_device(model, info, prec)
     out_dir = Path(out) if out else Path(checkpoint).resolve().parent.parent / "eval"
-    loader = EvalLoader(ds.val, augment_spec(cfg), batch_size=max(1, cfg.data.batch_size // 2),
-                        work_dir=out_dir / "lists", device=ddev, device_id=info.local_rank if ddev == "gpu" else None,
-                        rank=info.rank, world=info.world, threads=cfg.data.threads)
-    res = evaluate(model, loader, ds.val, num_classes, info, autocast_dtype, channels_last, cfg.train.progress)
+    loader = components.eval_loader(cfg, ds, ds.val, info, out_dir / "lists")
+    res = evaluate(model, loader, ds.val, components.num_classes(cfg, ds), info, prec, cfg.train.progress)
     if info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps({**res, "classes": ds.classes, "checkpoint": str(checkpoint)},

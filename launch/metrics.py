@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from hcml.errors import ConfigError
+
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
@@ -31,11 +33,11 @@ class PrometheusExporter:
         chosen = port
         while not _port_free(chosen):
             if not next_free:
-                raise RuntimeError(f"metrics.port {chosen} (rank {rank}) is already in use; pick another "
-                                   f"metrics.port or set metrics.next_free_port=true")
+                raise ConfigError(f"metrics.port {chosen} (rank {rank}) is already in use; pick another "
+                                  f"metrics.port or set metrics.next_free_port=true")
             chosen += 1
             if chosen > port + 100:
-                raise RuntimeError(f"no free port in [{port}, {port + 100}] for the Prometheus exporter")
+                raise ConfigError(f"metrics.port: no free port in [{port}, {port + 100}] for the Prometheus exporter")
         if chosen != port:
             log(f"[metrics] rank {rank}: port {port} in use, serving Prometheus metrics on {chosen}")
         self.port = chosen
@@ -93,9 +95,22 @@ class PrometheusExporter:
 
 
 class JsonlLog:
+    """``metrics.jsonl``: one JSON record per logged step/eval. Only rank 0 writes (``enabled``)."""
+
     def __init__(self, path: str | Path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+
+    def reset(self) -> None:
+        """A fresh run starts an empty log (a second run into the same directory must not append to the first)."""
+        if self.enabled:
+            self.path.write_text("")
+
+    def keep_until(self, step: int) -> None:
+        """On resume: drop the records after the restored step (those steps run again and are logged again)."""
+        if self.enabled and self.path.is_file():
+            keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, **record) -> None:
         if self.enabled:

@@ -1,17 +1,19 @@
-"""The training driver: config → components → loop. Run once per process under torchrun.
+"""The training loop, run once per process under torchrun. Read it top to bottom:
 
-Reading order: :func:`train` builds everything (``build_*`` helpers below), then runs epochs of
-``step()``: wait for data → forward (autocast) → phase loss → backward → SGD step → metrics → maybe checkpoint.
+:func:`train` sets up a :class:`Run` (parts built by :mod:`hcml.launch.components`), then runs epochs
+(:func:`run_epoch`) of steps (:func:`train_step`: forward under autocast → phase loss → backward → optimizer
+step), checkpointing (:func:`save`) every ``checkpoint.every_steps``, at each epoch end and on SIGTERM/SIGUSR1,
+and finally evaluates (:func:`finish`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,185 +21,275 @@ import numpy as np
 import torch
 from torch import nn
 
-from hcml.launch import config as C
+from hcml.launch import components, config as C
 from hcml.launch.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
 from hcml.launch.distributed import DistInfo, all_gather_objects, all_reduce_max, barrier, cleanup, init_distributed
+from hcml.launch.evaluate import evaluate
 from hcml.launch.metrics import JsonlLog, PrometheusExporter, plot_run
-from hcml.model import build_model, phase_loss
-from hcml.pipeline.dataset import PreparedDataset, load_prepared
-from hcml.pipeline.loader import AugmentSpec, EvalLoader, TrainLoader, dali_device
+from hcml.model import phase_loss
+from hcml.pipeline.loader import TrainLoader
+from hcml.pipeline.prepared import PreparedDataset
 
 
 class NonFiniteLoss(RuntimeError):
     """A loss term became NaN/inf; the message names the step and the term."""
 
 
-# ------------------------------------------------------------------ building blocks
-def augment_spec(cfg: C.Config) -> AugmentSpec:
-    d = cfg.data
-    return AugmentSpec(frames=d.frames, stride=d.stride, crop=d.crop, short_side=tuple(d.short_side),
-                       eval_short_side=d.eval_short_side, eval_clips=d.eval_clips, eval_crops=d.eval_crops,
-                       flip=d.flip, flip_pairs=d.flip_pairs, mean=d.mean, std=d.std)
+@dataclass
+class Run:
+    """Everything one process's loop needs, built once by :func:`setup`; the loop changes only the counters."""
 
+    cfg: C.Config
+    info: DistInfo
+    ds: PreparedDataset
+    model: nn.Module  # the bare model: state_dict, evaluation
+    net: nn.Module  # what a step calls: the model, wrapped by DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: TrainLoader
+    sched: components.Schedule
+    prec: components.Precision
+    metrics: JsonlLog
+    exporter: PrometheusExporter | None = None
+    step: int = 0
+    epoch: int = 0
+    data_state: dict | None = None  # this rank's loader position when resuming mid-epoch
+    resumed_from: str | None = None
+    stopped_by: int | None = None  # the signal that ended the run
 
-def resolve_speed_switches(cfg: C.Config, device: torch.device) -> tuple[torch.dtype | None, bool, bool]:
-    """(autocast dtype or None, compile?, channels_last?) with ``auto`` resolved for the device."""
-    cuda = device.type == "cuda"
-    amp = {"auto": "bf16" if cuda else "none"}.get(cfg.train.amp, cfg.train.amp)
-    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    compile_ = cfg.train.compile if cfg.train.compile is not None else cuda
-    cl = cfg.train.channels_last if cfg.train.channels_last is not None else cuda
-    return dtype, compile_, cl
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
 
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
 
-def build_net(cfg: C.Config, num_classes: int) -> nn.Module:
-    m = cfg.model
-    model = build_model(m.arch, num_classes, motion=m.motion, max_displacement=m.max_displacement,
-                        cv_stride=m.cv_stride, motion_channels=m.motion_channels, dropout=m.dropout,
-                        nce_temperature=m.nce_temperature, nce_samples=m.nce_samples,
-                        detach_targets=m.detach_targets)
-    if m.init_from:
-        state = load_checkpoint(m.init_from)["model"]
-        own = model.state_dict()
-        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        skipped = sorted(set(state) - set(compatible))
-        model.load_state_dict(compatible, strict=False)
-        print(f"[init] loaded {len(compatible)} tensors from {m.init_from}; skipped {len(skipped)} "
-              f"(shape/name mismatch, e.g. the classifier): {skipped[:4]}")
-    return model
+    @property
+    def max_steps(self) -> int:
+        return min(self.cfg.train.max_steps or self.sched.total, self.sched.total)
 
-
-def load_trained(checkpoint: str, config_path: str | None = None, overrides: list[str] | None = None
-                 ) -> tuple[C.Config, PreparedDataset, nn.Module]:
-    """A trained model from a checkpoint: its stored config (or ``config_path``) plus overrides, the dataset it
-    names and the network with the checkpoint's weights (on CPU). Used by eval, KNN and Grad-CAM++."""
-    ck = load_checkpoint(checkpoint)
-    cfg = C.from_dict(ck["config"]) if config_path is None else C.load_config(config_path)
-    C.apply_overrides(cfg, overrides or [])
-    cfg.model.init_from = ""  # the checkpoint holds all the weights
-    ds = load_prepared(cfg.data.root)
-    model = build_net(cfg, cfg.model.num_classes or ds.num_classes)
-    model.load_state_dict(ck["model"])
-    return cfg, ds, model
-
-
-def freeze_unused(model: nn.Module, phase: str) -> None:
-    """Parameters a phase's loss never reaches get no gradient (DDP would wait for them): the classifier in SSL,
-    the future predictors in fine-tuning."""
-    unused = {"ssl": ["fc"], "finetune": ["predictors"]}.get(phase, [])
-    for name in unused:
-        if hasattr(model, name):
-            for p in getattr(model, name).parameters():
-                p.requires_grad_(False)
-
-
-def sync_bn(model: nn.Module, cfg: C.Config, info: DistInfo, log) -> nn.Module:
-    if cfg.train.bn != "global" or not info.distributed:
-        return model
-    if info.device.type != "cuda":
-        log("[bn] bn=global requested but SyncBatchNorm runs only on CUDA: using per-process BN statistics")
-        return model
-    try:  # NGC images ship apex; its SyncBN is the faster one there
-        from apex.parallel import convert_syncbn_model
-
-        log("[bn] global BN via apex.parallel.SyncBatchNorm")
-        return convert_syncbn_model(model)
-    except ImportError:
-        log("[bn] global BN via torch.nn.SyncBatchNorm")
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-def build_optimizer(model: nn.Module, cfg: C.Config, info: DistInfo, log) -> torch.optim.Optimizer:
-    o = cfg.optim
-    lr = o.lr_per_gpu * info.world  # linear scaling rule
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay,
-                                 **({"fused": True} if info.device.type == "cuda" else {"foreach": True}))
-    if info.device.type == "cuda":
-        try:
-            from apex.optimizers import FusedSGD
-
-            log("[optim] apex FusedSGD")
-            return FusedSGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
-        except ImportError:
-            pass
-    fused = o.fused if o.fused is not None else info.device.type == "cuda"
-    kw = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov, **kw)
-
-
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Per-iteration linear warm-up then cosine decay to 0."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: EvalLoader, ds_samples, num_classes: int, info: DistInfo,
-             autocast_dtype, channels_last: bool, progress: bool = False) -> dict:
-    """Multi-view testing: softmax averaged over K clips × crops per video, every video exactly once."""
-    model.eval()
-    rows, scores = [], []
-    from tqdm import tqdm
-
-    for clips, r in tqdm(loader, desc="eval", disable=not (progress and info.main), leave=False):
-        B, V = clips.shape[:2]
-        x = clips.reshape(B * V, *clips.shape[2:]).to(info.device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        ctx = torch.autocast(info.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with ctx:
-            logits = model(x, with_nce=False)["logits"]
-        p = logits.float().softmax(-1).view(B, V, -1).mean(1)
-        rows.append(r.cpu())
-        scores.append(p.cpu())
-    local = (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long),
-             torch.cat(scores) if scores else torch.zeros(0, num_classes))
-    gathered = all_gather_objects(local, info)
-    K = loader.spec.eval_clips
-    n_videos = len(ds_samples)
-    video_scores = torch.zeros(n_videos, num_classes)
-    seen = torch.zeros(n_videos * K, dtype=torch.long)
-    for r, s in gathered:
-        seen.index_add_(0, r, torch.ones_like(r))
-        video_scores.index_add_(0, r // K, s)
-    if not torch.all(seen == 1):
-        raise RuntimeError(f"eval sharding error: views seen {seen.min()}..{seen.max()} times (expected once)")
-    labels = torch.tensor([s.label for s in ds_samples])
-    top5 = video_scores.topk(min(5, num_classes), dim=1).indices
-    pred = top5[:, 0]
-    per_class = [float((pred[labels == c] == c).float().mean() * 100) if (labels == c).any() else float("nan")
-                 for c in range(num_classes)]
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    model.train()
-    return {"top1": float((pred == labels).float().mean() * 100),
-            "top5": float((top5 == labels[:, None]).any(1).float().mean() * 100),
-            "per_class": per_class, "confusion": confusion.tolist(), "videos": n_videos,
-            "predictions": pred.tolist()}
+    def log(self, msg: str) -> None:
+        if self.info.main:
+            print(msg, flush=True)
 
 
 # ------------------------------------------------------------------ the run
-@dataclass
-class RunState:
-    step: int = 0
-    epoch: int = 0
+def train(cfg: C.Config, resume: str | None = None) -> dict:
+    """Train (and finally evaluate) per ``cfg``; returns the final summary (rank 0 has the full one)."""
+    run = setup(cfg, resume)
+    stop = _StopSignal()
+    from tqdm import tqdm
+
+    bar = tqdm(total=run.max_steps, initial=run.step, desc=cfg.train.phase, unit="step", dynamic_ncols=True,
+               disable=not (run.info.main and cfg.train.progress))
+    try:
+        while run.epoch < cfg.optim.epochs and run.step < run.max_steps and run.stopped_by is None:
+            run_epoch(run, stop, bar)
+    finally:
+        bar.close()
+    return finish(run)
 
 
-class _Stop:
+def setup(cfg: C.Config, resume: str | None) -> Run:
+    """Process group, seeds, parts, resume state, wrapping (DDP, compile) and telemetry."""
+    info = init_distributed()
+    run_dir = Path(cfg.run_dir)
+    if info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        C.dump_config(cfg, run_dir / "config.yaml")
+    barrier(info)
+    if info.device.type == "cpu":
+        torch.set_num_threads(max(1, int(os.environ.get("HCML_THREADS", (os.cpu_count() or 1) // info.world))))
+    torch.manual_seed(cfg.train.seed * 100 + info.rank)
+    np.random.seed(cfg.train.seed + info.rank)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    log = print if info.main else (lambda *_: None)
+    ds = components.check_runnable(cfg, info.world)
+    prec = components.precision(cfg, info.device)
+    model = components.prepare_model(components.build_model(cfg, components.num_classes(cfg, ds), log), cfg, info,
+                                     prec, log)
+    optimizer = components.build_optimizer(model, cfg, info, log)
+    loader = components.train_loader(cfg, ds, info, run_dir / "lists")
+    run = Run(cfg, info, ds, model, model, optimizer,
+              torch.amp.GradScaler(info.device.type, enabled=prec.autocast == torch.float16), loader,
+              components.schedule(cfg, loader.steps_per_epoch, info), prec,
+              JsonlLog(run_dir / "metrics.jsonl", enabled=info.main))
+    restore(run, resume)
+    if info.distributed:
+        run.net = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank]
+                                                      if info.device.type == "cuda" else None)
+    if prec.compile:
+        run.net = torch.compile(run.net, mode=cfg.train.compile_mode)
+    if cfg.metrics.port:
+        run.exporter = PrometheusExporter(cfg.metrics.port + info.local_rank, info.rank, cfg.metrics.next_free_port,
+                                          log=print)
+    run.log(f"[train] {cfg.model.arch} motion={cfg.model.motion} phase={cfg.train.phase} world={info.world} "
+            f"device={info.device} data={loader.device} amp={prec.autocast} compile={prec.compile} "
+            f"channels_last={prec.channels_last} steps/epoch={loader.steps_per_epoch} lr={run.sched.base_lr:g}")
+    return run
+
+
+def restore(run: Run, resume: str | None) -> None:
+    """``resume``: ``auto`` (the newest checkpoint of the run dir that loads) or a path. Restores weights,
+    optimizer, scaler, counters and this rank's RNG and loader position; the metrics log keeps only the records
+    up to the restored step (the steps after it are re-run and re-logged). A fresh start empties the log."""
+    if resume:
+        found = latest_valid(run.ckpt_dir) if resume == "auto" else (Path(resume), load_checkpoint(resume))
+        if found:
+            path, ck = found
+            run.model.load_state_dict(ck["model"])
+            run.optimizer.load_state_dict(ck["optimizer"])
+            if ck.get("scaler"):
+                run.scaler.load_state_dict(ck["scaler"])
+            run.step, run.epoch = ck["step"], ck["epoch"]
+            per_rank = ck.get("per_rank", [])
+            if run.info.rank < len(per_rank):
+                _set_rng_state(per_rank[run.info.rank]["rng"])
+                run.data_state = per_rank[run.info.rank]["data"]
+            run.resumed_from = str(path)
+            run.metrics.keep_until(run.step)
+            run.log(f"[resume] {path}: epoch {run.epoch}, step {run.step}")
+            return
+        run.log(f"[resume] no valid checkpoint in {run.ckpt_dir}: starting fresh")
+    elif list_checkpoints(run.ckpt_dir):
+        run.log(f"[train] WARNING: {run.ckpt_dir} already has checkpoints; starting fresh and overwriting them as "
+                f"steps come around (pass --resume auto to continue instead)")
+    run.metrics.reset()
+
+
+def run_epoch(run: Run, stop: "_StopSignal", bar) -> None:
+    """The rest of the current epoch (all of it unless resuming mid-epoch), then its checkpoint and eval."""
+    cfg = run.cfg
+    t_last = time.perf_counter()
+    for clips, labels in run.loader.epoch(run.epoch, run.data_state):
+        wait = time.perf_counter() - t_last
+        lr = run.sched.lr(run.step)
+        values = train_step(run, clips, labels, lr)
+        if run.info.device.type == "cuda" and run.step % cfg.train.log_every == 0:
+            torch.cuda.synchronize()  # so that the logged step time is the real one
+        t_end = time.perf_counter()
+        log_step(run, values, lr, clips.shape[0], step_s=t_end - t_last, wait_s=wait)
+        t_last = t_end
+        bar.set_postfix(loss=f"{values['total']:.3f}", refresh=False)
+        bar.update(1)
+        if cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0:
+            save(run)
+        if stop.agreed(run.info):
+            run.stopped_by = stop.signal_seen
+            break
+        if run.step >= run.max_steps:
+            break
+    run.data_state = None
+    if run.loader.finished:
+        run.epoch += 1
+    save(run)
+    if run.stopped_by is not None:
+        run.log(f"[train] signal {run.stopped_by}: checkpoint written at step {run.step}, exiting")
+    elif cfg.train.eval_every and run.epoch % cfg.train.eval_every == 0 and run.step < run.max_steps:
+        evaluate_and_log(run)
+
+
+def train_step(run: Run, clips: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, float]:
+    """One optimizer step; returns the loss terms as floats. A non-finite term stops the run (NonFiniteLoss)."""
+    cfg, dev = run.cfg, run.info.device
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    x, y = run.prec.to_input(clips, dev), labels.to(dev, non_blocking=True)
+    with run.prec.autocast_ctx(dev):
+        out = run.net(x, with_nce=cfg.train.phase != "finetune")
+    loss, terms = phase_loss(out, y, cfg.train.phase, cfg.model.nce_weights, cfg.model.nce_lambda)
+    values = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLoss(f"non-finite loss at step {run.step}: " + ", ".join(f"{k}={values[k]}" for k in bad)
+                            + f"; the last good checkpoint is in {run.ckpt_dir}")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if cfg.train.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+    return values
+
+
+def log_step(run: Run, values: dict[str, float], lr: float, clips: int, step_s: float, wait_s: float) -> None:
+    """Prometheus every step; the JSON-lines log every ``train.log_every`` steps (and step 1)."""
+    if run.exporter:
+        run.exporter.observe_step(step=run.step, epoch=run.epoch, step_s=step_s, wait_s=wait_s, clips=clips,
+                                  frames_per_clip=run.cfg.data.frames, world=run.info.world, lr=lr, losses=values)
+    if run.step % run.cfg.train.log_every == 0 or run.step == 1:
+        run.metrics.write(kind="train", step=run.step, epoch=run.epoch, lr=lr, clips_per_s=clips / step_s,
+                          data_wait_s=wait_s, step_s=step_s, data_wait_ratio=wait_s / max(step_s, 1e-9),
+                          **{f"loss_{k}" if k != "total" else "loss": v for k, v in values.items()})
+
+
+def save(run: Run) -> None:
+    """Checkpoint (rank 0 writes; every rank contributes its RNG and loader position)."""
+    t0 = time.perf_counter()
+    per_rank = all_gather_objects({"rng": _rng_state(), "data": run.loader.state()}, run.info)
+    if run.info.main:
+        save_checkpoint(run.ckpt_dir, run.step, {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch, "per_rank": per_rank,
+            "config": C.to_dict(run.cfg),
+            "scheduler": {"total": run.sched.total, "warmup": run.sched.warmup, "base_lr": run.sched.base_lr},
+        }, keep=run.cfg.checkpoint.keep)
+    barrier(run.info)
+    if run.exporter:
+        run.exporter.ckpt_time.labels(run.exporter.rank).observe(time.perf_counter() - t0)
+
+
+def evaluate_and_log(run: Run) -> dict:
+    cfg = run.cfg
+    loader = components.eval_loader(cfg, run.ds, run.ds.val, run.info, run.run_dir / "lists")
+    res = evaluate(run.model, loader, run.ds.val, components.num_classes(cfg, run.ds), run.info, run.prec,
+                   cfg.train.progress)
+    run.metrics.write(kind="eval", step=run.step, epoch=run.epoch, top1=res["top1"], top5=res["top5"])
+    run.log(f"[eval] epoch {run.epoch} step {run.step}: top-1 {res['top1']:.1f}%  top-5 {res['top5']:.1f}% "
+            f"({res['videos']} videos × {cfg.data.eval_clips} clips × {cfg.data.eval_crops} crops)")
+    return res
+
+
+def finish(run: Run) -> dict:
+    """Final evaluation (unless stopped by a signal), curves, summary.json; releases the process group."""
+    summary = {"step": run.step, "epoch": run.epoch, "resumed_from": run.resumed_from,
+               "stopped_by_signal": run.stopped_by}
+    if run.stopped_by is None and run.ds.val:
+        summary["eval"] = evaluate_and_log(run)
+    if run.info.main:
+        plot_run(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if run.exporter:
+        run.exporter.close()
+    cleanup()
+    return summary
+
+
+# ------------------------------------------------------------------ signals and RNG
+class _StopSignal:
     """SIGTERM/SIGUSR1 (Slurm preemption) → checkpoint at the next step boundary, then exit cleanly."""
 
     def __init__(self):
-        self.signal: int | None = None
+        self.signal_seen: int | None = None
         for s in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        self.signal = signum
+        self.signal_seen = signum
+
+    def agreed(self, info: DistInfo) -> bool:
+        """A signal may reach one rank only: all ranks agree (all-reduce MAX), so every rank stops at one step."""
+        flag = torch.tensor([self.signal_seen or 0], device=info.device)
+        self.signal_seen = int(all_reduce_max(flag, info).item()) or None
+        return self.signal_seen is not None
 
 
 def _rng_state() -> dict:
@@ -213,212 +305,11 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def train(cfg: C.Config, resume: str | None = None) -> dict:
-    """Train (and finally evaluate) per ``cfg``; returns the final summary (rank 0 has the full one)."""
-    info = init_distributed()
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-
-    def log(msg: str) -> None:
-        if info.main:
-            print(msg, flush=True)
-
-    if info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        C.dump_config(cfg, run_dir / "config.yaml")
-    barrier(info)
-    if info.device.type == "cpu":
-        torch.set_num_threads(max(1, int(os.environ.get("HCML_THREADS", (os.cpu_count() or 1) // info.world))))
-    torch.manual_seed(cfg.train.seed * 100 + info.rank)
-    np.random.seed(cfg.train.seed + info.rank)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif info.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    ds: PreparedDataset = load_prepared(cfg.data.root)
-    num_classes = cfg.model.num_classes or ds.num_classes
-    autocast_dtype, use_compile, channels_last = resolve_speed_switches(cfg, info.device)
-    model = sync_bn(build_net(cfg, num_classes), cfg, info, log).to(info.device)
-    freeze_unused(model, cfg.train.phase)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = build_optimizer(model, cfg, info, log)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=autocast_dtype == torch.float16)
-
-    spec = augment_spec(cfg)
-    ddev = dali_device(cfg.data.device)
-    device_id = info.local_rank if ddev == "gpu" else None
-    work = run_dir / "lists"
-    loader = TrainLoader(ds.train, spec, batch_size=cfg.data.batch_size, work_dir=work, device=ddev,
-                         device_id=device_id, rank=info.rank, world=info.world, threads=cfg.data.threads,
-                         seed=cfg.train.seed)
-    steps_per_epoch = loader.steps_per_epoch
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    warmup_steps = cfg.optim.warmup_epochs * steps_per_epoch
-    base_lr = cfg.optim.lr_per_gpu * info.world
-
-    st = RunState()
-    data_state = None
-    resumed = None
-    if resume:
-        found = latest_valid(ckpt_dir) if resume == "auto" else (Path(resume), load_checkpoint(resume))
-        if found:
-            path, ck = found
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            if ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
-            st = RunState(ck["step"], ck["epoch"])
-            per_rank = ck.get("per_rank", [])
-            if info.rank < len(per_rank):
-                _set_rng_state(per_rank[info.rank]["rng"])
-                data_state = per_rank[info.rank]["data"]
-            resumed = str(path)
-            log(f"[resume] {path}: epoch {st.epoch}, step {st.step}")
-        else:
-            log(f"[resume] no valid checkpoint in {ckpt_dir}: starting fresh")
-    elif list_checkpoints(ckpt_dir):
-        log(f"[train] WARNING: {ckpt_dir} already has checkpoints; starting fresh and overwriting them as steps "
-            f"come around (pass --resume auto to continue instead)")
-
-    net = model
-    if info.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda"
-                                                  else None)
-    if use_compile:
-        net = torch.compile(net, mode=cfg.train.compile_mode)
-
-    metrics_log = JsonlLog(run_dir / "metrics.jsonl", enabled=info.main)
-    exporter = PrometheusExporter(cfg.metrics.port + info.local_rank, info.rank, cfg.metrics.next_free_port,
-                                  log=print) if cfg.metrics.port else None
-    stopper = _Stop()
-    frames_per_clip = cfg.data.frames
-
-    def checkpoint() -> None:
-        t0 = time.perf_counter()
-        per_rank = all_gather_objects({"rng": _rng_state(), "data": loader.state()}, info)
-        if info.main:
-            save_checkpoint(ckpt_dir, st.step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": st.step, "epoch": st.epoch, "per_rank": per_rank, "config": C.to_dict(cfg),
-                "scheduler": {"total": total_steps, "warmup": warmup_steps, "base_lr": base_lr},
-            }, keep=cfg.checkpoint.keep)
-        barrier(info)
-        if exporter:
-            exporter.ckpt_time.labels(exporter.rank).observe(time.perf_counter() - t0)
-
-    from tqdm import tqdm
-
-    max_steps = cfg.train.max_steps or total_steps
-    bar = tqdm(total=min(max_steps, total_steps), initial=st.step, desc=f"{cfg.train.phase}", unit="step",
-               disable=not (info.main and cfg.train.progress), dynamic_ncols=True)
-    log(f"[train] {cfg.model.arch} motion={cfg.model.motion} phase={cfg.train.phase} world={info.world} "
-        f"device={info.device} data={ddev} amp={autocast_dtype} compile={use_compile} channels_last={channels_last} "
-        f"steps/epoch={steps_per_epoch} lr={base_lr:g}")
-    stopped_by = None
-    model.train()
-    try:
-        while st.epoch < cfg.optim.epochs and st.step < max_steps and stopped_by is None:
-            t_last = time.perf_counter()
-            for clips, labels in loader.epoch(st.epoch, data_state):
-                t_data = time.perf_counter()
-                wait = t_data - t_last
-                lr = lr_at(st.step, total_steps, warmup_steps, base_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                x = clips.to(info.device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last_3d)
-                y = labels.to(info.device, non_blocking=True)
-                ctx = torch.autocast(info.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-                with ctx:
-                    out = net(x, with_nce=cfg.train.phase != "finetune")
-                loss, terms = phase_loss(out, y, cfg.train.phase, cfg.model.nce_weights, cfg.model.nce_lambda)
-                values = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
-                bad = [k for k, v in values.items() if not math.isfinite(v)]
-                if bad:
-                    raise NonFiniteLoss(f"non-finite loss at step {st.step}: " +
-                                        ", ".join(f"{k}={values[k]}" for k in bad) +
-                                        f"; the last good checkpoint is in {ckpt_dir}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.train.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                st.step += 1
-                if info.device.type == "cuda" and (st.step % cfg.train.log_every == 0):
-                    torch.cuda.synchronize()
-                t_end = time.perf_counter()
-                step_s = t_end - t_last
-                t_last = t_end
-                rate = clips.shape[0] / step_s
-                if exporter:
-                    exporter.observe_step(step=st.step, epoch=st.epoch, step_s=step_s, wait_s=wait,
-                                          clips=clips.shape[0], frames_per_clip=frames_per_clip, world=info.world,
-                                          lr=lr, losses=values)
-                if st.step % cfg.train.log_every == 0 or st.step == 1:
-                    metrics_log.write(kind="train", step=st.step, epoch=st.epoch, lr=lr, clips_per_s=rate,
-                                      data_wait_s=wait, step_s=step_s,
-                                      **{f"loss_{k}" if k != "total" else "loss": v for k, v in values.items()})
-                bar.set_postfix(loss=f"{values['total']:.3f}", clips_s=f"{rate * info.world:.1f}", refresh=False)
-                bar.update(1)
-                if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
-                    checkpoint()
-                # a signal may reach one rank only: agree on it, so that every rank stops at the same step
-                flag = torch.tensor([stopper.signal or 0], device=info.device)
-                stop_sig = int(all_reduce_max(flag, info).item())
-                if stop_sig:
-                    stopped_by = stop_sig
-                    break
-                if st.step >= max_steps:
-                    break
-            data_state = None
-            if loader.finished:
-                st.epoch += 1
-            checkpoint()
-            if stopped_by is not None:
-                log(f"[train] signal {stopped_by}: checkpoint written at step {st.step}, exiting")
-                break
-            if (cfg.train.eval_every and st.epoch % cfg.train.eval_every == 0 and st.epoch < cfg.optim.epochs
-                    and st.step < max_steps):
-                _eval_and_log(model, cfg, ds, num_classes, info, autocast_dtype, channels_last, ddev, device_id,
-                              work, metrics_log, st, log)
-    finally:
-        bar.close()
-    summary = {"step": st.step, "epoch": st.epoch, "resumed_from": resumed, "stopped_by_signal": stopped_by}
-    if stopped_by is None and ds.val:
-        summary["eval"] = _eval_and_log(model, cfg, ds, num_classes, info, autocast_dtype, channels_last, ddev,
-                                        device_id, work, metrics_log, st, log)
-    if info.main:
-        plot_run(run_dir / "metrics.jsonl", run_dir / "curves.png")
-        import json
-
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    if exporter:
-        exporter.close()
-    cleanup()
-    return summary
-
-
-def _eval_and_log(model, cfg, ds, num_classes, info, autocast_dtype, channels_last, ddev, device_id, work,
-                  metrics_log, st, log) -> dict:
-    loader = EvalLoader(ds.val, augment_spec(cfg), batch_size=max(1, cfg.data.batch_size // 2), work_dir=work,
-                        device=ddev, device_id=device_id, rank=info.rank, world=info.world, threads=cfg.data.threads)
-    res = evaluate(model, loader, ds.val, num_classes, info, autocast_dtype, channels_last, cfg.train.progress)
-    metrics_log.write(kind="eval", step=st.step, epoch=st.epoch, top1=res["top1"], top5=res["top5"])
-    log(f"[eval] epoch {st.epoch} step {st.step}: top-1 {res['top1']:.1f}%  top-5 {res['top5']:.1f}% "
-        f"({res['videos']} videos × {cfg.data.eval_clips} clips × {cfg.data.eval_crops} crops)")
-    return res
-
-
 def main_from_args(config_path: str | None, overrides: list[str], resume: str | None) -> int:
+    """A worker's entry: restarted workers (torchrun ``--max-restarts``) resume by themselves; exit 3 on NaN."""
     cfg = C.load_config(config_path, overrides)
     if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume = "auto"  # torchrun restarted the workers after a failure: continue from the newest checkpoint
+        resume = "auto"
     try:
         train(cfg, resume)
     except NonFiniteLoss as e:

@@ -10,12 +10,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from hcml.model.hcml import HCML, LEVELS
+from hcml.ops import num_displacements
 
 
 @register_flop_formula(torch.ops.hcml.cost_volume)
 def _cost_volume_flops(f1_shape, f2_shape, max_displacement, stride, *args, out_shape=None, **kwargs) -> int:
     B, C, H, W = f1_shape
-    D = 2 * (max_displacement // stride) + 1
+    D = num_displacements(max_displacement, stride)
     return 2 * B * D * D * H * W * C
 
 

@@ -14,37 +14,53 @@ graph runs on the GPU. CPU: the same reader on ``device="cpu"`` (VP9/VP8/MJPEG o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from hcml.pipeline.dataset import Sample
+from hcml.errors import ConfigError, DatasetError
+from hcml.pipeline.prepared import Sample
 
 _BIG_STEP = 1 << 30  # one sequence per file-list line
 
 
 @dataclass
-class AugmentSpec:
-    """Everything the DALI graph needs (a subset of the config, so this package stays config-agnostic)."""
+class DataSpec:
+    """Everything the input pipeline needs: clip sampling, augmentation, batching and where DALI runs.
 
-    frames: int = 16
-    stride: int = 2
+    The training config's ``data`` section *is* a DataSpec (it adds only the dataset root), so no setting is
+    copied by hand between the config and the pipeline; this package still knows nothing of the config.
+    """
+
+    frames: int = 16  # T, frames per clip
+    stride: int = 2  # temporal stride between sampled frames
     crop: int = 224
-    short_side: tuple[int, int] = (256, 320)
+    short_side: list[int] = field(default_factory=lambda: [256, 320])  # random shorter-side range (train)
     eval_short_side: int = 256
-    eval_clips: int = 10
-    eval_crops: int = 3
-    flip: str = "plain"  # none | plain | swap
-    flip_pairs: Sequence[Sequence[int]] = ()
-    mean: Sequence[float] = (0.45, 0.45, 0.45)
-    std: Sequence[float] = (0.225, 0.225, 0.225)
+    eval_clips: int = 10  # K uniformly spaced clips per video at test time
+    eval_crops: int = 3  # 1 (centre) or 3 (left/centre/right or top/centre/bottom)
+    flip: str = "plain"  # none | plain | swap (swap: mirrored clips of a flip pair take the pair's other label)
+    flip_pairs: list[list[int]] = field(default_factory=list)  # empty: the prepared dataset's own (dataset.yaml)
+    batch_size: int = 8  # clips per GPU (per process); evaluation forwards 2x as many clips (no activations kept)
+    threads: int = 4  # DALI CPU worker threads per process
+    device: str = "auto"  # auto | cpu | gpu: where DALI decodes and augments
+    dtype: str = "auto"  # auto | float32 | float16: clip dtype (auto: float16 when the GPU trains in AMP)
+    prefetch: int = 2  # batches DALI prepares ahead (prefetch_queue_depth)
+    mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])
+    std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])
 
     @property
     def span(self) -> int:
+        """Frames one clip covers in the video."""
         return (self.frames - 1) * self.stride + 1
+
+    @property
+    def eval_rows_per_batch(self) -> int:
+        """(video, view) rows per eval batch: 2 x batch_size clips per forward, each row holding eval_crops."""
+        return max(1, 2 * self.batch_size // self.eval_crops)
 
 
 def dali_device(requested: str) -> str:
@@ -52,7 +68,9 @@ def dali_device(requested: str) -> str:
     if requested == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if requested == "gpu" and not torch.cuda.is_available():
-        raise RuntimeError("data.device=gpu but no CUDA device is visible; use data.device=cpu (VP9 data)")
+        raise ConfigError("data.device=gpu but no CUDA device is visible; use data.device=cpu (VP9/VP8 data)")
+    if requested not in ("cpu", "gpu"):
+        raise ConfigError(f"data.device must be auto, cpu or gpu, got {requested!r}")
     return requested
 
 
@@ -68,7 +86,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 7919]).permutation(n)
 
 
-def write_train_list(path: Path, samples: Sequence[Sample], spec: AugmentSpec, seed: int, epoch: int) -> None:
+def write_train_list(path: Path, samples: Sequence[Sample], spec: DataSpec, seed: int, epoch: int) -> None:
     lines = []
     for i in epoch_order(len(samples), seed, epoch):
         s = samples[i]
@@ -80,7 +98,7 @@ def write_train_list(path: Path, samples: Sequence[Sample], spec: AugmentSpec, s
     path.write_text("".join(lines))
 
 
-def eval_views(num_frames: int, spec: AugmentSpec) -> list[tuple[int, int]]:
+def eval_views(num_frames: int, spec: DataSpec) -> list[tuple[int, int]]:
     """K uniformly spaced (start, end) clip ranges covering the video (PySlowFast's multi-view testing)."""
     span = spec.span
     last = max(0, num_frames - span) if num_frames else 0
@@ -89,7 +107,7 @@ def eval_views(num_frames: int, spec: AugmentSpec) -> list[tuple[int, int]]:
     return [(s, (min(s + span, num_frames) if num_frames else s + span) - 1) for s in starts]
 
 
-def write_eval_list(path: Path, samples: Sequence[Sample], spec: AugmentSpec) -> None:
+def write_eval_list(path: Path, samples: Sequence[Sample], spec: DataSpec) -> None:
     """One line per (video, view); the label column holds the *row index* so that scores map back to videos."""
     lines, row = [], 0
     for s in samples:
@@ -99,7 +117,7 @@ def write_eval_list(path: Path, samples: Sequence[Sample], spec: AugmentSpec) ->
     path.write_text("".join(lines))
 
 
-def _reader(file_list: Path, spec: AugmentSpec, device: str, shard_id: int, num_shards: int):
+def _reader(file_list: Path, spec: DataSpec, device: str, shard_id: int, num_shards: int):
     from nvidia.dali import fn
 
     return fn.experimental.readers.video(
@@ -108,43 +126,63 @@ def _reader(file_list: Path, spec: AugmentSpec, device: str, shard_id: int, num_
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="Reader")
 
 
-def build_train_pipeline(file_list: Path, spec: AugmentSpec, *, batch_size: int, device: str, device_id: int | None,
-                         shard_id: int, num_shards: int, threads: int, seed: int, checkpoint: str | None = None,
-                         half: bool = False):
-    """Train graph: decode T frames → random shorter side → one random crop for all frames → flip → normalise."""
-    from nvidia.dali import fn, pipeline_def, types
+def _crop_resize(video, short_side, pos_x, pos_y, crop: int):
+    """Resize only the window that becomes the output: the crop of ``crop`` px at relative position (pos_x,
+    pos_y) of the video scaled to ``short_side``, expressed in source pixels, is resampled straight to
+    crop x crop (an ROI resize), instead of resizing whole frames and then cropping. Same result, a fraction
+    of the resampling work."""
+    from nvidia.dali import fn, math as dmath, types
+
+    shape = fn.cast(video.shape(), dtype=types.FLOAT)  # (F, H, W, C)
+    h, w = shape[1], shape[2]
+    scale = short_side / dmath.min(h, w)  # source px → resized px
+    win_h, win_w = dmath.min(crop / scale, h), dmath.min(crop / scale, w)  # the window in source px
+    y0, x0 = pos_y * (h - win_h), pos_x * (w - win_w)
+    return fn.resize(video, roi_start=fn.stack(y0, x0), roi_end=fn.stack(y0 + win_h, x0 + win_w),
+                     size=[crop, crop], antialias=False)
+
+
+def _normalize(video, spec: DataSpec, mirror=0):
+    from nvidia.dali import fn, types
+
+    return fn.crop_mirror_normalize(video, mirror=mirror, mean=[255 * m for m in spec.mean],
+                                    std=[255 * s for s in spec.std], output_layout="CFHW",
+                                    dtype=types.FLOAT16 if spec.dtype == "float16" else types.FLOAT)
+
+
+def build_train_pipeline(file_list: Path, spec: DataSpec, *, device: str, device_id: int | None, shard_id: int,
+                         num_shards: int, seed: int, checkpoint: str | None = None):
+    """Train graph: decode T frames → one random crop window (random shorter side, random position) resized to
+    crop x crop for all frames → flip → normalise (CFHW = the model's C, T, H, W)."""
+    from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(enable_checkpointing=True)
     def train_pipe():
         video, label = _reader(file_list, spec, device, shard_id, num_shards)
         lo, hi = (float(v) for v in spec.short_side)
         short = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-        video = fn.resize(video, resize_shorter=short, antialias=False)
+        video = _crop_resize(video, short, fn.random.uniform(range=[0.0, 1.0]),
+                             fn.random.uniform(range=[0.0, 1.0]), spec.crop)
         mirror = fn.random.coin_flip(probability=0.5) if spec.flip != "none" else 0
-        video = fn.crop_mirror_normalize(
-            video, crop=(spec.crop, spec.crop), crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
-            crop_pos_y=fn.random.uniform(range=[0.0, 1.0]), mirror=mirror,
-            mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std], output_layout="CFHW",
-            dtype=types.FLOAT16 if half else types.FLOAT)
+        video = _normalize(video, spec, mirror)
         if spec.flip == "none":
             mirror = label * 0
         return video, label, mirror
 
-    pipe = train_pipe(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
-                      checkpoint=checkpoint, prefetch_queue_depth=2)
+    pipe = train_pipe(batch_size=spec.batch_size, num_threads=spec.threads, device_id=device_id, seed=seed,
+                      checkpoint=checkpoint, prefetch_queue_depth=spec.prefetch)
     pipe.build()
     return pipe
 
 
-def build_eval_pipeline(file_list: Path, spec: AugmentSpec, *, batch_size: int, device: str, device_id: int | None,
-                        shard_id: int, num_shards: int, threads: int, half: bool = False):
+def build_eval_pipeline(file_list: Path, spec: DataSpec, *, device: str, device_id: int | None, shard_id: int,
+                        num_shards: int):
     """Eval graph: shorter side → ``eval_short_side``, 1 or 3 crops along the longer side, stacked per sample."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def
     def eval_pipe():
         video, row = _reader(file_list, spec, device, shard_id, num_shards)
-        video = fn.resize(video, resize_shorter=float(spec.eval_short_side), antialias=False)
         shape = fn.cast(video.shape(), dtype=types.FLOAT)  # (F, H, W, C)
         landscape = shape[2] >= shape[1]
         positions = (0.5,) if spec.eval_crops == 1 else (0.0, 0.5, 1.0)
@@ -152,13 +190,11 @@ def build_eval_pipeline(file_list: Path, spec: AugmentSpec, *, batch_size: int, 
         for p in positions:
             px = landscape * p + (1 - landscape) * 0.5
             py = landscape * 0.5 + (1 - landscape) * p
-            crops.append(fn.crop_mirror_normalize(
-                video, crop=(spec.crop, spec.crop), crop_pos_x=px, crop_pos_y=py,
-                mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std], output_layout="CFHW",
-                dtype=types.FLOAT16 if half else types.FLOAT))
+            crops.append(_normalize(_crop_resize(video, float(spec.eval_short_side), px, py, spec.crop), spec))
         return fn.stack(*crops), row
 
-    pipe = eval_pipe(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=0, prefetch_queue_depth=2)
+    pipe = eval_pipe(batch_size=spec.eval_rows_per_batch, num_threads=spec.threads, device_id=device_id, seed=0,
+                     prefetch_queue_depth=spec.prefetch)
     pipe.build()
     return pipe
 
@@ -167,29 +203,32 @@ class TrainLoader:
     """One rank's training batches, epoch by epoch, with a resumable position.
 
     Every rank runs the same number of steps per epoch (``floor(N / world / B)``), so DDP never waits on a
-    rank whose shard happens to be one sample shorter.
+    rank whose shard happens to be one sample shorter. ``device_id``: the CUDA device of a GPU pipeline.
     """
 
-    def __init__(self, samples: Sequence[Sample], spec: AugmentSpec, *, batch_size: int, work_dir: Path,
-                 device: str = "cpu", device_id: int | None = None, rank: int = 0, world: int = 1, threads: int = 2,
-                 seed: int = 0, half: bool = False):
+    def __init__(self, samples: Sequence[Sample], spec: DataSpec, *, work_dir: Path, rank: int = 0, world: int = 1,
+                 device_id: int | None = None, seed: int = 0):
         if not samples:
-            raise ValueError("no training samples")
-        self.samples, self.spec = list(samples), spec
-        self.batch_size, self.work_dir = batch_size, Path(work_dir)
-        self.device, self.device_id = device, device_id
-        self.rank, self.world, self.threads, self.seed, self.half = rank, world, threads, seed, half
-        self.steps_per_epoch = len(self.samples) // world // batch_size
+            raise DatasetError("no training videos (train.txt is empty)")
+        self.samples, self.spec, self.work_dir = list(samples), spec, Path(work_dir)
+        self.device = dali_device(spec.device)
+        self.device_id = (device_id or 0) if self.device == "gpu" else None
+        self.rank, self.world, self.seed = rank, world, seed
+        self.steps_per_epoch = len(self.samples) // world // spec.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.samples)} training samples cannot fill one batch of {batch_size} on each "
-                             f"of {world} ranks; lower data.batch_size")
+            raise ConfigError(f"{len(self.samples)} training videos cannot fill one batch of data.batch_size="
+                              f"{spec.batch_size} on each of {world} process(es); lower data.batch_size to at most "
+                              f"{max(1, len(self.samples) // world)}")
         self._iter = None
         self._epoch = -1
         self._pos = 0
-        n = max(max(p) for p in spec.flip_pairs) + 1 if spec.flip_pairs else 0
         self._swap = None
         if spec.flip == "swap":
-            swap = torch.arange(max(n, max(s.label for s in self.samples) + 1))
+            if not spec.flip_pairs:
+                raise ConfigError("data.flip=swap needs label pairs that a horizontal flip swaps: none in data.flip_pairs "
+                                  "nor in the dataset's dataset.yaml (flip_pairs)")
+            n = max(max(max(p) for p in spec.flip_pairs), max(s.label for s in self.samples)) + 1
+            swap = torch.arange(n)
             for a, b in spec.flip_pairs:
                 swap[a], swap[b] = b, a
             self._swap = swap
@@ -201,10 +240,9 @@ class TrainLoader:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         lst = self.work_dir / f"train_epoch{epoch}_rank{self.rank}.txt"
         write_train_list(lst, self.samples, self.spec, self.seed, epoch)
-        pipe = build_train_pipeline(lst, self.spec, batch_size=self.batch_size, device=self.device,
-                                    device_id=self.device_id, shard_id=self.rank, num_shards=self.world,
-                                    threads=self.threads, seed=self.seed * 1000 + epoch * 10 + self.rank,
-                                    checkpoint=checkpoint, half=self.half)
+        pipe = build_train_pipeline(lst, self.spec, device=self.device, device_id=self.device_id,
+                                    shard_id=self.rank, num_shards=self.world,
+                                    seed=self.seed * 1000 + epoch * 10 + self.rank, checkpoint=checkpoint)
         self._iter = DALIGenericIterator([pipe], ["clips", "labels", "mirror"], reader_name="Reader",
                                          last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
         self._epoch = epoch
@@ -246,16 +284,16 @@ class EvalLoader:
 
     Rows are indices into the eval list (``video = row // eval_clips``); with ``pad_last_batch`` and the PARTIAL
     policy every row of the shard comes exactly once, and shards partition the rows, so gathering (row, score)
-    pairs over ranks scores every video once.
+    pairs over ranks scores every video once. ``spec.eval_clips``/``eval_crops`` set the views (KNN and Grad-CAM
+    pass a spec with 1 and 1).
     """
 
-    def __init__(self, samples: Sequence[Sample], spec: AugmentSpec, *, batch_size: int, work_dir: Path,
-                 device: str = "cpu", device_id: int | None = None, rank: int = 0, world: int = 1, threads: int = 2,
-                 half: bool = False):
-        self.samples, self.spec = list(samples), spec
-        self.batch_size, self.work_dir = batch_size, Path(work_dir)
-        self.device, self.device_id, self.rank, self.world, self.threads, self.half = \
-            device, device_id, rank, world, threads, half
+    def __init__(self, samples: Sequence[Sample], spec: DataSpec, *, work_dir: Path, rank: int = 0, world: int = 1,
+                 device_id: int | None = None):
+        self.samples, self.spec, self.work_dir = list(samples), spec, Path(work_dir)
+        self.device = dali_device(spec.device)
+        self.device_id = (device_id or 0) if self.device == "gpu" else None
+        self.rank, self.world = rank, world
 
     @property
     def num_rows(self) -> int:
@@ -265,12 +303,13 @@ class EvalLoader:
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+        if not self.samples:
+            return
         self.work_dir.mkdir(parents=True, exist_ok=True)
         lst = self.work_dir / f"eval_rank{self.rank}.txt"
         write_eval_list(lst, self.samples, self.spec)
-        pipe = build_eval_pipeline(lst, self.spec, batch_size=self.batch_size, device=self.device,
-                                   device_id=self.device_id, shard_id=self.rank, num_shards=self.world,
-                                   threads=self.threads, half=self.half)
+        pipe = build_eval_pipeline(lst, self.spec, device=self.device, device_id=self.device_id,
+                                   shard_id=self.rank, num_shards=self.world)
         it = DALIGenericIterator([pipe], ["clips", "rows"], reader_name="Reader",
                                  last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
         for batch in it:

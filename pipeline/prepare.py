@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hcml.pipeline.dataset import atomic_write_text, write_prepared
-from hcml.pipeline.datasets import load_source
+from hcml.pipeline.prepared import atomic_write_text, write_prepared
+from hcml.pipeline.sources import load_source
 
 # What DALI's video readers decode: CPU (experimental reader) and GPU (NVDEC).
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
@@ -103,34 +102,26 @@ def gop_for(frames: int, stride: int) -> int:
 
 
 def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop: int) -> None:
-    """ffmpeg (from imageio-ffmpeg): constant frame rate, shorter side ``short_side``, short GOP, no B-frames,
-    no audio; written to a temp name and renamed, so an interrupted run never leaves a half file."""
-    import imageio_ffmpeg
+    """Re-encode with PyAV: every decoded frame kept in order at the source's average rate (a constant frame
+    rate), shorter side ``short_side``, GOP = ``gop``, no B-frames, no audio; written to a temp name and renamed
+    (an interrupted run never leaves a half file). JPEG frame folders (Something-V1) become 12 fps videos."""
+    import itertools
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
-    scale = f"scale='if(gt(iw,ih),-2,{short_side})':'if(gt(iw,ih),{short_side},-2)'"
-    if src.is_dir():  # JPEG frames
-        first = sorted(p for p in src.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[0]
-        digits = len(first.stem)
-        inp = ["-framerate", str(fps or 12), "-start_number", str(int(first.stem)), "-i",
-               str(src / f"%0{digits}d{first.suffix}")]
-    else:
-        inp = ["-i", str(src)]
-    if codec == "h264":
-        enc = ["-c:v", "libx264", "-preset", "fast", "-crf", "20", "-bf", "0", "-pix_fmt", "yuv420p"]
-    else:
-        enc = ["-c:v", "libvpx-vp9", "-crf", "30", "-b:v", "0", "-deadline", "realtime", "-cpu-used", "8",
-               "-pix_fmt", "yuv420p"]
-    rate = ["-r", f"{fps:.3f}"] if fps and not src.is_dir() else []
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", *inp, "-an", "-vf", scale, *rate, *enc,
-           "-g", str(gop), "-keyint_min", str(gop), "-threads", "1", "-f", "mp4" if codec == "h264" else "webm",
-           str(tmp)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(res.stderr.strip()[-400:] or f"ffmpeg exited {res.returncode}")
-    tmp.replace(dst)
+    from hcml.pipeline.video import encode_video, read_frames, scaled_size
+
+    quality = {"h264": {"preset": "fast", "crf": "20"}, "vp9": {"crf": "30"}}[codec]
+    try:
+        frames, src_fps = read_frames(src)
+        frames = iter(frames)
+        first = next(frames, None)
+        if first is None:
+            raise RuntimeError("no frame decodes")
+        size = scaled_size(first.width, first.height, short_side)
+        encode_video(itertools.chain([first], frames), dst, codec, fps or src_fps, gop, size=size, options=quality)
+    except RuntimeError:
+        raise
+    except Exception as e:  # PyAV's errors (corrupt stream, unsupported pixel format, ...)
+        raise RuntimeError(f"{type(e).__name__}: {e}") from e
 
 
 def prepare(dataset: str, root: str | Path, out: str | Path, *, split: int = 1, workers: int = 4,

@@ -10,13 +10,13 @@ in/out, pan, appear/disappear): a model that averages per-frame features over ti
 
 from __future__ import annotations
 
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from hcml.pipeline.dataset import write_prepared
+from hcml.pipeline.prepared import write_prepared
+from hcml.pipeline.video import encode_video
 
 CLASSES = [
     "move_left", "move_right", "move_up", "move_down",
@@ -35,14 +35,16 @@ _TRAVEL = 0.6  # fraction of the frame a mover / pan travels over the clip
 
 def _texture(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, freq: float, amp: float) -> np.ndarray:
     """A random colour texture (sum of 3 oriented gratings) evaluated at coordinates x, y → (..., 3) in [0, 1]."""
-    out = np.zeros(x.shape + (3,), np.float32)
+    shape = np.broadcast_shapes(x.shape, y.shape)
+    out = np.zeros(shape + (3,), np.float32)
     base = rng.uniform(0.2, 0.8, 3).astype(np.float32)
-    for _ in range(3):
+    f32 = np.float32
+    for _ in range(3):  # float32 scalars keep the (T, H, W) maths in float32
         ang = rng.uniform(0, np.pi)
-        k = rng.uniform(0.5, 1.5) * freq
-        ph = rng.uniform(0, 2 * np.pi)
+        k = f32(rng.uniform(0.5, 1.5) * freq)
+        ph = f32(rng.uniform(0, 2 * np.pi))
         col = rng.uniform(-amp, amp, 3).astype(np.float32)
-        out += np.sin(k * (np.cos(ang) * x + np.sin(ang) * y) + ph)[..., None] * col
+        out += np.sin(k * (f32(np.cos(ang)) * x + f32(np.sin(ang)) * y) + ph)[..., None] * col
     return np.clip(base + out, 0, 1)
 
 
@@ -90,7 +92,9 @@ def render_clip(label: int, rng: np.random.Generator, frames: int = 32, size: in
     if name in ("pan_left", "pan_right"):
         pan = (1 if name == "pan_left" else -1) * (travel * u - travel / 2)
 
-    bg = _texture(rng, xx - pan, yy, freq=2 * np.pi / rng.uniform(8, 20), amp=0.12)
+    # a static background is rendered once and broadcast over time; a panning one frame by frame
+    bg_x = xx - pan if name in ("pan_left", "pan_right") else xx
+    bg = _texture(rng, bg_x, yy, freq=2 * np.pi / rng.uniform(8, 20), amp=0.12)
     radius = rng.uniform(0.15, 0.21) * S
     lx = (xx - pan - cx) / scale
     ly = (yy - cy) / scale
@@ -112,23 +116,8 @@ def render_clip(label: int, rng: np.random.Generator, frames: int = 32, size: in
 
 
 def encode(frames: np.ndarray, path: str | Path, codec: str = "vp9", fps: int = 25, gop: int = 8) -> None:
-    """Encode uint8 (T, H, W, 3) with the ffmpeg shipped by imageio-ffmpeg. VP9 decodes on DALI's CPU path."""
-    import imageio_ffmpeg
-
-    T, H, W, _ = frames.shape
-    if codec == "vp9":
-        enc = ["-c:v", "libvpx-vp9", "-crf", "18", "-b:v", "0", "-deadline", "realtime", "-cpu-used", "8",
-               "-row-mt", "0", "-threads", "1", "-pix_fmt", "yuv420p"]
-    elif codec == "h264":
-        enc = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p", "-bf", "0",
-               "-threads", "1"]
-    else:
-        raise ValueError(f"unknown codec {codec!r} (vp9 | h264)")
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-           "-s", f"{W}x{H}", "-r", str(fps), "-i", "-", *enc, "-g", str(gop), str(path)]
-    res = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed encoding {path}: {res.stderr.decode(errors='replace')[-500:]}")
+    """Encode uint8 (T, H, W, 3) with PyAV. VP9 decodes on DALI's CPU path, H.264 on NVDEC."""
+    encode_video(frames, path, codec, fps, gop)
 
 
 def clip_seed(seed: int, split: str, label: int, index: int) -> np.random.Generator:
@@ -138,7 +127,7 @@ def clip_seed(seed: int, split: str, label: int, index: int) -> np.random.Genera
 def generate(out: str | Path, classes: list[str] | None = None, per_class: int = 24, val_per_class: int | None = None,
              size: int = 64, frames: int = 32, codec: str = "vp9", seed: int = 0, fps: int = 25, workers: int = 2,
              progress: bool = True) -> Path:
-    """Write the synthetic set as a prepared dataset directory (see ``hcml.pipeline.dataset``)."""
+    """Write the synthetic set as a prepared dataset directory (see ``hcml.pipeline.prepared``)."""
     out = Path(out)
     names = classes or CLASSES
     unknown = [c for c in names if c not in CLASSES]
@@ -162,9 +151,7 @@ def generate(out: str | Path, classes: list[str] | None = None, per_class: int =
         path, orig, rng = job
         if path.exists() and path.stat().st_size > 0:  # resumable
             return
-        tmp = path.with_name(".tmp-" + path.name)
-        encode(render_clip(orig, rng, frames, size), tmp, codec, fps)
-        tmp.replace(path)
+        encode(render_clip(orig, rng, frames, size), path, codec, fps)
 
     from tqdm import tqdm
 

@@ -36,21 +36,39 @@ def test_bench_op_cpu_reports_all_implementations():
     assert res["impls"]["hcml"]["forward"]["median_s"] > 0 and "speedup_fwd_bwd_vs_reference" in res
 
 
-def test_bench_model_cpu_compare():
+def test_bench_model_cpu_compare_and_profile():
+    """The four variants of issue 12 in one run (the dynamo-only backend keeps this fast on CPU), their ratios and
+    the top kernels of the compiled variant."""
     r = hcml("bench", "model", "--arch", "tiny", "--frames", "8", "--size", "32", "--batch", "2", "--iters", "2",
-             "--compare", "--device", "cpu", "--json")
+             "--compare", "--profile", "--backend", "eager", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
-    assert len(res["runs"]) == 2 and res["runs"][0]["clips_per_s"] > 0 and res["speedup_vs_eager_fp32"] > 0
+    names = [v["name"] for v in res["runs"]]
+    assert names == ["HCML eager fp32", "HCML eager bf16 channels_last", "HCML compiled bf16 channels_last",
+                     "backbone only, compiled bf16 channels_last"]
+    assert all(v["clips_per_s"] > 0 for v in res["runs"]) and not res["runs"][3]["motion"]
+    rate = {v["name"]: v["clips_per_s"] for v in res["runs"]}
+    assert res["ratios"]["hcml_vs_backbone_only"] == pytest.approx(rate[names[2]] / rate[names[3]])
+    top = res["profile"]["top"]
+    assert res["profile"]["variant"] == names[2] and top and sum(k["share"] for k in top) <= 1.0 + 1e-9
 
 
 SMALL_DATA = ["model.arch=tiny", "data.frames=8", "data.crop=32", "data.short_side=[36,40]", "data.batch_size=2",
               "data.threads=1", "data.device=cpu"]
 
 
+def test_bench_train_steady_state_cpu(tiny_dataset):
+    r = hcml("bench", "train", "--data", str(tiny_dataset), "--config", "demo", "--steps", "4", "--json", *SMALL_DATA)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["mode"] == "overlapped steady state" and "stages" not in res
+    assert res["clips_per_s"] == pytest.approx(2 * 4 / res["wall_s"]) and 0 <= res["data_wait_fraction"] <= 1
+
+
 def test_bench_train_breakdown_cpu(tiny_dataset, tmp_path):
     trace = tmp_path / "trace.json"
     r = hcml("bench", "train", "--data", str(tiny_dataset), "--config", "demo", "--steps", "3", "--json",
-             "--trace", str(trace), *SMALL_DATA)
+             "--breakdown", "--trace", str(trace), *SMALL_DATA)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert set(res["stages_median_s"]) == {"data_wait", "forward", "backward", "optimizer"}
@@ -62,12 +80,40 @@ def test_bench_train_breakdown_cpu(tiny_dataset, tmp_path):
 
 
 def test_bench_pipeline_dali_vs_pyav_cpu(tiny_dataset):
-    r = hcml("bench", "pipeline", "--data", str(tiny_dataset), "--config", "demo", "--batches", "3", "--threads",
-             "1", "--device", "cpu", "--json", *SMALL_DATA)
+    """24 videos, batch 2: 12 batches an epoch, so 15 timed batches (+ warm-up) cycle epochs; every rate is over
+    exactly the timed batches, and each candidate that runs on CPU reports (or says why it cannot)."""
+    r = hcml("bench", "pipeline", "--data", str(tiny_dataset), "--config", "demo", "--batches", "15", "--threads",
+             "1", "--device", "cpu", "--compare", "--json", *SMALL_DATA)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
-    assert res["dali"]["clips_per_s"] > 0 and res["pyav"]["clips_per_s"] > 0 and res["speedup_dali_vs_pyav"] > 0
-    assert res["dali"]["batch"]["iters"] >= 1 and res["pyav"]["batch"]["min_s"] <= res["pyav"]["batch"]["max_s"]
+    loaders = res["loaders"]
+    assert {"dali", "pyav", "file+decoder", "experimental x2"} <= set(loaders)
+    for name in ("dali", "pyav", "experimental x2"):
+        r_ = loaders[name]
+        assert r_["timed_batches"] == 15 and r_["clips"] == 30 and r_["batch"]["iters"] == 15, name
+        assert r_["clips_per_s"] == pytest.approx(r_["clips"] / r_["seconds"])
+    assert res["speedup_dali_vs_pyav"] == pytest.approx(loaders["dali"]["clips_per_s"] / loaders["pyav"]["clips_per_s"])
+
+
+def test_bench_pipeline_refuses_too_few_batches_and_oversized_batches(tiny_dataset):
+    r = hcml("bench", "pipeline", "--data", str(tiny_dataset), "--config", "demo", "--batches", "2", *SMALL_DATA)
+    assert r.returncode == 2 and "at least 10" in r.stderr and "Traceback" not in r.stderr
+    r = hcml("bench", "pipeline", "--data", str(tiny_dataset), "--config", "demo", *SMALL_DATA, "data.batch_size=64")
+    assert r.returncode == 2 and "data.batch_size=64" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_op_default_shape_fits_the_cpu():
+    r = hcml("bench", "op", "--device", "cpu", "--iters", "1", "--json")
+    res = json.loads(r.stdout)
+    assert res["shape"] == [8, 64, 28, 28] and "hcml" in res["impls"]
+
+
+def test_bench_op_sweep_reads_the_shapes_off_the_models():
+    """R2D-50 (T=16) and R(2+1)D-101 (T=32) at batch 8 run the cost volume on res2: (8·T, 256, 56, 56)."""
+    from hcml.launch.bench.op import model_shapes
+
+    shapes = {m["arch"]: m["shape"] for m in model_shapes()}
+    assert shapes == {"r2d50": [128, 256, 56, 56], "r2plus1d101": [256, 256, 56, 56]}
 
 
 @pytest.mark.slow

@@ -32,13 +32,14 @@ def query(base: str, q: str) -> list:
 
 
 def test_exporter_port_in_use_is_reported_or_skipped():
+    from hcml.errors import ConfigError
     from hcml.launch.metrics import PrometheusExporter
 
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         s.listen()
         taken = s.getsockname()[1]
-        with pytest.raises(RuntimeError, match=f"metrics.port {taken} .* already in use"):
+        with pytest.raises(ConfigError, match=f"metrics.port {taken} .* already in use"):
             PrometheusExporter(taken, 0, next_free=False)
         msgs = []
         exp = PrometheusExporter(taken, 0, next_free=True, log=msgs.append)

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from hcml.pipeline.dataset import Sample, load_prepared
-from hcml.pipeline.loader import (AugmentSpec, EvalLoader, TrainLoader, clip_start, epoch_order, eval_views, shard_rows,
+from hcml.pipeline.prepared import Sample, load_prepared
+from hcml.pipeline.loader import (DataSpec, EvalLoader, TrainLoader, clip_start, epoch_order, eval_views, shard_rows,
                                   write_train_list)
 from tests.conftest import requires_cuda
 
-SPEC = AugmentSpec(frames=8, stride=2, crop=48, short_side=(56, 64), eval_short_side=56, eval_clips=3, eval_crops=3,
-                   flip="plain", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+SPEC = DataSpec(frames=8, stride=2, crop=48, short_side=[56, 64], eval_short_side=56, eval_clips=3, eval_crops=3,
+                flip="plain", mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], batch_size=4, threads=1, device="cpu")
+
+
+def spec(**kw) -> DataSpec:
+    return replace(SPEC, **kw)
 
 
 def test_train_clip_shape_dtype_and_range(tiny_dataset, tmp_path):
     ds = load_prepared(tiny_dataset)
-    tl = TrainLoader(ds.train, SPEC, batch_size=4, work_dir=tmp_path, threads=1, seed=0)
+    tl = TrainLoader(ds.train, SPEC, work_dir=tmp_path, seed=0)
     assert tl.steps_per_epoch == len(ds.train) // 4
     batches = list(tl.epoch(0))
     assert len(batches) == tl.steps_per_epoch
@@ -38,8 +44,7 @@ def test_same_random_crop_for_all_frames_of_a_clip(tmp_path):
     path = tmp_path / "static.webm"
     encode(np.repeat(frame[None], 24, 0), path, "vp9")
     samples = [Sample(str(path), 0, 24)] * 4
-    spec = AugmentSpec(frames=6, stride=2, crop=40, short_side=(48, 72), flip="plain")
-    tl = TrainLoader(samples, spec, batch_size=4, work_dir=tmp_path / "w", threads=1, seed=3)
+    tl = TrainLoader(samples, spec(frames=6, crop=40, short_side=[48, 72]), work_dir=tmp_path / "w", seed=3)
     x, _ = next(iter(tl.epoch(0)))
     frames_diff = (x - x[:, :, :1]).abs().amax(dim=(1, 2, 3, 4))
     assert torch.all(frames_diff < 0.15), frames_diff
@@ -49,8 +54,7 @@ def test_same_random_crop_for_all_frames_of_a_clip(tmp_path):
 
 def test_flip_swap_changes_labels_of_mirrored_clips(tiny_dataset, tmp_path):
     ds = load_prepared(tiny_dataset)
-    spec = AugmentSpec(**{**SPEC.__dict__, "flip": "swap", "flip_pairs": [[0, 1]]})
-    tl = TrainLoader(ds.train, spec, batch_size=24, work_dir=tmp_path, threads=1, seed=0)
+    tl = TrainLoader(ds.train, spec(flip="swap", flip_pairs=[[0, 1]], batch_size=24), work_dir=tmp_path, seed=0)
     it = tl.epoch(0)
     x, y = next(it)
     # The reader's labels in file-list order: recover the true labels of this batch from the epoch list
@@ -67,7 +71,7 @@ def test_each_sample_once_per_epoch_across_two_shards(tiny_dataset, tmp_path):
     samples = [Sample(s.path, i, s.num_frames) for i, s in enumerate(ds.train)]  # label = sample index
     seen = []
     for rank in range(2):
-        tl = TrainLoader(samples, SPEC, batch_size=4, work_dir=tmp_path / str(rank), rank=rank, world=2, threads=1)
+        tl = TrainLoader(samples, SPEC, work_dir=tmp_path / str(rank), rank=rank, world=2)
         assert tl.steps_per_epoch == 3
         for _, y in tl.epoch(0):
             seen += y.tolist()
@@ -100,13 +104,12 @@ def test_train_list_is_the_same_on_every_rank_and_differs_per_epoch(tmp_path):
 
 
 def test_eval_views_uniform_and_multiview_count(tiny_dataset, tmp_path):
-    spec = SPEC
-    views = eval_views(100, AugmentSpec(frames=8, stride=2, eval_clips=4))
+    views = eval_views(100, spec(eval_clips=4))
     assert [v[0] for v in views] == [0, 28, 57, 85] and all(e - s == 14 for s, e in views)
     ds = load_prepared(tiny_dataset)
     rows = []
     for rank in range(2):
-        el = EvalLoader(ds.val, spec, batch_size=5, work_dir=tmp_path / str(rank), rank=rank, world=2, threads=1)
+        el = EvalLoader(ds.val, spec(batch_size=7), work_dir=tmp_path / str(rank), rank=rank, world=2)
         for x, r in el:
             assert x.shape[1:] == (3, 3, 8, 48, 48)  # crops × C × T × H × W
             rows += r.tolist()
@@ -121,8 +124,8 @@ def test_three_crops_cover_left_centre_right(tmp_path):
     ramp = np.tile(np.linspace(0, 255, 96)[None, :, None], (48, 1, 3)).astype(np.uint8)
     path = tmp_path / "ramp.webm"
     encode(np.repeat(ramp[None], 16, 0), path, "vp9")
-    spec = AugmentSpec(frames=4, stride=2, crop=40, eval_short_side=48, eval_clips=1, eval_crops=3)
-    el = EvalLoader([Sample(str(path), 0, 16)], spec, batch_size=1, work_dir=tmp_path / "w", threads=1)
+    el = EvalLoader([Sample(str(path), 0, 16)], spec(frames=4, crop=40, eval_short_side=48, eval_clips=1),
+                    work_dir=tmp_path / "w")
     x, _ = next(iter(el))
     means = x[0].mean(dim=(1, 2, 3, 4))
     assert means[0] < means[1] < means[2]
@@ -131,15 +134,15 @@ def test_three_crops_cover_left_centre_right(tmp_path):
 def test_mid_epoch_resume_is_bit_exact(tiny_dataset, tmp_path):
     """Position + DALI checkpoint restore the reader and the random crops/flips exactly."""
     ds = load_prepared(tiny_dataset)
-    ref = TrainLoader(ds.train, SPEC, batch_size=4, work_dir=tmp_path / "a", threads=1, seed=5)
+    ref = TrainLoader(ds.train, SPEC, work_dir=tmp_path / "a", seed=5)
     ref_batches = [x.clone() for x, _ in ref.epoch(0)]
-    tl = TrainLoader(ds.train, SPEC, batch_size=4, work_dir=tmp_path / "b", threads=1, seed=5)
+    tl = TrainLoader(ds.train, SPEC, work_dir=tmp_path / "b", seed=5)
     it = tl.epoch(0)
     for _ in range(2):
         next(it)
     state = tl.state()
     assert state["position"] == 2 and state["dali"]
-    tl2 = TrainLoader(ds.train, SPEC, batch_size=4, work_dir=tmp_path / "c", threads=1, seed=5)
+    tl2 = TrainLoader(ds.train, SPEC, work_dir=tmp_path / "c", seed=5)
     rest = [x for x, _ in tl2.epoch(0, state)]
     assert len(rest) == len(ref_batches) - 2
     for a, b in zip(rest, ref_batches[2:]):
@@ -154,6 +157,50 @@ def test_gpu_pipeline_decodes_h264_on_the_gpu(tmp_path):
     d = synth.generate(tmp_path / "h264", classes=["move_left", "move_right"], per_class=4, val_per_class=2,
                        codec="h264", progress=False)
     ds = load_prepared(d)
-    tl = TrainLoader(ds.train, SPEC, batch_size=4, work_dir=tmp_path / "w", device="gpu", device_id=0, threads=2)
+    tl = TrainLoader(ds.train, spec(device="gpu", threads=2), work_dir=tmp_path / "w", device_id=0)
     x, y = next(iter(tl.epoch(0)))
     assert x.is_cuda and x.shape == (4, 3, 8, 48, 48)
+
+
+def test_crops_are_exact_windows_when_no_scaling_is_needed(tmp_path):
+    """Only the crop window is resampled: at scale 1 (eval_short_side = the video's shorter side) the left /
+    centre / right crops are exactly the source pixels at x = 0, (W - crop) / 2, W - crop and y = (H - crop) / 2,
+    as PyAV decodes them (the same libvpx decode; colour conversion differs by a level or two, more at chroma edges)."""
+    import av
+
+    from hcml.pipeline.synth import encode
+
+    rng = np.random.default_rng(0)
+    frame = (rng.random((6, 12, 3)) * 255).astype(np.uint8)
+    frame = np.repeat(np.repeat(frame, 8, 0), 8, 1)  # 48 x 96, blocky: survives VP9
+    path = tmp_path / "blocks.webm"
+    encode(np.repeat(frame[None], 8, 0), path, "vp9")
+    with av.open(str(path)) as c:
+        src = next(c.decode(video=0)).to_ndarray(format="rgb24").astype(np.float32)
+    el = EvalLoader([Sample(str(path), 0, 8)], spec(frames=2, stride=1, crop=40, eval_short_side=48, eval_clips=1,
+                                                    mean=[0, 0, 0], std=[1 / 255] * 3), work_dir=tmp_path / "w")
+    x, _ = next(iter(el))
+    crops = x[0, :, :, 0].permute(0, 2, 3, 1).numpy()  # (3 crops, H, W, C) of the first frame
+    for crop, x0 in zip(crops, (0, 28, 56)):
+        err = {dx: np.median(np.abs(crop - src[4:44, x0 + dx:x0 + dx + 40])) for dx in (-8, 0, 8)
+               if 0 <= x0 + dx <= 56}
+        assert err[0] <= 4 and all(e > 20 for dx, e in err.items() if dx), (x0, err)
+
+
+def test_flip_swap_takes_the_pairs_from_the_prepared_dataset(tiny_dataset, tmp_path):
+    """data.flip=swap with no data.flip_pairs uses the pairs `synth` wrote into dataset.yaml (no hand copying)."""
+    from hcml.launch import components
+    from hcml.launch.config import load_config
+    from hcml.launch.distributed import DistInfo
+
+    cfg = load_config(None,
+                      [f"data.root={tiny_dataset}", "data.flip=swap", "data.device=cpu", "data.batch_size=24",
+                       "data.frames=8", "data.crop=48", "data.short_side=[56,64]", "data.threads=1"])
+    assert cfg.data.flip_pairs == []
+    ds = load_prepared(tiny_dataset)
+    assert components.data_spec(cfg, ds, torch.device("cpu")).flip_pairs == [[0, 1]]
+    tl = components.train_loader(cfg, ds, DistInfo(), tmp_path)
+    x, y = next(tl.epoch(0))
+    order = epoch_order(len(ds.train), 0, 0)
+    true = torch.tensor([ds.train[i].label for i in order[:24]])
+    assert (y != true).any() and torch.all((y != true) <= ((true == 0) | (true == 1)))

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from matplotlib.image import imsave
 
-from hcml.pipeline.dataset import DatasetError, load_prepared
-from hcml.pipeline.datasets import left_right_pairs, load_source
+from hcml.errors import DatasetError
+from hcml.pipeline.prepared import load_prepared
+from hcml.pipeline.sources import left_right_pairs, load_source
 from hcml.pipeline.prepare import gop_for, probe_video
 from hcml.pipeline.synth import encode, render_clip
 
@@ -24,13 +24,9 @@ def clip(path: Path, label: int = 0, frames: int = 20, codec: str = "vp9") -> Pa
 
 def avi_mpeg4(path: Path, frames: int = 20) -> Path:
     """UCF-101's real format: MPEG-4 Part 2 in AVI (decodable neither by DALI's CPU reader nor by NVDEC)."""
-    import imageio_ffmpeg
+    from hcml.pipeline.video import encode_video
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fr = render_clip(0, np.random.default_rng(0), frames, 48)
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt",
-                    "rgb24", "-s", "48x48", "-r", "25", "-i", "-", "-c:v", "mpeg4", str(path)], input=fr.tobytes(),
-                   check=True)
+    encode_video(render_clip(0, np.random.default_rng(0), frames, 48), path, "mpeg4", 25, 12)
     return path
 
 
@@ -126,7 +122,7 @@ def test_probe_reports_truncated_and_zero_length(tmp_path):
 
 
 def test_prepare_ucf101_reencodes_reports_bad_files_and_trains(tmp_path):
-    from hcml.pipeline.loader import AugmentSpec, TrainLoader
+    from hcml.pipeline.loader import DataSpec, TrainLoader
     from hcml.pipeline.prepare import prepare
 
     root = make_ucf(tmp_path / "src")
@@ -141,8 +137,8 @@ def test_prepare_ucf101_reencodes_reports_bad_files_and_trains(tmp_path):
     assert all(s.path.endswith(".webm") and "g09" not in s.path and "g10" not in s.path for s in ds.train + ds.val)
     assert "zero-length: 1" in (out / "report.txt").read_text()
     # the re-encoded files are what DALI's CPU reader can decode (MPEG-4 AVI is not)
-    tl = TrainLoader(ds.train, AugmentSpec(frames=4, stride=2, crop=32, short_side=(40, 40)), batch_size=2,
-                     work_dir=tmp_path / "w", threads=1)
+    spec = DataSpec(frames=4, stride=2, crop=32, short_side=[40, 40], batch_size=2, threads=1, device="cpu")
+    tl = TrainLoader(ds.train, spec, work_dir=tmp_path / "w")
     x, y = next(iter(tl.epoch(0)))
     assert x.shape == (2, 3, 4, 32, 32)
     # resumable: a second run re-encodes nothing and gives the same lists

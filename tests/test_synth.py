@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from hcml.pipeline import synth
-from hcml.pipeline.dataset import DatasetError, load_prepared
+from hcml.errors import DatasetError
+from hcml.pipeline.prepared import load_prepared
 
 
 def frame_features(clip: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hcml.launch.checkpoint import CheckpointError, latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from hcml.errors import CheckpointError
+from hcml.launch.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
 from tests.conftest import PY, run_env
 
 SMALL = ["model.arch=tiny", "data.frames=8", "data.stride=2", "data.crop=32", "data.short_side=[36,40]",
@@ -142,7 +143,7 @@ def test_eval_cli_rejects_a_corrupted_checkpoint(tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    from hcml.launch.train import lr_at
+    from hcml.launch.components import lr_at
 
     assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
@@ -191,3 +192,51 @@ def test_a_torchrun_restart_resumes_from_the_newest_checkpoint(tiny_dataset, tmp
     assert json.loads((run / "summary.json").read_text())["step"] == 6
     fresh = train(run, 7, run_env())  # no restart and no --resume: a fresh start, with a warning
     assert "[resume]" not in fresh and "already has checkpoints; starting fresh" in fresh
+
+
+@pytest.mark.slow
+def test_bad_settings_are_one_line_and_exit_2_before_and_under_torchrun(tiny_dataset, tmp_path):
+    """A batch larger than the data is caught by `hcml train --nproc-per-node` before torchrun starts; inside
+    workers of a user's own torchrun (here: a GPU reader asked for on a CPU machine) every worker prints one line
+    and exits 2, with no traceback from hcml's code."""
+    from tests.conftest import REPO
+
+    base = [PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset), "--run-dir",
+            str(tmp_path / "run"), *SMALL]
+    r = subprocess.run([*base, "--nproc-per-node", "2", "data.batch_size=64"], capture_output=True, text=True,
+                       env=run_env(), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        f"hcml train: error: 24 training videos in {tiny_dataset} cannot fill one batch of data.batch_size=64 on "
+        "each of 2 process(es); lower data.batch_size to at most 12"]
+    r = subprocess.run(train_cmd(tiny_dataset, tmp_path / "run2", "data.device=gpu"), capture_output=True, text=True,
+                       env=run_env(), timeout=300)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("hcml train")]
+    assert sorted(lines) == ["hcml train (rank 1): error: data.device=gpu but no CUDA device is visible; use "
+                             "data.device=cpu (VP9/VP8 data)",
+                             "hcml train: error: data.device=gpu but no CUDA device is visible; use data.device=cpu "
+                             "(VP9/VP8 data)"]
+    assert "exitcode  : 2" in r.stderr
+    assert not re.search(rf'File "{re.escape(str(REPO))}/(launch|pipeline|model|ops)/', r.stderr), r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_metrics_log_belongs_to_one_run(tiny_dataset, tmp_path):
+    """A second fresh run into the same directory starts an empty metrics.jsonl (no appended first run); a resumed
+    run keeps the records up to its checkpoint and re-logs the steps after it (each step once)."""
+    run = tmp_path / "run"
+    cmd = [PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset), "--run-dir",
+           str(run), *SMALL, "checkpoint.every_steps=2", "data.eval_clips=1"]
+    for _ in range(2):
+        r = subprocess.run([*cmd, "train.max_steps=5"], capture_output=True, text=True, env=run_env(), timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4, 5, 5], steps  # 5 train records + the final eval
+    (run / "checkpoints" / "ckpt_00000005.pt").unlink()  # the newest left is step 4
+    r = subprocess.run([*cmd, "train.max_steps=6", "--resume", "auto"], capture_output=True, text=True,
+                       env=run_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [6]

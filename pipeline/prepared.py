@@ -20,9 +20,7 @@ from pathlib import Path
 
 import yaml
 
-
-class DatasetError(ValueError):
-    """A prepared dataset directory is missing a file or has a malformed line (named in the message)."""
+from hcml.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,11 @@ class PreparedDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def flip_pairs(self) -> list[list[int]]:
+        """Label pairs a horizontal flip turns into each other, as ``prepare``/``synth`` recorded them."""
+        return [list(p) for p in self.meta.get("flip_pairs") or []]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -1,0 +1,67 @@
+"""``hcml bench``: one harness for every target (warm-up, timed iterations, CUDA events on GPU, median/min/max,
+JSON or a readable table). Performance goals live here, never in unit tests; ratios are always measured within
+one run, on one card.
+
+Targets: ``op`` (cost volume, :mod:`.op`), ``model`` (a training step, :mod:`.model`), ``pipeline`` (DALI vs a
+PyAV loader and the candidate reader graphs, :mod:`.pipeline`), ``train`` (the loop's steady state and its
+per-stage split, :mod:`.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from hcml.errors import ConfigError
+
+
+def device_of(name: str) -> torch.device:
+    """``auto`` → CUDA when visible, else CPU; ``cuda`` without a GPU is a user error, not a crash."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("bench: --device cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+def device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def summarize_times(times: list[float]) -> dict:
+    """The one summary every bench target reports: median/min/max seconds and the count."""
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "iters": len(times)}
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, iters: int = 20, warmup: int = 3) -> dict:
+    """Median/min/max seconds per call of ``fn`` (CUDA events on GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return summarize_times(times)
+
+
+def main(args) -> int:
+    """``hcml bench TARGET``: run the target, print JSON (``--json``) or a readable summary."""
+    from hcml.launch.bench import model, op, pipeline, train
+
+    target = {"op": op, "model": model, "pipeline": pipeline, "train": train}[args.what]
+    res = target.run(args)
+    print(json.dumps(res, indent=1) if args.json else target.show(res))
+    return 0

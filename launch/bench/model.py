@@ -1,0 +1,130 @@
+"""``hcml bench model``: clips/s of a full training step (forward with the joint loss, backward, SGD) on random
+clips, so that only the model is measured.
+
+``--compare`` runs, in one process on one card, the four variants issue 12 asks for: HCML eager fp32, HCML eager
+bf16 channels_last, HCML compiled bf16 channels_last, and the same backbone without the motion module (compiled
+bf16 channels_last), and reports the ratios. ``--profile`` prints the top kernels of the main variant
+(torch.profiler: CUDA time on a GPU, CPU time otherwise), so a user sees the bottleneck.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from hcml.launch.bench import device_name, device_of, time_fn
+from hcml.model import build_model, phase_loss
+from hcml.model.summary import summarize
+
+AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    motion: bool = True
+    compile: bool = False
+    dtype: str = "fp32"
+    channels_last: bool = False
+
+
+COMPARE = (Variant("HCML eager fp32"),
+           Variant("HCML eager bf16 channels_last", dtype="bf16", channels_last=True),
+           Variant("HCML compiled bf16 channels_last", compile=True, dtype="bf16", channels_last=True),
+           Variant("backbone only, compiled bf16 channels_last", motion=False, compile=True, dtype="bf16",
+                   channels_last=True))
+
+
+def make_step(v: Variant, arch: str, frames: int, size: int, batch: int, dev: torch.device, backend: str):
+    """A closure running one training step of variant ``v``."""
+    torch.manual_seed(0)
+    model = build_model(arch, 400, motion=v.motion).to(dev)
+    if v.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    net = torch.compile(model, backend=backend) if v.compile else model
+    x = torch.randn(batch, 3, frames, size, size, device=dev)
+    if v.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    y = torch.randint(0, 400, (batch,), device=dev)
+    adt = AMP[v.dtype]
+    scaler = torch.amp.GradScaler(dev.type, enabled=adt == torch.float16)
+
+    def step():
+        with torch.autocast(dev.type, dtype=adt) if adt else nullcontext():
+            out = net(x)
+        loss, _ = phase_loss(out, y, "joint" if v.motion else "finetune", (0.25, 0.25, 1.0), 15.0)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def top_kernels(step, dev: torch.device, steps: int = 3, n: int = 15) -> list[dict]:
+    """The ``n`` operators/kernels with the most self time over ``steps`` steps (CUDA kernels on a GPU)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: -getattr(e, key))
+    return [{"name": e.key[:90], "ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total,
+             "calls_per_step": e.count / steps} for e in events[:n]]
+
+
+def bench_model(arch="r2d50", frames=16, size=224, batch=8, iters=10, device="auto", compare=False,
+                variant: Variant = Variant("HCML"), profile=False, backend="inductor") -> dict:
+    dev = device_of(device)
+    res = {"device": device_name(dev), "arch": arch, "frames": frames, "size": size, "batch": batch,
+           "gmacs_per_clip": summarize(build_model(arch, 400), frames, size)["gmacs_per_clip"],
+           "compile_backend": backend, "runs": []}
+    variants = COMPARE if compare else (variant,)
+    main = COMPARE[2] if compare else variant  # the variant --profile looks into
+    for v in variants:
+        step = make_step(v, arch, frames, size, batch, dev, backend)
+        t = time_fn(step, dev, iters, warmup=3 if v.compile else 2)
+        res["runs"].append({**v.__dict__, **t, "clips_per_s": batch / t["median_s"]})
+        if profile and v == main:
+            res["profile"] = {"variant": v.name, "top": top_kernels(step, dev)}
+        del step
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if compare:
+        rate = {r["name"]: r["clips_per_s"] for r in res["runs"]}
+        best = rate[COMPARE[2].name]
+        res["ratios"] = {"compiled_bf16_cl_vs_eager_fp32": best / rate[COMPARE[0].name],
+                         "compiled_bf16_cl_vs_eager_bf16_cl": best / rate[COMPARE[1].name],
+                         "hcml_vs_backbone_only": best / rate[COMPARE[3].name]}
+    return res
+
+
+def run(args) -> dict:
+    v = Variant("HCML" if not args.no_motion else "backbone only", motion=not args.no_motion,
+                compile=args.compile, dtype=args.dtype, channels_last=args.channels_last)
+    return bench_model(args.arch, args.frames, args.size, args.batch, args.iters, args.device, args.compare, v,
+                       args.profile, args.backend)
+
+
+def show(res: dict) -> str:
+    lines = [f"{res['arch']} T={res['frames']} {res['size']}px batch {res['batch']} on {res['device']}: "
+             f"{res['gmacs_per_clip']:.1f} GMACs/clip"]
+    for r in res["runs"]:
+        lines.append(f"  {r['name']:<44} {r['clips_per_s']:8.2f} clips/s (step {r['median_s'] * 1e3:.1f} ms median "
+                     f"of {r['iters']})")
+    for k, v in res.get("ratios", {}).items():
+        lines.append(f"  {k}: {v:.2f}x")
+    if "profile" in res:
+        lines.append(f"top kernels of '{res['profile']['variant']}' (per step):")
+        lines += [f"  {100 * k['share']:5.1f}%  {k['ms_per_step']:8.2f} ms  x{k['calls_per_step']:<5.0f} {k['name']}"
+                  for k in res["profile"]["top"]]
+    return "\n".join(lines)

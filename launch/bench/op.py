@@ -1,0 +1,159 @@
+"""``hcml bench op``: the cost volume (this project's op vs the unfold reference vs spatial-correlation-sampler),
+forward and forward+backward, achieved GB/s against the op's memory-traffic model and the card's HBM peak.
+
+``--sweep`` times every cost-volume shape the paper's models run, read off the models themselves (a hook on the
+prime motion block of R2D-50 and R(2+1)D-101 built from their K400 recipes), not typed in by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hcml.launch.bench import device_name, device_of, time_fn
+from hcml.ops import cost_volume, cost_volume_reference, num_displacements
+
+# Peak HBM bandwidth by device name fragment (GB/s), for the achieved-bandwidth column.
+PEAK_BW = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0}
+# The default shape fits the device: the GPU one of issue 12; a CPU-sized one (the GPU shape takes minutes and
+# ~16 GB of memory on 2 CPU cores).
+DEFAULT_SHAPE = {"cuda": (128, 64, 56, 56), "cpu": (8, 64, 28, 28)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SWEEP_RECIPES = ("k400_r2d50_joint", "k400_r21d101_joint")
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for k, bw in PEAK_BW.items() if k in name), None)
+
+
+def traffic_bytes(shape, D: int, esize: int) -> tuple[int, int]:
+    """(forward, backward) bytes of an ideal kernel: read f1, f2, write the volume; read grad, f1, f2, write
+    both input grads."""
+    B, C, H, W = shape
+    return (2 * B * C * H * W + B * D * D * H * W) * esize, (B * D * D * H * W + 4 * B * C * H * W) * esize
+
+
+def _scs_cost_volume(md: int, s: int):
+    """spatial-correlation-sampler mapped to our layout: (B, D, D, H, W) sums → (B, D², H, W) means."""
+    from spatial_correlation_sampler import spatial_correlation_sample
+
+    D = num_displacements(md, s)
+
+    def fn(f1, f2):
+        out = spatial_correlation_sample(f1, f2, kernel_size=1, patch_size=D, stride=1, padding=0,
+                                         dilation_patch=s)
+        B, _, _, H, W = out.shape
+        return out.reshape(B, D * D, H, W) / f1.shape[1]
+
+    return fn
+
+
+def model_shapes(recipes=SWEEP_RECIPES) -> list[dict]:
+    """The (B·T, C, H, W) cost-volume input of each recipe's model at its per-GPU batch, from a meta-device
+    forward pass with a hook on the prime motion block (no memory, no compute)."""
+    import dataclasses
+
+    from hcml.launch.config import load_config, resolve_recipe
+    from hcml.model import HCML
+
+    out = []
+    for name in recipes:
+        cfg = load_config(resolve_recipe(name))
+        d = cfg.data
+        model = HCML(dataclasses.replace(cfg.model, num_classes=400)).to("meta")
+        seen = {}
+        h = model.prime.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].shape))
+        with torch.no_grad():
+            model(torch.empty(d.batch_size, 3, d.frames, d.crop, d.crop, device="meta"), with_nce=False)
+        h.remove()
+        B, C, T, H, W = seen["x"]
+        out.append({"recipe": name, "arch": cfg.model.arch, "shape": [B * T, C, H, W],
+                    "max_displacement": cfg.model.max_displacement, "stride": cfg.model.cv_stride})
+    return out
+
+
+def bench_op(shape=None, dtype: str = "fp32", md: int = 6, s: int = 2, iters: int = 20, device: str = "auto",
+             channels_last: bool = False, impls: tuple[str, ...] = ("hcml", "reference", "scs")) -> dict:
+    dev = device_of(device)
+    shape = tuple(shape or DEFAULT_SHAPE[dev.type])
+    dt = DTYPES[dtype]
+    B, C, H, W = shape
+    D = num_displacements(md, s)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    f1 = torch.randn(B, C, H, W, device=dev, dtype=dt).contiguous(memory_format=fmt).requires_grad_()
+    f2 = torch.randn(B, C, H, W, device=dev, dtype=dt).contiguous(memory_format=fmt).requires_grad_()
+    fwd_bytes, bwd_bytes = traffic_bytes(shape, D, f1.element_size())
+    fns = {}
+    if "hcml" in impls:
+        fns["hcml"] = lambda a, b: cost_volume(a, b, md, s)
+    if "reference" in impls:
+        fns["reference"] = lambda a, b: cost_volume_reference(a, b, md, s)
+    if "scs" in impls:
+        try:
+            fns["spatial-correlation-sampler"] = _scs_cost_volume(md, s)
+        except ImportError:
+            pass
+    peak = peak_bandwidth(dev)
+    res = {"device": device_name(dev), "shape": list(shape), "dtype": dtype, "channels_last": channels_last,
+           "max_displacement": md, "stride": s, "peak_GBps": peak, "impls": {}}
+    g = torch.randn(B, D * D, H, W, device=dev, dtype=dt).contiguous(memory_format=fmt)
+    for name, fn in fns.items():
+        try:
+            fwd = time_fn(lambda: fn(f1, f2), dev, iters)
+
+            def fwd_bwd():
+                f1.grad = f2.grad = None
+                fn(f1, f2).backward(g)
+
+            fb = time_fn(fwd_bwd, dev, iters)
+            r = {"forward": fwd, "forward_backward": fb,
+                 "forward_GBps": fwd_bytes / fwd["median_s"] / 1e9,
+                 "forward_backward_GBps": (fwd_bytes + bwd_bytes) / fb["median_s"] / 1e9}
+            if peak:
+                r["forward_pct_peak"] = 100 * r["forward_GBps"] / peak
+            res["impls"][name] = r
+        except Exception as e:  # e.g. the reference out of memory at full size
+            res["impls"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    ok = res["impls"].get("hcml", {})
+    for other in ("reference", "spatial-correlation-sampler"):
+        o = res["impls"].get(other, {})
+        if "forward_backward" in ok and "forward_backward" in o:
+            res[f"speedup_fwd_bwd_vs_{other}"] = o["forward_backward"]["median_s"] / ok["forward_backward"]["median_s"]
+    return res
+
+
+def run(args) -> dict:
+    shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None
+    if not args.sweep:
+        return bench_op(shape, args.dtype, args.d, args.s, args.iters, args.device, args.channels_last)
+    rows = []
+    for m in model_shapes():
+        r = bench_op(m["shape"], args.dtype, m["max_displacement"], m["stride"], args.iters, args.device,
+                     args.channels_last, impls=("hcml",))
+        rows.append({**m, **r})
+    return {"sweep": rows}
+
+
+def _line(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"  {name:<30} {r['error']}"
+    pct = f" ({r['forward_pct_peak']:.0f}% of peak)" if "forward_pct_peak" in r else ""
+    return (f"  {name:<30} fwd {r['forward']['median_s'] * 1e3:8.3f} ms {r['forward_GBps']:7.1f} GB/s{pct}   "
+            f"fwd+bwd {r['forward_backward']['median_s'] * 1e3:8.3f} ms")
+
+
+def show(res: dict) -> str:
+    if "sweep" in res:
+        lines = ["cost-volume shapes the models run (per-GPU batch of each recipe):"]
+        for r in res["sweep"]:
+            lines.append(f"{r['recipe']} ({r['arch']}): {tuple(r['shape'])} {r['dtype']} "
+                         f"channels_last={r['channels_last']} on {r['device']}")
+            lines.append(_line("hcml", r["impls"]["hcml"]))
+        return "\n".join(lines)
+    lines = [f"cost volume {tuple(res['shape'])} {res['dtype']} channels_last={res['channels_last']} "
+             f"d={res['max_displacement']} s={res['stride']} on {res['device']} (peak {res['peak_GBps'] or 'n/a'} GB/s)"]
+    lines += [_line(name, r) for name, r in res["impls"].items()]
+    lines += [f"  {k}: {v:.2f}x" for k, v in res.items() if k.startswith("speedup")]
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""``hcml bench train``: a training step on real data, built exactly as ``hcml train`` builds it.
+
+By default it measures the overlapped steady state, as a run sees it: no synchronisation between stages, so the
+GPU computes while DALI prepares the next batch; the data-wait share is the time the loop blocks on the loader
+(the figure ``hcml train`` exports as ``hcml_data_wait_ratio``). ``--breakdown`` synchronises after each stage
+(data wait, forward, backward, optimizer) for a per-stage split with NVTX ranges for Nsight Systems; that split
+serialises the pipeline, so its data-wait share is an upper bound. ``--trace`` writes a torch.profiler Chrome
+trace of the timed steps.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from hcml.launch.bench import summarize_times
+
+
+def bench_train(data: str, config: str | None = None, steps: int = 20, overrides: list[str] | None = None,
+                trace: str | None = None, breakdown: bool = False, warmup: int = 3) -> dict:
+    from hcml.launch import components
+    from hcml.launch.config import load_config
+    from hcml.launch.distributed import DistInfo
+    from hcml.model import phase_loss
+
+    cfg = load_config(config, [f"data.root={data}", *(overrides or [])])
+    info = DistInfo(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = info.device
+    ds = components.check_runnable(cfg)
+    prec = components.precision(cfg, dev)
+    model = components.prepare_model(components.build_model(cfg, components.num_classes(cfg, ds)), cfg, info, prec)
+    net = torch.compile(model, mode=cfg.train.compile_mode) if prec.compile else model
+    opt = components.build_optimizer(model, cfg, info)
+    m = cfg.model
+
+    def sync():
+        if breakdown and dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def nvtx(name):
+        return torch.cuda.nvtx.range(name) if dev.type == "cuda" else nullcontext()
+
+    profiler = nullcontext()
+    if trace:
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                        if dev.type == "cuda" else [])
+        profiler = torch.profiler.profile(activities=acts, record_shapes=False)
+    stages: dict[str, list[float]] = {"data_wait": [], "forward": [], "backward": [], "optimizer": []}
+    step_times = []
+    with tempfile.TemporaryDirectory() as tmp, profiler as prof:
+        loader = components.train_loader(cfg, ds, info, Path(tmp))
+
+        def batches():
+            epoch = 0
+            while True:
+                yield from loader.epoch(epoch)
+                epoch += 1
+
+        it = batches()
+        t_start = None
+        for i in range(steps + warmup):
+            if i == warmup:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t_start = time.perf_counter()
+            t0 = time.perf_counter()
+            with nvtx("data_wait"):
+                x, y = next(it)
+                x, y = prec.to_input(x, dev), y.to(dev, non_blocking=True)
+                sync()
+            t1 = time.perf_counter()
+            with nvtx("forward"), prec.autocast_ctx(dev):
+                out = net(x, with_nce=cfg.train.phase != "finetune")
+            loss, _ = phase_loss(out, y, cfg.train.phase, m.nce_weights, m.nce_lambda)
+            sync()
+            t2 = time.perf_counter()
+            with nvtx("backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sync()
+            t3 = time.perf_counter()
+            with nvtx("optimizer"):
+                opt.step()
+                sync()
+            t4 = time.perf_counter()
+            if i >= warmup:
+                for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    stages[k].append(v)
+                step_times.append(t4 - t0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t_start
+    if trace:
+        prof.export_chrome_trace(trace)
+    B = cfg.data.batch_size
+    res = {"device": str(dev), "arch": m.arch, "batch": B, "frames": cfg.data.frames, "steps": steps,
+           "mode": "breakdown (synchronised stages)" if breakdown else "overlapped steady state",
+           "wall_s": wall, "step_s": wall / steps, "clips_per_s": B * steps / wall,
+           "data_wait_s": sum(stages["data_wait"]), "data_wait_fraction": sum(stages["data_wait"]) / wall,
+           "step": summarize_times(step_times),
+           "communication_s": 0.0, "note": "single process: no gradient communication in this figure"}
+    if breakdown:
+        summary = {k: summarize_times(v) for k, v in stages.items()}
+        med = {k: v["median_s"] for k, v in summary.items()}
+        res.update(stages=summary, stages_median_s=med, bottleneck=max(med, key=med.get))
+    return res
+
+
+def run(args) -> dict:
+    return bench_train(args.data, args.config, args.steps, args.overrides, args.trace, args.breakdown)
+
+
+def show(res: dict) -> str:
+    lines = [f"train step {res['arch']} batch {res['batch']} T={res['frames']} on {res['device']}, {res['mode']}: "
+             f"{res['step_s'] * 1e3:.1f} ms/step, {res['clips_per_s']:.1f} clips/s over {res['steps']} steps; "
+             f"data wait {100 * res['data_wait_fraction']:.1f}% of the time"]
+    for k, v in res.get("stages_median_s", {}).items():
+        lines.append(f"  {k:<10} {v * 1e3:8.1f} ms median")
+    if "bottleneck" in res:
+        lines.append(f"  bottleneck: {res['bottleneck']}")
+    return "\n".join(lines)

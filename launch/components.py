@@ -1,0 +1,216 @@
+"""Config → parts: the one place where a :class:`~hcml.launch.config.Config` becomes a model, data loaders, an
+optimizer and precision settings. The training loop, evaluation, the analysis tools and the benchmarks all build
+through here, so each rule (which device DALI uses, how large an eval batch is, what ``auto`` means) exists once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hcml.errors import ConfigError
+from hcml.launch import config as C
+from hcml.launch.checkpoint import load_checkpoint
+from hcml.launch.distributed import DistInfo
+from hcml.model import HCML
+from hcml.pipeline.loader import DataSpec, EvalLoader, TrainLoader, dali_device
+from hcml.pipeline.prepared import PreparedDataset, Sample, load_prepared
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the model runs on a device, with every ``auto`` resolved."""
+
+    autocast: torch.dtype | None  # None: full precision
+    compile: bool
+    channels_last: bool
+
+    def autocast_ctx(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None)
+
+    def to_input(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A batch of clips moved to ``device`` in the model's memory format."""
+        x = x.to(device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
+
+
+def precision(cfg: C.Config, device: torch.device) -> Precision:
+    """``train.amp``/``compile``/``channels_last`` with ``auto`` resolved: all on for CUDA, off on CPU."""
+    cuda = device.type == "cuda"
+    amp = {"auto": "bf16" if cuda else "none"}.get(cfg.train.amp, cfg.train.amp)
+    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    compile_ = cfg.train.compile if cfg.train.compile is not None else cuda
+    cl = cfg.train.channels_last if cfg.train.channels_last is not None else cuda
+    return Precision(dtype, compile_, cl)
+
+
+# ------------------------------------------------------------------ data
+def data_spec(cfg: C.Config, ds: PreparedDataset, device: torch.device) -> DataSpec:
+    """The config's data section with ``auto`` resolved: DALI device (GPU when CUDA is usable), clip dtype
+    (float16 when a GPU trains in AMP, else float32) and the flip pairs (the dataset's own unless set)."""
+    d = cfg.data
+    ddev = dali_device(d.device)
+    dtype = d.dtype
+    if dtype == "auto":
+        dtype = "float16" if ddev == "gpu" and precision(cfg, device).autocast is not None else "float32"
+    return dataclasses.replace(d, device=ddev, dtype=dtype, flip_pairs=d.flip_pairs or ds.flip_pairs)
+
+
+def train_loader(cfg: C.Config, ds: PreparedDataset, info: DistInfo, work_dir: Path) -> TrainLoader:
+    return TrainLoader(ds.train, data_spec(cfg, ds, info.device), work_dir=work_dir, rank=info.rank,
+                       world=info.world, device_id=info.local_rank, seed=cfg.train.seed)
+
+
+def eval_loader(cfg: C.Config, ds: PreparedDataset, samples: list[Sample], info: DistInfo, work_dir: Path,
+                single_view: bool = False) -> EvalLoader:
+    """Multi-view (``data.eval_clips`` x ``data.eval_crops``) or, for features (KNN, Grad-CAM), one centred clip."""
+    spec = data_spec(cfg, ds, info.device)
+    if single_view:
+        spec = dataclasses.replace(spec, eval_clips=1, eval_crops=1)
+    return EvalLoader(samples, spec, work_dir=work_dir, rank=info.rank, world=info.world,
+                      device_id=info.local_rank)
+
+
+# ------------------------------------------------------------------ model
+def build_model(cfg: C.Config, num_classes: int, log=print) -> HCML:
+    """The network of ``cfg.model`` (its section *is* the model's spec), initialised from ``model.init_from``
+    when set: every tensor whose name and shape match is loaded (SSL → joint keeps the backbone, motion module
+    and predictors; a new classifier of another size is skipped), and the count is logged."""
+    model = HCML(dataclasses.replace(cfg.model, num_classes=num_classes))
+    if cfg.model.init_from:
+        state = load_checkpoint(cfg.model.init_from)["model"]
+        own = model.state_dict()
+        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(set(state) - set(compatible))
+        model.load_state_dict(compatible, strict=False)
+        log(f"[init] loaded {len(compatible)} of {len(own)} tensors from {cfg.model.init_from}"
+            + (f"; skipped {len(skipped)} (name/shape mismatch): {skipped[:4]}" if skipped else ""))
+    return model
+
+
+def num_classes(cfg: C.Config, ds: PreparedDataset) -> int:
+    return cfg.model.num_classes or ds.num_classes
+
+
+def load_trained(checkpoint: str, config_path: str | None = None, overrides: list[str] | None = None
+                 ) -> tuple[C.Config, PreparedDataset, HCML]:
+    """A trained model with the config it was trained with (or ``config_path``) plus ``overrides``."""
+    ck = load_checkpoint(checkpoint)
+    cfg = C.from_dict(ck["config"]) if config_path is None else C.load_config(config_path)
+    C.apply_overrides(cfg, overrides or [])
+    cfg.model.init_from = ""  # the checkpoint holds all the weights
+    ds = load_prepared(cfg.data.root)
+    model = build_model(cfg, num_classes(cfg, ds))
+    model.load_state_dict(ck["model"])
+    return cfg, ds, model
+
+
+def freeze_unused(model: nn.Module, phase: str) -> None:
+    """Parameters a phase's loss never reaches get no gradient (DDP would wait for them): the classifier in SSL,
+    the future predictors in fine-tuning."""
+    unused = {"ssl": ["fc"], "finetune": ["predictors"]}.get(phase, [])
+    for name in unused:
+        if hasattr(model, name):
+            for p in getattr(model, name).parameters():
+                p.requires_grad_(False)
+
+
+def sync_bn(model: nn.Module, cfg: C.Config, info: DistInfo, log=print) -> nn.Module:
+    """``train.bn=global``: SyncBatchNorm across ranks (apex's when importable). It runs only on CUDA; on CPU/gloo
+    each process keeps its own statistics, and the log says so."""
+    if cfg.train.bn != "global" or not info.distributed:
+        return model
+    if info.device.type != "cuda":
+        log("[bn] bn=global requested but SyncBatchNorm runs only on CUDA: using per-process BN statistics")
+        return model
+    try:  # NGC images ship apex; its SyncBN is the faster one there
+        from apex.parallel import convert_syncbn_model
+
+        log("[bn] global BN via apex.parallel.SyncBatchNorm")
+        return convert_syncbn_model(model)
+    except ImportError:
+        log("[bn] global BN via torch.nn.SyncBatchNorm")
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def to_device(model: nn.Module, info: DistInfo, prec: Precision) -> nn.Module:
+    """The model on this process's device in the memory format its inputs will have."""
+    model = model.to(info.device)
+    return model.to(memory_format=torch.channels_last_3d) if prec.channels_last else model
+
+
+def prepare_model(model: nn.Module, cfg: C.Config, info: DistInfo, prec: Precision, log=print) -> nn.Module:
+    """Phase freezing, SyncBN, device and memory format: the model as the loop trains it (not yet wrapped)."""
+    freeze_unused(model, cfg.train.phase)
+    return to_device(sync_bn(model, cfg, info, log), info, prec)
+
+
+def build_optimizer(model: nn.Module, cfg: C.Config, info: DistInfo, log=print) -> torch.optim.Optimizer:
+    """SGD (the paper; apex FusedSGD on CUDA when importable, else torch's fused/foreach) or AdamW, at
+    ``optim.lr_per_gpu x world size`` (the linear scaling rule)."""
+    o = cfg.optim
+    lr = o.lr_per_gpu * info.world
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = info.device.type == "cuda"
+    fused = o.fused if o.fused is not None else cuda
+    kw = {"fused": True} if fused else {"foreach": True}
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, **kw)
+    if cuda:
+        try:
+            from apex.optimizers import FusedSGD
+
+            log("[optim] apex FusedSGD")
+            return FusedSGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+        except ImportError:
+            pass
+    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov, **kw)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-iteration linear warm-up then cosine decay to 0 over ``optim.epochs``."""
+
+    total: int
+    warmup: int
+    base_lr: float
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total, self.warmup, self.base_lr)
+
+
+def schedule(cfg: C.Config, steps_per_epoch: int, info: DistInfo) -> Schedule:
+    return Schedule(cfg.optim.epochs * steps_per_epoch, cfg.optim.warmup_epochs * steps_per_epoch,
+                    cfg.optim.lr_per_gpu * info.world)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Per-iteration linear warm-up then cosine decay to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def check_runnable(cfg: C.Config, world: int = 1) -> PreparedDataset:
+    """What can be checked before any process starts (``hcml train`` runs it before launching torchrun, every
+    worker again): the dataset loads, the DALI device exists, a batch fills on every rank, flip pairs exist for
+    ``flip=swap``. Raises ConfigError/DatasetError naming the problem and the key."""
+    ds = load_prepared(cfg.data.root)
+    dali_device(cfg.data.device)
+    if len(ds.train) < world * cfg.data.batch_size:
+        raise ConfigError(f"{len(ds.train)} training videos in {cfg.data.root} cannot fill one batch of "
+                          f"data.batch_size={cfg.data.batch_size} on each of {world} process(es); lower "
+                          f"data.batch_size to at most {max(1, len(ds.train) // world)}")
+    if cfg.data.flip == "swap" and not (cfg.data.flip_pairs or ds.flip_pairs):
+        raise ConfigError(f"data.flip=swap needs the label pairs a horizontal flip swaps: set data.flip_pairs or "
+                          f"record flip_pairs in {Path(cfg.data.root) / 'dataset.yaml'}")
+    if cfg.model.num_classes and cfg.model.num_classes < ds.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is smaller than the {ds.num_classes} classes "
+                          f"of {Path(cfg.data.root) / 'classes.txt'}")
+    return ds

@@ -1,0 +1,121 @@
+"""Candidate DALI reader graphs for ``hcml bench pipeline --compare`` (issue 13: which reader design feeds a GPU
+fastest). Each yields batches of augmented clips exactly as :class:`~hcml.pipeline.loader.TrainLoader` does (one
+crop window per clip resized to crop x crop, flip, normalise, CFHW), so only the reader differs:
+
+- ``experimental``: the project's loader (``experimental.readers.video`` over a per-epoch frame-range list);
+- ``file+decoder``: ``readers.file`` hands encoded files to ``decoders.video`` (``mixed`` = NVDEC on a GPU), which
+  decodes every sample of a batch in parallel; the clip start comes from the list's label column;
+- ``classic``: ``readers.video`` (GPU only) over a ``path label start end`` frame-number list;
+- ``experimental xN``: N experimental-reader pipelines over disjoint sub-shards, batches taken in turn (one
+  pipeline keeps one NVDEC engine busy; H100/H200 have seven).
+
+They serve measurement only: the training loader keeps the guarantees (exact-once sharding, bit-exact resume).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from hcml.pipeline.loader import DataSpec, TrainLoader, _crop_resize, _normalize, clip_start, dali_device, epoch_order
+from hcml.pipeline.prepared import Sample
+
+_BIG_STEP = 1 << 30
+
+
+def _augment(video, spec: DataSpec):
+    from nvidia.dali import fn
+
+    lo, hi = (float(v) for v in spec.short_side)
+    short = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
+    video = _crop_resize(video, short, fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]),
+                         spec.crop)
+    mirror = fn.random.coin_flip(probability=0.5) if spec.flip != "none" else 0
+    return _normalize(video, spec, mirror)
+
+
+def _iterate(pipes) -> Iterator[torch.Tensor]:
+    """Batches from one or more built pipelines, taken in turn, as torch tensors (forever)."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    its = [DALIGenericIterator([p], ["clips"], auto_reset=True, size=-1) for p in pipes]
+    while True:
+        for it in its:
+            yield next(it)[0]["clips"]
+
+
+def _starts_list(path: Path, samples: Sequence[Sample], spec: DataSpec, seed: int = 0) -> None:
+    """``path start`` per line (readers.file's label column carries the clip's first frame)."""
+    lines = [f"{samples[i].path} {clip_start(seed, 0, int(i), samples[i].num_frames, spec.span)}\n"
+             for i in epoch_order(len(samples), seed, 0)]
+    path.write_text("".join(lines))
+
+
+def file_decoder(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id: int | None = 0):
+    from nvidia.dali import fn, pipeline_def
+
+    dev = dali_device(spec.device)
+    lst = Path(work_dir) / "file_decoder.txt"
+    _starts_list(lst, samples, spec)
+
+    @pipeline_def
+    def pipe():
+        encoded, start = fn.readers.file(file_list=str(lst), random_shuffle=False, name="Reader")
+        video = fn.decoders.video(encoded, device="mixed" if dev == "gpu" else "cpu", start_frame=start[0],
+                                  sequence_length=spec.frames, stride=spec.stride, pad_mode="edge")
+        return _augment(video, spec)
+
+    p = pipe(batch_size=spec.batch_size, num_threads=spec.threads, device_id=device_id if dev == "gpu" else None,
+             seed=0, prefetch_queue_depth=spec.prefetch)
+    p.build()
+    return _iterate([p])
+
+
+def classic(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id: int | None = 0):
+    """``readers.video`` (NVDEC only) over ``path label start end`` frame numbers."""
+    from nvidia.dali import fn, pipeline_def
+
+    if dali_device(spec.device) != "gpu":
+        raise RuntimeError("readers.video runs on the GPU only")
+    lst = Path(work_dir) / "classic.txt"
+    lines = []
+    for i in epoch_order(len(samples), 0, 0):
+        s = samples[i]
+        start = clip_start(0, 0, int(i), s.num_frames, spec.span)
+        lines.append(f"{s.path} {s.label} {start} {start + spec.span}\n")
+    lst.write_text("".join(lines))
+
+    @pipeline_def
+    def pipe():
+        video, _ = fn.readers.video(device="gpu", file_list=str(lst), file_list_frame_num=True,
+                                    sequence_length=spec.frames, stride=spec.stride, step=_BIG_STEP,
+                                    random_shuffle=False, name="Reader")
+        return _augment(video, spec)
+
+    p = pipe(batch_size=spec.batch_size, num_threads=spec.threads, device_id=device_id, seed=0,
+             prefetch_queue_depth=spec.prefetch)
+    p.build()
+    return _iterate([p])
+
+
+def experimental(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id: int | None = 0,
+                 pipelines: int = 1):
+    """The project's TrainLoader; with ``pipelines`` > 1, that many loaders over disjoint sub-shards in turn."""
+    loaders = [TrainLoader(samples, spec, work_dir=Path(work_dir) / f"exp{k}", rank=k, world=pipelines,
+                           device_id=device_id) for k in range(pipelines)]
+
+    def gen():
+        epoch = 0
+        while True:
+            its = [ld.epoch(epoch) for ld in loaders]
+            for batches in zip(*its):
+                for clips, _ in batches:
+                    yield clips
+            epoch += 1
+
+    return gen()
+
+
+CANDIDATES = {"experimental": experimental, "file+decoder": file_decoder, "classic": classic}
