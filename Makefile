@@ -16,7 +16,7 @@ test: install
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 gpu-check: install
-	bash launch/device_check.sh
+	bash launch/device_check.sh run
 
 clean:
 	rm -rf runs/demo .pytest_cache build *.egg-info

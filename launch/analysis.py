@@ -39,7 +39,7 @@ def knn_table(feats_train: dict[str, torch.Tensor], y_train: torch.Tensor, feats
     """Per level: accuracy, per-class accuracy and the 3 classes of largest gain over the level below
     (for the low level, the 3 most accurate classes), as in the paper's Table 7."""
     n = len(classes)
-    out = {"random_accuracy": 100.0 / n, "k": k, "levels": {}}
+    out = {"random_accuracy": 100.0 / n, "k": k, "classes": list(classes), "levels": {}}
     prev = None
     for lv in [lv for lv in LEVELS if lv in feats_train]:
         pred = knn_predict(feats_train[lv], y_train, feats_val[lv], k, n)
@@ -98,10 +98,15 @@ def _load_motion_model(checkpoint: str, config_path: str | None, overrides: list
 
 
 def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: int = 20, out: str | None = None,
-            as_json: bool = False) -> dict:
-    """``hcml knn``: features of train and val sets (centre crop, 1 clip), cosine KNN per level."""
+            as_json: bool = False, random_init: bool = False) -> dict:
+    """``hcml knn``: features of train and val sets (centre crop, 1 clip), cosine KNN per level.
+    ``random_init``: the checkpoint's network at random initialisation (seed ``train.seed``) instead of its
+    weights: the reference any self-supervised feature must beat."""
     info = init_distributed()
     cfg, ds, model = _load_motion_model(checkpoint, config_path, overrides)
+    if random_init:
+        torch.manual_seed(cfg.train.seed)
+        model = components.build_model(cfg, components.num_classes(cfg, ds))
     model = model.to(info.device)
     work = Path(out or Path(checkpoint).resolve().parent.parent / "knn")
     feats = {}

@@ -83,7 +83,8 @@ def cmd_eval(args) -> int:
 def cmd_knn(args) -> int:
     from hcml.launch.analysis import run_knn
 
-    run_knn(resolve_config(args.config), args.checkpoint, _overrides(args), args.k, args.out, args.json)
+    run_knn(resolve_config(args.config), args.checkpoint, _overrides(args), args.k, args.out, args.json,
+            args.random_init)
     return 0
 
 
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", help="prepared dataset directory (overrides data.root)")
     p.add_argument("--k", type=int, default=20)
+    p.add_argument("--random-init", action="store_true", help="the same network at random initialisation (the "
+                   "reference a self-supervised feature must beat)")
     p.add_argument("--out", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*")

@@ -110,14 +110,22 @@ def load_trained(checkpoint: str, config_path: str | None = None, overrides: lis
     return cfg, ds, model
 
 
-def freeze_unused(model: nn.Module, phase: str) -> None:
-    """Parameters a phase's loss never reaches get no gradient (DDP would wait for them): the classifier in SSL,
-    the future predictors in fine-tuning."""
-    unused = {"ssl": ["fc"], "finetune": ["predictors"]}.get(phase, [])
-    for name in unused:
-        if hasattr(model, name):
-            for p in getattr(model, name).parameters():
-                p.requires_grad_(False)
+def uses_nce(cfg: C.Config) -> bool:
+    """Whether the phase's loss has contrastive terms: SSL always, joint unless lambda = 0, fine-tuning never.
+    Without them the step skips computing them (predictors, sampling, scores)."""
+    return cfg.model.motion and (cfg.train.phase == "ssl" or (cfg.train.phase == "joint" and cfg.model.nce_lambda > 0))
+
+
+def freeze_unused(model: HCML, cfg: C.Config) -> None:
+    """Parameters the phase's loss never reaches get no gradient (DDP would wait for them): in SSL the classifier,
+    the stages after the last motion level and that level's fusion; without contrastive terms (fine-tuning, joint
+    with lambda = 0) the future predictors."""
+    unused = list(model.unused_without_logits()) if cfg.train.phase == "ssl" else []
+    if not uses_nce(cfg) and hasattr(model, "predictors"):
+        unused.append(model.predictors)
+    for module in unused:
+        for p in module.parameters():
+            p.requires_grad_(False)
 
 
 def sync_bn(model: nn.Module, cfg: C.Config, info: DistInfo, log=print) -> nn.Module:
@@ -146,7 +154,7 @@ def to_device(model: nn.Module, info: DistInfo, prec: Precision) -> nn.Module:
 
 def prepare_model(model: nn.Module, cfg: C.Config, info: DistInfo, prec: Precision, log=print) -> nn.Module:
     """Phase freezing, SyncBN, device and memory format: the model as the loop trains it (not yet wrapped)."""
-    freeze_unused(model, cfg.train.phase)
+    freeze_unused(model, cfg)
     return to_device(sync_bn(model, cfg, info, log), info, prec)
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from hcml.errors import ConfigError
 from hcml.model import ARCHS, HCMLSpec
+from hcml.model.contrastive import NEGATIVES, SAMPLING
 from hcml.ops import num_displacements
 from hcml.pipeline.loader import DataSpec
 
@@ -98,6 +99,8 @@ _CHOICES = {
     "data.dtype": ("auto", "float32", "float16"),
     "optim.name": ("sgd", "adamw"),
     "model.arch": tuple(sorted(ARCHS)),
+    "model.nce_negatives": NEGATIVES,
+    "model.nce_sampling": SAMPLING,
     "train.phase": ("ssl", "joint", "finetune"),
     "train.amp": ("auto", "none", "bf16", "fp16"),
     "train.bn": ("global", "local"),

@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
-# One prepared GPU check (< 8 min on an H100/H200): install what the image lacks, build the CUDA op, run the GPU
-# test subset and the benchmarks, and write report.json + report.md under $OUT (default: ./device_report).
+# The GPU check, sized for one device lease (15 min, 64 MiB carried per call): three calls of one prepared script.
 #
-# The device image has torch+CUDA, triton, nvcc but no DALI: carry the wheel in .whl/ (see docs/PERFORMANCE.md;
-# a wheel over one call's 64 MiB carry is split into .whl/parts/* and joined here).
+# Here, first (once; ~10 min on 2 cores; needs PyPI):
+#   bash ../shared/tools/dali_device_payload.sh .dali_payload   # DALI 2.4 (CUDA 13) in two ~61 MiB parts + wheels
+#   rm -f .dali_payload/whl/imageio_ffmpeg-*                     # not needed any more (PyAV encodes)
+# On the device (the `run` tool; each call carries the project plus one folder):
+#   call 1  carry [".dali_payload/p1"]   bash launch/device_check.sh stage .dali_payload/p1
+#   call 2  carry [".dali_payload/p2"]   bash launch/device_check.sh stage .dali_payload/p2
+#   call 3  carry [".dali_payload/whl"]  bash launch/device_check.sh run .dali_payload/whl     (~9 min)
+# Files under /tmp survive between calls while the machine is warm (~30 s idle), so run the calls back to back.
+# `run` installs DALI and the wheels into /tmp/site, builds the CUDA op, runs the GPU tests, makes an H.264
+# synthetic set on the device's own cores (PyAV), runs every benchmark and a 2-process SyncBN training, and
+# writes $OUT/report.json + report.md (the figures docs/PERFORMANCE.md quotes). Each step has a time limit and
+# the script goes on after a failure, so one broken step never costs the whole lease.
 set -uo pipefail
+mode=${1:-run}
+payload=${2:-}
+PARTS=${HCML_PARTS:-/tmp/parts}
+SITE=/tmp/site
+
+if [ "$mode" = stage ]; then
+  mkdir -p "$PARTS" && cp "$payload"/* "$PARTS"/ && ls -la "$PARTS"
+  exit 0
+fi
+
 OUT=${OUT:-device_report}
 mkdir -p "$OUT"
-LOG="$OUT/device_check.log"
-exec > >(tee -a "$LOG") 2>&1
-export PYTHONUNBUFFERED=1 HCML_EXT_DIR=/tmp/hcml_ext
+exec > >(tee -a "$OUT/device_check.log") 2>&1
+export PYTHONUNBUFFERED=1 HCML_EXT_DIR=/tmp/hcml_ext MAX_JOBS=16
 start=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
@@ -17,50 +35,48 @@ step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
-step "install carried wheels (DALI, ...) and the project"
-# Parts of wheels over one call's carry arrive over several calls, each copied to $PARTS (see device_carry.sh).
-PARTS=${PARTS:-/tmp/parts}
-mkdir -p "$PARTS" && cp -n .whl/parts/* "$PARTS"/ 2>/dev/null || true
-for base in $(ls "$PARTS" 2>/dev/null | sed 's/\.part[0-9]*$//' | sort -u); do
-  cat "$PARTS/$base".part* > .whl/"$base" && echo "joined $base ($(ls "$PARTS/$base".part* | wc -l) parts)"
-done
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+step "install DALI (joined payload parts), the carried wheels and the project"
+mkdir -p "$SITE"
+if ls "$PARTS"/dali.tar.xz.part* >/dev/null 2>&1; then
+  cat "$PARTS"/dali.tar.xz.part* | xz -dc | tar x -C "$SITE" && echo "DALI unpacked into $SITE"
 fi
+if [ -n "$payload" ] && ls "$payload"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" "$payload"/*.whl
+fi
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "installing hcml failed"; exit 1; }
-python3 -m pip install -q pyyaml prometheus-client tqdm av 2>/dev/null \
-  || echo "no package index here: carry pyyaml/prometheus-client/tqdm/av wheels in .whl/ too"
-python3 -c "import hcml, nvidia.dali; print('dali', nvidia.dali.__version__)" || echo "DALI missing: DALI GPU tests will skip"
+python3 -c "import nvidia.dali as d, av; print('dali', d.__version__, 'av', av.__version__)" \
+  || echo "DALI or PyAV missing: the DALI GPU tests and pipeline benchmarks will skip or fail"
 
-step "build the CUDA cost-volume op (JIT, cached)"
-python3 -c "from hcml.ops._cuda import extension; extension(); print('built')"
+step "build the CUDA cost-volume op (JIT, cached in $HCML_EXT_DIR)"
+timeout 300 python3 -c "from hcml.ops._cuda import extension; extension(); print('built')"
 
-step "spatial-correlation-sampler (source archive, built against the image torch)"
-if ls .whl/spatial_correlation_sampler-*.tar.gz >/dev/null 2>&1; then
-  timeout 240 python3 -m pip install -q --no-build-isolation --no-deps .whl/spatial_correlation_sampler-*.tar.gz \
-    || echo "spatial-correlation-sampler did not build: bench op compares against the reference only"
-fi
-
-step "GPU tests (op numerics fwd/bwd fp32/fp16/bf16, channels_last, opcheck, compile; DALI GPU pipeline)"
+step "GPU tests (op numerics fwd/bwd x dtypes x layouts, opcheck, compile; DALI GPU pipeline)"
 timeout 240 python3 -m pytest -q -m gpu tests/ --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider; tests_rc=$?
 
-step "2-process SyncBN + compile + bf16 training on synthetic H.264 clips (NCCL)"
-hcml synth --out /tmp/h264 --codec h264 --size 320 --frames 48 --per-class 16 --val-per-class 2 >/dev/null
-timeout 150 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m hcml.launch.cli train \
-  --config configs/k400_r2d50_joint.yaml --data /tmp/h264 --run-dir "$OUT/train_run" train.max_steps=30 \
-  train.bn=global data.device=gpu data.batch_size=8 data.eval_clips=1 data.eval_crops=1 train.progress=false \
-  metrics.port=0 optim.epochs=2 optim.warmup_epochs=1 || echo "2-process training FAILED"
+step "benchmarks: cost volume"
+timeout 60 hcml bench op --dtype bf16 --channels-last --json > "$OUT/bench_op_bf16_cl.json"
+timeout 60 hcml bench op --dtype bf16 --json > "$OUT/bench_op_bf16.json"
+timeout 60 hcml bench op --dtype fp32 --channels-last --json > "$OUT/bench_op_fp32_cl.json"
+timeout 60 hcml bench op --sweep --dtype bf16 --channels-last --json > "$OUT/bench_op_sweep.json"
 
-step "benchmarks"
-timeout 90 hcml bench op --dtype bf16 --json > "$OUT/bench_op_bf16.json"
-timeout 60 hcml bench op --dtype fp32 --json > "$OUT/bench_op_fp32.json"
-timeout 150 hcml bench model --arch r2d50 --frames 16 --compile --dtype bf16 --channels-last --compare --json \
-  > "$OUT/bench_model.json"
-timeout 60 hcml bench pipeline --data /tmp/h264 --config configs/k400_r2d50_joint.yaml --device gpu --threads 4 \
-  --json > "$OUT/bench_pipeline.json"
-timeout 90 hcml bench train --data /tmp/h264 --config configs/k400_r2d50_joint.yaml --steps 20 --json \
-  data.device=gpu > "$OUT/bench_train.json"
+step "benchmarks: model (eager fp32 / eager bf16 CL / compiled bf16 CL / backbone alone, top kernels)"
+timeout 300 hcml bench model --arch r2d50 --frames 16 --compare --profile --json > "$OUT/bench_model.json"
+
+step "synthetic H.264 set on the device (PyAV, 16 cores): 320 px, 48 frames"
+timeout 150 hcml synth --out /tmp/h264 --codec h264 --size 320 --frames 48 --per-class 30 --val-per-class 2 \
+  --workers 16 >/dev/null
+
+step "benchmarks: input pipeline (DALI candidates vs PyAV, 16 cores) and the training step"
+timeout 150 hcml bench pipeline --data /tmp/h264 --config k400_r2d50_joint --device gpu --threads 16 --compare \
+  --batches 40 --json > "$OUT/bench_pipeline.json"
+timeout 120 hcml bench train --data /tmp/h264 --config k400_r2d50_joint --steps 30 --json data.device=gpu \
+  > "$OUT/bench_train.json"
+
+step "2-process SyncBN + compile + bf16 training on the H.264 set (NCCL)"
+timeout 150 hcml train --nproc-per-node 2 --config k400_r2d50_joint --data /tmp/h264 --run-dir "$OUT/train_run" \
+  train.max_steps=30 train.bn=global data.device=gpu data.eval_clips=1 data.eval_crops=1 train.progress=false \
+  optim.epochs=2 optim.warmup_epochs=1 || echo "2-process training FAILED"
 
 step "report"
 python3 - "$OUT" "$tests_rc" <<'PY'
@@ -76,24 +92,17 @@ for f in sorted(out.glob("bench_*.json")):
     try:
         rep[f.stem] = json.loads(f.read_text())
     except Exception as e:
-        rep[f.stem] = {"error": str(e)}
+        rep[f.stem] = {"error": f"{type(e).__name__}: {e}"}
 (out / "report.json").write_text(json.dumps(rep, indent=1))
+from hcml.launch.bench import model, op, pipeline, train
 lines = [f"# device check {rep['date']} on {rep['card']} (torch {rep['torch']}, CUDA {rep['cuda']}, DALI {rep['dali']})",
          f"GPU tests exit code: {rc}"]
-for k in ("bench_op_bf16", "bench_op_fp32"):
-    b = rep.get(k, {})
-    for name, r in b.get("impls", {}).items():
-        if "forward" in r:
-            lines.append(f"- {k} {name}: fwd {r['forward']['median_s']*1e3:.2f} ms ({r['forward_GBps']:.0f} GB/s), "
-                         f"fwd+bwd {r['forward_backward']['median_s']*1e3:.2f} ms")
-    for s, v in b.items():
-        if s.startswith("speedup"):
-            lines.append(f"- {k} {s}: {v:.2f}x")
-m = rep.get("bench_model", {})
-for r in m.get("runs", []):
-    lines.append(f"- model {m['arch']} compile={r['compile']} {r['dtype']} cl={r['channels_last']}: {r['clips_per_s']:.1f} clips/s")
-if "speedup_vs_eager_fp32" in m:
-    lines.append(f"- compiled bf16 channels_last vs eager fp32: {m['speedup_vs_eager_fp32']:.2f}x")
+for key, mod in (("bench_op_bf16_cl", op), ("bench_op_bf16", op), ("bench_op_fp32_cl", op), ("bench_op_sweep", op),
+                 ("bench_model", model), ("bench_pipeline", pipeline), ("bench_train", train)):
+    if key in rep and "error" not in rep[key]:
+        lines += ["", f"## {key}", "```", mod.show(rep[key]), "```"]
+    elif key in rep:
+        lines += ["", f"## {key}: {rep[key]['error']}"]
 (out / "report.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

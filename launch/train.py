@@ -191,7 +191,8 @@ def run_epoch(run: Run, stop: "_StopSignal", bar) -> None:
     save(run)
     if run.stopped_by is not None:
         run.log(f"[train] signal {run.stopped_by}: checkpoint written at step {run.step}, exiting")
-    elif cfg.train.eval_every and run.epoch % cfg.train.eval_every == 0 and run.step < run.max_steps:
+    elif (cfg.train.eval_every and run.epoch % cfg.train.eval_every == 0 and run.step < run.max_steps
+          and cfg.train.phase != "ssl"):
         evaluate_and_log(run)
 
 
@@ -202,7 +203,7 @@ def train_step(run: Run, clips: torch.Tensor, labels: torch.Tensor, lr: float) -
         g["lr"] = lr
     x, y = run.prec.to_input(clips, dev), labels.to(dev, non_blocking=True)
     with run.prec.autocast_ctx(dev):
-        out = run.net(x, with_nce=cfg.train.phase != "finetune")
+        out = run.net(x, with_nce=components.uses_nce(cfg), with_logits=cfg.train.phase != "ssl")
     loss, terms = phase_loss(out, y, cfg.train.phase, cfg.model.nce_weights, cfg.model.nce_lambda)
     values = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
     bad = [k for k, v in values.items() if not math.isfinite(v)]
@@ -259,10 +260,11 @@ def evaluate_and_log(run: Run) -> dict:
 
 
 def finish(run: Run) -> dict:
-    """Final evaluation (unless stopped by a signal), curves, summary.json; releases the process group."""
+    """Final evaluation (unless stopped by a signal, or self-supervised: its classifier is untrained), curves,
+    summary.json; releases the process group."""
     summary = {"step": run.step, "epoch": run.epoch, "resumed_from": run.resumed_from,
                "stopped_by_signal": run.stopped_by}
-    if run.stopped_by is None and run.ds.val:
+    if run.stopped_by is None and run.ds.val and run.cfg.train.phase != "ssl":
         summary["eval"] = evaluate_and_log(run)
     if run.info.main:
         plot_run(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")

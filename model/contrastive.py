@@ -1,15 +1,17 @@
 """InfoNCE over sampled spatio-temporal positions (supplementary §3.3).
 
-For B videos, N sampled spatial positions per video and T' time steps, every prediction P̂[b, n, t] is scored
-against all B·N·T' targets. Its single positive is the target of the same video, position and time; the
-remaining candidates are exactly the paper's three negative types:
+For B videos, N sampled spatial positions per video and a level with T time steps, the prediction P̂[b, n, t]
+made at time t (t < T − 1) is scored against the targets of all T time steps of all B·N sampled tubes. Its
+single positive is the target of the same video and position at t + 1; the other candidates are exactly the
+paper's three negative types, in the paper's counts:
 
-- spatial:  same video, other position, any time          → (N − 1)·T'
-- temporal: same video, same position, other time         → T' − 1
-- easy:     other videos                                   → (B − 1)·N·T'
+- spatial:  same video, other position, any time          → (N − 1)·T
+- temporal: same video, same position, other time         → T − 1   (the present and the past among them)
+- easy:     other videos                                   → (B − 1)·N·T
 
-1 + (N−1)T' + (T'−1) + (B−1)NT' = B·N·T', i.e. the dense B·N·T' × B·N·T' score matrix, cross-entropy on its
-diagonal. :func:`negative_masks` exposes the split for tests and analysis.
+1 + (N−1)T + (T−1) + (B−1)NT = B·N·T candidates per prediction: a dense score matrix, cross-entropy against
+the shifted diagonal. :func:`negative_masks` exposes the split for tests and analysis (square case).
+``negatives`` restricts the candidates to one video (spatial + temporal) or one tube (temporal only).
 """
 
 from __future__ import annotations
@@ -19,10 +21,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sample_positions(B: int, HW: int, N: int, device, generator: torch.Generator | None = None) -> Tensor:
-    """N distinct spatial indices per video, (B, N). N is capped at H·W."""
+SAMPLING = ("uniform", "motion")
+
+
+def sample_positions(B: int, HW: int, N: int, device, generator: torch.Generator | None = None,
+                     weights: Tensor | None = None) -> Tensor:
+    """N distinct spatial indices per video, (B, N); N is capped at H·W. Uniform, or with ``weights`` (B, H·W)
+    >= 0 with probability proportional to them, without replacement (Gumbel top-k)."""
     N = min(N, HW)
-    return torch.rand(B, HW, device=device, generator=generator).argsort(dim=1)[:, :N]
+    u = torch.rand(B, HW, device=device, generator=generator)
+    if weights is None:
+        return u.argsort(dim=1)[:, :N]
+    gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
+    return (torch.log(weights.float().clamp_min(1e-20)) + gumbel).topk(N, dim=1).indices
+
+
+def change_weights(target: Tensor) -> Tensor:
+    """(B, C, T, H, W) → (B, H·W): how much each position's (unit-normalised) target changes from one time step to
+    the next, plus a floor of 5 % of the mean so that static positions keep a chance. Where nothing changes, no
+    prediction can tell the future from the present, so those tubes carry no signal for the temporal contrast."""
+    with torch.no_grad():
+        t = F.normalize(target.float(), dim=1)
+        change = (t[:, :, 1:] - t[:, :, :-1]).pow(2).sum(1).mean(1).flatten(1)
+        return change + 0.05 * change.mean(1, keepdim=True) + 1e-12
 
 
 def gather_positions(x: Tensor, idx: Tensor) -> Tensor:
@@ -33,24 +54,55 @@ def gather_positions(x: Tensor, idx: Tensor) -> Tensor:
     return g.permute(0, 3, 2, 1)
 
 
-def info_nce(pred: Tensor, target: Tensor, temperature: float) -> Tensor:
-    """pred, target: (B, N, T, C), row-aligned (pred[b,n,t] ↔ target[b,n,t]). Mean InfoNCE over all predictions."""
-    B, N, T, C = pred.shape
-    p = F.normalize(pred.reshape(B * N * T, C).float(), dim=1)
-    g = F.normalize(target.reshape(B * N * T, C).float(), dim=1)
-    logits = p @ g.t() / temperature
-    labels = torch.arange(B * N * T, device=pred.device)
-    return F.cross_entropy(logits, labels)
+NEGATIVES = ("all", "video", "temporal")
+
+
+def info_nce(pred: Tensor, target: Tensor, temperature: float, negatives: str = "all") -> Tensor:
+    """pred (B, N, Tp, C), target (B, N, Tg, C) with Tg >= Tp: the positive of pred[b, n, t] is
+    target[b, n, t + Tg − Tp] (Tg = Tp: row-aligned; Tg = Tp + 1: the next time step). Mean over predictions.
+
+    ``negatives`` picks the candidates each prediction is scored against (besides its positive):
+    ``all`` the paper's three types (spatial, temporal, easy: B·N·Tg candidates); ``video`` only its own video's
+    (spatial + temporal: N·Tg); ``temporal`` only its own position's other time steps (Tg). Fewer candidates from
+    other videos leave appearance less to solve, so more of the loss is about what changes over time.
+    """
+    B, N, Tp, C = pred.shape
+    Tg, shift = target.shape[2], target.shape[2] - pred.shape[2]
+    if target.shape[:2] != pred.shape[:2] or shift < 0:
+        raise ValueError(f"target {tuple(target.shape)} does not match predictions {tuple(pred.shape)}")
+    p = F.normalize(pred.float(), dim=-1)
+    g = F.normalize(target.float(), dim=-1)
+    # positives: within a group, prediction row (b, n, t) ↔ candidate column (b, n, t + shift)
+    if negatives == "all":
+        p, g, groups = p.reshape(1, B * N * Tp, C), g.reshape(1, B * N * Tg, C), 1
+    elif negatives == "video":
+        p, g, groups = p.reshape(B, N * Tp, C), g.reshape(B, N * Tg, C), B
+    elif negatives == "temporal":
+        p, g, groups = p.reshape(B * N, Tp, C), g.reshape(B * N, Tg, C), B * N
+    else:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    r = torch.arange(p.shape[1], device=pred.device)  # row = tube · Tp + t
+    labels = ((r // Tp) * Tg + r % Tp + shift).expand(groups, -1)
+    logits = torch.bmm(p, g.transpose(1, 2)) / temperature  # (groups, rows, candidates)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
 def future_prediction_loss(pred: Tensor, target: Tensor, num_samples: int, temperature: float,
-                           generator: torch.Generator | None = None) -> Tensor:
-    """pred (B, C, T, H, W) made at time t is scored against target at t+1 (same resolution)."""
+                           generator: torch.Generator | None = None, negatives: str = "all",
+                           sampling: str = "uniform") -> Tensor:
+    """pred (B, C, T, H, W): the prediction made at time t < T − 1 is scored against the targets of all T time
+    steps (same resolution); its positive is the target at t + 1, so the present and the past are among its
+    temporal negatives (copying the present is the trivial solution the loss must rule out). ``sampling``:
+    ``uniform`` positions (the paper), or ``motion``: positions drawn in proportion to how much their target
+    changes over time (:func:`change_weights`)."""
     B, _, T, H, W = pred.shape
     if T < 2:
         raise ValueError(f"future prediction needs at least 2 time steps at this level, got T={T}")
-    idx = sample_positions(B, H * W, num_samples, pred.device, generator)
-    return info_nce(gather_positions(pred[:, :, :-1], idx), gather_positions(target[:, :, 1:], idx), temperature)
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+    weights = change_weights(target) if sampling == "motion" else None
+    idx = sample_positions(B, H * W, num_samples, pred.device, generator, weights)
+    return info_nce(gather_positions(pred[:, :, :-1], idx), gather_positions(target, idx), temperature, negatives)
 
 
 def negative_masks(B: int, N: int, T: int) -> dict[str, Tensor]:

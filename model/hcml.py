@@ -29,7 +29,9 @@ class HCMLSpec:
     motion_channels: list[int] = field(default_factory=list)
     dropout: float = 0.5
     nce_temperature: float = 0.1
-    nce_samples: int = 8
+    nce_samples: int = 8  # N spatial positions sampled per video for the contrastive loss
+    nce_negatives: str = "all"  # all (the paper: spatial + temporal + easy) | video (spatial + temporal) | temporal
+    nce_sampling: str = "uniform"  # uniform (the paper) | motion: positions in proportion to how much they change
     detach_targets: bool = False  # stop-gradient on the future targets (predictive-coding style)
 
 
@@ -60,7 +62,9 @@ class HCML(nn.Module):
         self.dropout = nn.Dropout(spec.dropout)
         self.fc = nn.Linear(self.backbone.out_channels, spec.num_classes)
 
-    def _run(self, x: Tensor, want_nce: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    def _run(self, x: Tensor, want_nce: bool, until: str | None = None
+             ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Stem and stages (up to and including stage ``until``), with the motion levels between them."""
         bb = self.backbone
         h = bb.stem(x)
         feats: dict[str, Tensor] = {}
@@ -84,15 +88,33 @@ class HCML(nn.Module):
                 pred = self.predictors[level](p)
                 tgt = resample(target.detach() if self.spec.detach_targets else target, p.shape[2:])
                 nce[f"nce_{level}"] = future_prediction_loss(pred, tgt, self.spec.nce_samples,
-                                                             self.spec.nce_temperature)
+                                                             self.spec.nce_temperature,
+                                                             negatives=self.spec.nce_negatives,
+                                                             sampling=self.spec.nce_sampling)
+            if name == until:  # nothing after this stage is needed (its fusion feeds only later stages)
+                break
             h = self.fusion[level](h, p)
             prev_motion = p
         return h, feats, nce
 
-    def forward(self, x: Tensor, with_nce: bool = True) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, with_nce: bool = True, with_logits: bool = True) -> dict[str, Tensor]:
+        """``with_logits=False`` (self-supervised phase): only the contrastive terms, computed without the stages
+        after the last motion level and without the classifier."""
+        if not with_logits:
+            if not (with_nce and self.motion_enabled):
+                raise ValueError("nothing to compute: with_logits=False needs the motion module's NCE terms")
+            return self._run(x, True, until=LEVEL_STAGE[LEVELS[-1]])[2]
         h, _, nce = self._run(x, with_nce and self.motion_enabled)
         pooled = h.mean(dim=(2, 3, 4))
         return {"logits": self.fc(self.dropout(pooled)), **nce}
+
+    def unused_without_logits(self) -> list[nn.Module]:
+        """What the contrastive terms alone cannot reach (frozen in the SSL phase, where DDP would otherwise wait
+        for their gradients): the classifier, the stages after the last motion level, and that level's fusion."""
+        last = LEVEL_STAGE[LEVELS[-1]]
+        later = self.backbone.stage_names[self.backbone.stage_names.index(last) + 1:]
+        return [self.fc, *(self.backbone.stages[n] for n in later)] + ([self.fusion[LEVELS[-1]]]
+                                                                       if self.motion_enabled else [])
 
     @torch.no_grad()
     def motion_features(self, x: Tensor) -> dict[str, Tensor]:

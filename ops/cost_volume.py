@@ -19,8 +19,9 @@ writes both input grads.
 Implementations behind one API:
 - CUDA: ``csrc/cost_volume_kernels.cu`` (raw pointers + strides, needs only the CUDA toolkit) with the torch
   binding in ``csrc/cost_volume_binding.cpp``; built ahead of time in the Dockerfile, else JIT with a cache.
-- CPU: one batched GEMM per displacement row over a zero-padded copy of f2, reading the D columns of each
-  pixel off a band of the score matrix (see the CPU section below).
+- CPU: C kernels over NHWC buffers (``csrc/cost_volume_cpu.c``, compiled on first use, called via ctypes with
+  the images split over torch's threads); without a C compiler, one batched GEMM per displacement row reading
+  the D columns of each pixel off a band of the score matrix (see the CPU section below).
 - Reference: :func:`cost_volume_reference` (unfold), for tests and benchmarks only.
 
 The op is registered with ``torch.library`` (``hcml::cost_volume``) with a fake implementation and autograd,
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hcml.ops import _cuda
+from hcml.ops import _cpu, _cuda
 
 
 def num_displacements(max_displacement: int, stride: int) -> int:
@@ -57,8 +58,9 @@ def _layout(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-# ---------------------------------------------------------------- CPU path (row-band GEMMs)
-# For one displacement row dy_i, pixel row y of f1 meets row y + dy_i of the zero-padded f2. One batched GEMM
+# ---------------------------------------------------------------- CPU paths
+# First choice: the C kernels of ops/csrc/cost_volume_cpu.c (ops/_cpu.py builds them with the system compiler).
+# Without a C compiler (or HCML_CPU_COST_VOLUME=torch), this pure-torch path: for one displacement row dy_i, pixel row y of f1 meets row y + dy_i of the zero-padded f2. One batched GEMM
 # per dy_i, (N·H, W, C) @ (N·H, C, W + 2·md), scores every x against every padded column; the D columns that
 # are real displacements (x + j·s) lie on a band of that (W, W + 2·md) matrix, read with one strided view.
 # The backward writes the incoming grads into that band (zeros elsewhere) and runs the two transposed GEMMs.
@@ -86,6 +88,9 @@ def _band(m: Tensor, W: int, Wp: int, D: int, s: int) -> Tensor:
 def _cpu_forward(f1: Tensor, f2: Tensor, md: int, s: int) -> Tensor:
     N, C, H, W = f1.shape
     D, acc = num_displacements(md, s), _acc_dtype(f1)
+    if _cpu.available(acc):  # the C kernels (ops/csrc/cost_volume_cpu.c)
+        out = _cpu.forward(_nhwc(f1, acc).contiguous(), _nhwc(f2, acc).contiguous(), md, s, D).permute(0, 3, 1, 2)
+        return out.to(f1.dtype).contiguous(memory_format=_layout(f1))
     Wp = W + 2 * md
     out = torch.zeros((N, H, W, D * D), dtype=acc)
     if out.numel() and C:
@@ -102,6 +107,11 @@ def _cpu_forward(f1: Tensor, f2: Tensor, md: int, s: int) -> Tensor:
 def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tuple[Tensor, Tensor]:
     N, C, H, W = f1.shape
     D, acc = num_displacements(md, s), _acc_dtype(f1)
+    if _cpu.available(acc):
+        g1, g2 = _cpu.backward(_nhwc(grad, acc).contiguous(), _nhwc(f1, acc).contiguous(),
+                               _nhwc(f2, acc).contiguous(), md, s)
+        return (g1.permute(0, 3, 1, 2).to(f1.dtype).contiguous(memory_format=_layout(f1)),
+                g2.permute(0, 3, 1, 2).to(f2.dtype).contiguous(memory_format=_layout(f2)))
     Wp, Hp = W + 2 * md, H + 2 * md
     g1 = torch.zeros((N * H, W, C), dtype=acc)
     g2p = torch.zeros((N, Hp, Wp, C), dtype=acc)

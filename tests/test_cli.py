@@ -118,11 +118,34 @@ def test_bench_op_sweep_reads_the_shapes_off_the_models():
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
+    """The whole demo at a few steps: SSL, then joint from the SSL checkpoint (init_from), the two controls, the
+    report (text and JSON) with every model at the same step count, the KNN pair and a Grad-CAM++ strip."""
     r = hcml("demo", "--out", str(tmp_path / "demo"), "--quick", timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    report = (tmp_path / "demo" / "report.txt").read_text()
-    assert "HCML (motion)" in report and "baseline (no motion)" in report and "KNN" in report
-    assert list((tmp_path / "demo" / "gradcam").glob("*.png"))
-    for run in ("motion", "baseline"):
-        d = tmp_path / "demo" / run
+    out = tmp_path / "demo"
+    report = (out / "report.txt").read_text()
+    assert "HCML: self-supervised, then joint" in report and "random init" in report and "KNN" in report
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["models"]) == {"baseline", "motion_no_nce", "hcml"}
+    for m in rep["models"].values():
+        assert 0 <= m["top1"] <= 100 and "pair_direction" in m
+    assert len({m["steps"] for m in rep["models"].values()}) == 1  # the same number of steps for every model
+    assert rep["ssl_steps"] > 0 and rep["models"]["hcml"]["steps"] > rep["ssl_steps"]
+    for kind in ("ssl", "random_init"):
+        assert set(rep["knn"][kind]) == {"low", "mid", "high"}
+    assert "[init] loaded" in r.stdout  # the joint phase started from the SSL weights
+    assert list((out / "gradcam").glob("*.png"))
+    for run in ("ssl", "hcml", "motion_no_nce", "baseline"):
+        d = out / run
         assert (d / "curves.png").is_file() and (d / "metrics.jsonl").is_file() and list(d.glob("checkpoints/*.pt"))
+    assert not json.loads((out / "ssl" / "summary.json").read_text()).get("eval")  # SSL: no classifier to score
+
+
+def test_demo_recipes_split_the_same_step_total():
+    """HCML's two phases together train exactly as many epochs as the controls, on the same data settings."""
+    from hcml.launch.config import load_config, resolve_recipe
+
+    demo, ssl, joint = (load_config(resolve_recipe(n)) for n in ("demo", "demo_ssl", "demo_joint"))
+    assert ssl.optim.epochs + joint.optim.epochs == demo.optim.epochs
+    assert ssl.train.phase == "ssl" and joint.train.phase == "joint" == demo.train.phase
+    assert ssl.data == demo.data == joint.data and ssl.model == demo.model == joint.model

@@ -152,15 +152,38 @@ NVCC = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: cannot compile the CUDA kernels here")
-@pytest.mark.parametrize("arch", ["80", "90"])
-def test_cuda_kernels_compile_with_nvcc(tmp_path, arch):
-    """A kernel that does not build never lands: compile the .cu for sm_80 / sm_90 (no GPU needed)."""
+def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    """A kernel that does not build never lands: compile the .cu for sm_80 and sm_90 (no GPU needed)."""
     from hcml.ops._cuda import CSRC
 
-    res = subprocess.run([NVCC, "-c", "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+    res = subprocess.run([NVCC, "-c", "-std=c++17", "-O3", "--threads", "2",
+                          "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                           str(CSRC / "cost_volume_kernels.cu"), "-o", str(tmp_path / "k.o")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+GXX = shutil.which("g++")
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ not on PATH: cannot build the CUDA emulation")
+def test_nhwc_cuda_kernels_run_correctly_in_cpu_emulation(tmp_path):
+    """The channels_last CUDA kernels (forward, dL/df1, dL/df2), compiled for the CPU with every CUDA thread a
+    host thread and real barriers (ops/csrc/emulation.h), against a naive double loop: fp32/fp16/bf16, vector and
+    scalar loads, tiles cut by the image border, a channel tail, a window larger than the image. An index or halo
+    error, or a missing __syncthreads, fails here on any machine, GPU or not."""
+    from hcml.ops._cuda import CSRC
+
+    exe = tmp_path / "nhwc_emulated"
+    res = subprocess.run([GXX, "-std=c++20", "-O1", "-pthread", "-DHCML_EMULATE", f"-I{CSRC}",
+                          str(CSRC / "test_nhwc_emulated.cpp"), "-o", str(exe)], capture_output=True, text=True,
+                         timeout=600)
+    if res.returncode != 0 and ("barrier" in res.stderr or "c++20" in res.stderr):
+        pytest.skip(f"this g++ lacks C++20 <barrier>: {res.stderr[-300:]}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:]
+    assert run.stdout.count(" ok\n") == 24
 
 
 @pytest.mark.skipif(NVCC is None or shutil.which("g++") is None, reason="needs nvcc's headers and g++")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 
@@ -45,6 +46,13 @@ def test_grafana_dashboard_uses_only_exported_metrics():
     assert used and used <= names, used - names
 
 
-def test_device_scripts_are_valid_bash():
-    for name in ("device_check.sh", "device_carry.sh"):
-        assert subprocess.run(["bash", "-n", str(LAUNCH / name)]).returncode == 0, name
+def test_device_check_is_valid_bash_and_stages_payload_parts(tmp_path):
+    script = LAUNCH / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # `stage` only copies one carried payload part to /tmp/parts (the first two device calls)
+    part = tmp_path / "p1"
+    part.mkdir()
+    (part / "dali.tar.xz.part00").write_bytes(b"x")
+    env = {**os.environ, "HCML_PARTS": str(tmp_path / "parts")}
+    r = subprocess.run(["bash", str(script), "stage", str(part)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and (tmp_path / "parts" / "dali.tar.xz.part00").is_file()

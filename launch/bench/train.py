@@ -74,7 +74,7 @@ def bench_train(data: str, config: str | None = None, steps: int = 20, overrides
                 sync()
             t1 = time.perf_counter()
             with nvtx("forward"), prec.autocast_ctx(dev):
-                out = net(x, with_nce=cfg.train.phase != "finetune")
+                out = net(x, with_nce=components.uses_nce(cfg), with_logits=cfg.train.phase != "ssl")
             loss, _ = phase_loss(out, y, cfg.train.phase, m.nce_weights, m.nce_lambda)
             sync()
             t2 = time.perf_counter()

@@ -59,6 +59,10 @@ std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor f1, torch:
   TORCH_CHECK(grad.scalar_type() == f1.scalar_type(), "cost_volume backward: grad dtype differs from inputs");
   auto g1 = empty_like_layout(f1, f1.sizes());
   auto g2 = empty_like_layout(f2, f2.sizes());
+  // channels_last inputs take the NHWC kernels, which want the grad channels_last too (one copy if it is not)
+  if (g1.is_contiguous(at::MemoryFormat::ChannelsLast) && !g1.is_contiguous() &&
+      !grad.is_contiguous(at::MemoryFormat::ChannelsLast))
+    grad = grad.contiguous(at::MemoryFormat::ChannelsLast);
   const auto err = hcml::cost_volume_backward(
       dtype_of(f1), sh, grad.data_ptr(), strides_of(grad), f1.data_ptr(), strides_of(f1), f2.data_ptr(),
       strides_of(f2), g1.data_ptr(), strides_of(g1), g2.data_ptr(), strides_of(g2),
