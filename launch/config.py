@@ -258,9 +258,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.short_side min {d.short_side[0]} is smaller than data.crop {d.crop}")
     if d.eval_crops not in (1, 3):
         raise ConfigError(f"data.eval_crops must be 1 or 3, got {d.eval_crops}")
-    if d.batch_size < 1 or d.threads < 1 or d.prefetch < 1:
-        raise ConfigError(f"data.batch_size, data.threads and data.prefetch must be >= 1, got {d.batch_size}, "
-                          f"{d.threads}, {d.prefetch}")
+    for key in ("batch_size", "threads", "prefetch", "readers"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
     for p in d.flip_pairs:
         if len(p) != 2:
             raise ConfigError(f"data.flip_pairs entries must be [a, b], got {p}")

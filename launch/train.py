@@ -180,8 +180,8 @@ def run_epoch(run: Run, stop: "_StopSignal", bar) -> None:
         bar.update(1)
         if cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0:
             save(run)
-        if stop.agreed(run.info):
-            run.stopped_by = stop.signal_seen
+        run.stopped_by = stop.agreed(run.info)
+        if run.stopped_by is not None:
             break
         if run.step >= run.max_steps:
             break
@@ -287,11 +287,12 @@ class _StopSignal:
     def _handle(self, signum, frame):
         self.signal_seen = signum
 
-    def agreed(self, info: DistInfo) -> bool:
-        """A signal may reach one rank only: all ranks agree (all-reduce MAX), so every rank stops at one step."""
+    def agreed(self, info: DistInfo) -> int | None:
+        """A signal may reach one rank only: all ranks agree (all-reduce MAX), so every rank stops at one step.
+        Returns the agreed signal (or None). ``signal_seen`` is only ever written by the handler: a signal that
+        lands while the all-reduce runs is kept for the next step, not overwritten."""
         flag = torch.tensor([self.signal_seen or 0], device=info.device)
-        self.signal_seen = int(all_reduce_max(flag, info).item()) or None
-        return self.signal_seen is not None
+        return int(all_reduce_max(flag, info).item()) or None
 
 
 def _rng_state() -> dict:

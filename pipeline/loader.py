@@ -49,6 +49,8 @@ class DataSpec:
     device: str = "auto"  # auto | cpu | gpu: where DALI decodes and augments
     dtype: str = "auto"  # auto | float32 | float16: clip dtype (auto: float16 when the GPU trains in AMP)
     prefetch: int = 2  # batches DALI prepares ahead (prefetch_queue_depth)
+    readers: int = 1  # training pipelines per process over disjoint sub-shards, batches taken in turn (one DALI
+    #                   pipeline keeps one NVDEC engine busy; H100/H200 have 7): measure with bench pipeline --compare
     mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])
     std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])
 
@@ -202,8 +204,11 @@ def build_eval_pipeline(file_list: Path, spec: DataSpec, *, device: str, device_
 class TrainLoader:
     """One rank's training batches, epoch by epoch, with a resumable position.
 
-    Every rank runs the same number of steps per epoch (``floor(N / world / B)``), so DDP never waits on a
-    rank whose shard happens to be one sample shorter. ``device_id``: the CUDA device of a GPU pipeline.
+    Every rank runs the same number of steps per epoch (``R · floor(N / (world · R) / B)`` with ``R`` =
+    ``spec.readers``), so DDP never waits on a rank whose shard happens to be one sample shorter. With R > 1 the
+    rank's shard is split into R contiguous sub-shards, each read by its own DALI pipeline, and batches are taken
+    from them in turn; the sub-shards partition the list, so every video still comes once per epoch.
+    ``device_id``: the CUDA device of a GPU pipeline.
     """
 
     def __init__(self, samples: Sequence[Sample], spec: DataSpec, *, work_dir: Path, rank: int = 0, world: int = 1,
@@ -214,12 +219,13 @@ class TrainLoader:
         self.device = dali_device(spec.device)
         self.device_id = (device_id or 0) if self.device == "gpu" else None
         self.rank, self.world, self.seed = rank, world, seed
-        self.steps_per_epoch = len(self.samples) // world // spec.batch_size
+        self.readers = max(1, spec.readers)
+        self.steps_per_epoch = self.readers * (len(self.samples) // (world * self.readers) // spec.batch_size)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{len(self.samples)} training videos cannot fill one batch of data.batch_size="
-                              f"{spec.batch_size} on each of {world} process(es); lower data.batch_size to at most "
-                              f"{max(1, len(self.samples) // world)}")
-        self._iter = None
+                              f"{spec.batch_size} on each of {world} process(es) x data.readers={self.readers}; "
+                              f"lower data.batch_size to at most {max(1, len(self.samples) // (world * self.readers))}")
+        self._iters: list = []
         self._epoch = -1
         self._pos = 0
         self._swap = None
@@ -233,18 +239,22 @@ class TrainLoader:
                 swap[a], swap[b] = b, a
             self._swap = swap
 
-    def _start(self, epoch: int, checkpoint: str | None):
+    def _start(self, epoch: int, checkpoints: list | None):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
         lst = self.work_dir / f"train_epoch{epoch}_rank{self.rank}.txt"
         write_train_list(lst, self.samples, self.spec, self.seed, epoch)
-        pipe = build_train_pipeline(lst, self.spec, device=self.device, device_id=self.device_id,
-                                    shard_id=self.rank, num_shards=self.world,
-                                    seed=self.seed * 1000 + epoch * 10 + self.rank, checkpoint=checkpoint)
-        self._iter = DALIGenericIterator([pipe], ["clips", "labels", "mirror"], reader_name="Reader",
-                                         last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        R = self.readers
+        self._iters = []
+        for k in range(R):  # k = 0 with R = 1 is exactly the single-pipeline loader (same shard, same seed)
+            pipe = build_train_pipeline(lst, self.spec, device=self.device, device_id=self.device_id,
+                                        shard_id=self.rank * R + k, num_shards=self.world * R,
+                                        seed=self.seed * 1000 + epoch * 10 + self.rank + 100_003 * k,
+                                        checkpoint=checkpoints[k] if checkpoints else None)
+            self._iters.append(DALIGenericIterator([pipe], ["clips", "labels", "mirror"], reader_name="Reader",
+                                                   last_batch_policy=LastBatchPolicy.DROP, auto_reset=False))
         self._epoch = epoch
 
     @property
@@ -253,30 +263,35 @@ class TrainLoader:
         return self._pos >= self.steps_per_epoch
 
     def state(self) -> dict:
-        """Resumable position: epoch, batches consumed, and DALI's own checkpoint (reader + RNG state)."""
-        cp = self._iter.checkpoints()[0] if self._iter is not None else None
-        return {"epoch": self._epoch, "position": self._pos, "dali": cp}
+        """Resumable position: epoch, batches consumed, and each pipeline's DALI checkpoint (reader + RNG)."""
+        cps = [it.checkpoints()[0] for it in self._iters] or None
+        return {"epoch": self._epoch, "position": self._pos, "dali": cps}
 
     def epoch(self, epoch: int, state: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (clips (B, 3, T, H, W), labels (B,)) for the rest of ``epoch`` (from ``state`` if resuming)."""
         self._pos = 0
-        checkpoint = None
+        checkpoints = None
         if state and state.get("epoch") == epoch:
             self._pos = int(state.get("position", 0))
-            checkpoint = state.get("dali")
-        self._start(epoch, checkpoint)
-        if checkpoint is None and self._pos:  # no DALI checkpoint: skip decoded batches (augmentation RNG differs)
-            for _ in range(self._pos):
-                next(self._iter)
+            checkpoints = state.get("dali")
+            if isinstance(checkpoints, str):  # a checkpoint written by the single-pipeline loader
+                checkpoints = [checkpoints]
+            if checkpoints is not None and len(checkpoints) != self.readers:
+                raise ConfigError(f"the checkpoint's loader ran {len(checkpoints)} reader pipeline(s), this run has "
+                                  f"data.readers={self.readers}: resume with the same data.readers")
+        self._start(epoch, checkpoints)
+        if checkpoints is None and self._pos:  # no DALI checkpoint: skip decoded batches (augmentation RNG differs)
+            for i in range(self._pos):
+                next(self._iters[i % self.readers])
         while self._pos < self.steps_per_epoch:
-            batch = next(self._iter)[0]
+            batch = next(self._iters[self._pos % self.readers])[0]
             labels = batch["labels"].view(-1).long()
             if self._swap is not None:
                 mirrored = batch["mirror"].view(-1).to(labels.device).bool()
                 labels = torch.where(mirrored, self._swap.to(labels.device)[labels], labels)
             self._pos += 1
             yield batch["clips"], labels
-        self._iter = None
+        self._iters = []
 
 
 class EvalLoader:

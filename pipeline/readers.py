@@ -6,14 +6,15 @@ crop window per clip resized to crop x crop, flip, normalise, CFHW), so only the
 - ``file+decoder``: ``readers.file`` hands encoded files to ``decoders.video`` (``mixed`` = NVDEC on a GPU), which
   decodes every sample of a batch in parallel; the clip start comes from the list's label column;
 - ``classic``: ``readers.video`` (GPU only) over a ``path label start end`` frame-number list;
-- ``experimental xN``: N experimental-reader pipelines over disjoint sub-shards, batches taken in turn (one
-  pipeline keeps one NVDEC engine busy; H100/H200 have seven).
+- ``experimental xN``: the same loader with ``data.readers=N``: N pipelines over disjoint sub-shards, batches
+  taken in turn (one pipeline keeps one NVDEC engine busy; H100/H200 have seven).
 
 They serve measurement only: the training loader keeps the guarantees (exact-once sharding, bit-exact resume).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -102,17 +103,15 @@ def classic(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id
 
 def experimental(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id: int | None = 0,
                  pipelines: int = 1):
-    """The project's TrainLoader; with ``pipelines`` > 1, that many loaders over disjoint sub-shards in turn."""
-    loaders = [TrainLoader(samples, spec, work_dir=Path(work_dir) / f"exp{k}", rank=k, world=pipelines,
-                           device_id=device_id) for k in range(pipelines)]
+    """The project's TrainLoader, with ``pipelines`` reader pipelines (``data.readers``) over disjoint sub-shards."""
+    loader = TrainLoader(samples, dataclasses.replace(spec, readers=pipelines), work_dir=Path(work_dir),
+                         device_id=device_id)
 
     def gen():
         epoch = 0
         while True:
-            its = [ld.epoch(epoch) for ld in loaders]
-            for batches in zip(*its):
-                for clips, _ in batches:
-                    yield clips
+            for clips, _ in loader.epoch(epoch):
+                yield clips
             epoch += 1
 
     return gen()

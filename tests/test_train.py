@@ -24,7 +24,7 @@ from tests.conftest import PY, run_env
 SMALL = ["model.arch=tiny", "data.frames=8", "data.stride=2", "data.crop=32", "data.short_side=[36,40]",
          "data.eval_short_side=36", "data.eval_clips=1", "data.eval_crops=1", "data.batch_size=2", "data.threads=1",
          "data.device=cpu", "data.flip=plain", "optim.epochs=2", "optim.warmup_epochs=1", "optim.lr_per_gpu=0.01",
-         "train.bn=local", "train.log_every=1", "train.progress=false", "model.nce_samples=4"]
+         "train.bn=local", "train.log_every=1", "train.progress=false", "model.nce_samples=4", "checkpoint.keep=3"]
 
 
 def train_cmd(data: Path, run_dir: Path, *extra: str, nproc: int = 2, resume: bool = False) -> list[str]:
@@ -161,7 +161,9 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_dataset, tmp_path)
     while not ((run / "metrics.jsonl").is_file() and 2 in losses(run)):
         time.sleep(0.05)
         assert time.time() < deadline and proc.poll() is None, "training did not start"
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    # the workers, by command line (torchrun may have other children, e.g. multiprocessing's resource tracker)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "hcml.launch.cli"], capture_output=True,
+                             text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(max(workers, key=int)), signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
@@ -240,3 +242,25 @@ def test_metrics_log_belongs_to_one_run(tiny_dataset, tmp_path):
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in recs if r["kind"] == "eval"] == [6]
+
+
+def test_a_signal_that_lands_during_the_agreement_is_kept(monkeypatch):
+    """The handler may run while the all-reduce of the stop flags blocks; that signal must stop the next step,
+    not be overwritten by the (older) agreed value."""
+    from hcml.launch import train as T
+    from hcml.launch.distributed import DistInfo
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop = T._StopSignal()
+
+        def all_reduce_while_signalled(t, info):
+            stop._handle(signal.SIGTERM, None)
+            return t
+
+        monkeypatch.setattr(T, "all_reduce_max", all_reduce_while_signalled)
+        assert stop.agreed(DistInfo()) is None  # this step's flag was read before the signal came
+        assert stop.agreed(DistInfo()) == signal.SIGTERM  # so the next step stops
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

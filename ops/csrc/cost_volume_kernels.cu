@@ -26,13 +26,6 @@ constexpr int TW = 32;
 constexpr int TH = 8;
 constexpr int CC = 4;
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ int64_t off(const Strides4& s, int64_t b, int64_t c, int64_t y, int64_t x) {
   return b * s.n + c * s.c + y * s.h + x * s.w;
@@ -177,11 +170,11 @@ template <typename T, int D, bool kVec>
 cudaError_t nhwc_backward(const nhwc::Shape& sh, const T* g, const T* f1, const T* f2, T* g1, T* g2,
                           cudaStream_t stream) {
   const size_t smem = nhwc::smem_backward(sh);
-  if (!allow_smem(nhwc::backward_f1<T, D, kVec>, smem) || !allow_smem(nhwc::backward_f2<T, D, kVec>, smem))
+  if (!allow_smem(nhwc::backward<T, D, kVec, false>, smem) || !allow_smem(nhwc::backward<T, D, kVec, true>, smem))
     return cudaErrorInvalidConfiguration;
   const dim3 grid((sh.W + nhwc::TW - 1) / nhwc::TW, (sh.H + nhwc::TH - 1) / nhwc::TH, sh.B);
-  nhwc::backward_f1<T, D, kVec><<<grid, nhwc::THREADS, smem, stream>>>(sh, g, f2, g1);
-  nhwc::backward_f2<T, D, kVec><<<grid, nhwc::THREADS, smem, stream>>>(sh, g, f1, g2);
+  nhwc::backward<T, D, kVec, false><<<grid, nhwc::THREADS, smem, stream>>>(sh, g, f2, g1);
+  nhwc::backward<T, D, kVec, true><<<grid, nhwc::THREADS, smem, stream>>>(sh, g, f1, g2);
   return cudaGetLastError();
 }
 

@@ -31,6 +31,16 @@
 #endif
 
 namespace hcml {
+
+// fp32 accumulation for every element type (shared with the strided kernels of cost_volume_kernels.cu)
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
 namespace nhwc {
 
 constexpr int TW = 32;   // tile width: one warp per tile row
@@ -42,13 +52,6 @@ struct Shape {
   int B, C, H, W, md, s;  // D = 2 * md / s + 1
 };
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Elements of T in one 16-byte vector.
 template <typename T> struct Vec { static constexpr int N = 16 / sizeof(T); };
@@ -149,77 +152,51 @@ __global__ void __launch_bounds__(THREADS) forward(Shape sh, const T* __restrict
   }
 }
 
-// g1[p, c] = inv_c * sum_k g[p, k] * f2[p + d_k, c]
-template <typename T, int D, bool kVec>
-__global__ void __launch_bounds__(THREADS) backward_f1(Shape sh, const T* __restrict__ g, const T* __restrict__ f2,
-                                                       T* __restrict__ g1) {
-  HCML_DYNAMIC_SMEM(f2s);  // [CC][HH][WW]
-  const int HH = TH + 2 * sh.md, WW = TW + 2 * sh.md;
-  const int b = blockIdx.z, y0 = blockIdx.y * TH, x0 = blockIdx.x * TW;
-  const int ty = threadIdx.x / TW, tx = threadIdx.x % TW;
-  const int y = y0 + ty, x = x0 + tx;
-  const bool inside = y < sh.H && x < sh.W;
-  const int64_t p = (static_cast<int64_t>(b) * sh.H + y) * sh.W + x;
-  const float inv = 1.f / sh.C;
-  float gk[D * D];
-#pragma unroll
-  for (int k = 0; k < D * D; ++k) gk[k] = inside ? to_f(g[p * (D * D) + k]) * inv : 0.f;
-  for (int c0 = 0; c0 < sh.C; c0 += CC) {
-    __syncthreads();
-    stage<T, kVec>(f2s, f2, sh, b, y0 - sh.md, x0 - sh.md, HH, WW, c0);
-    __syncthreads();
-    float vals[CC];
-#pragma unroll
-    for (int cc = 0; cc < CC; ++cc) {
-      const float* base = f2s + cc * HH * WW + ty * WW + tx;
-      float acc = 0.f;
-#pragma unroll
-      for (int i = 0; i < D; ++i)
-#pragma unroll
-        for (int j = 0; j < D; ++j) acc += gk[i * D + j] * base[i * sh.s * WW + j * sh.s];
-      vals[cc] = acc;
-    }
-    if (inside) store_chunk<T, kVec>(g1, p, sh, c0, vals);
-  }
-}
-
-// g2[q, c] = inv_c * sum_k g[q - d_k, k] * f1[q - d_k, c]
-template <typename T, int D, bool kVec>
-__global__ void __launch_bounds__(THREADS) backward_f2(Shape sh, const T* __restrict__ g, const T* __restrict__ f1,
-                                                       T* __restrict__ g2) {
-  HCML_DYNAMIC_SMEM(f1s);  // [CC][HH][WW]
+// One input's gradient per launch, without atomics: every element written once by the thread of its pixel.
+//   kSecond = false: g1[p, c] = inv_c * sum_k g[p, k] * f2[p + d_k, c]          (src = f2, the grads of p)
+//   kSecond = true:  g2[q, c] = inv_c * sum_k g[q - d_k, k] * f1[q - d_k, c]    (src = f1, the grads that read q)
+// Both stage src's tile with its halo; the displacement k of a thread's pixel sits at tile offset (i s, j s),
+// and its opposite -d_k at ((D-1-i) s, (D-1-j) s).
+template <typename T, int D, bool kVec, bool kSecond>
+__global__ void __launch_bounds__(THREADS) backward(Shape sh, const T* __restrict__ g, const T* __restrict__ src,
+                                                    T* __restrict__ dst) {
+  HCML_DYNAMIC_SMEM(tile);  // [CC][HH][WW]
   const int HH = TH + 2 * sh.md, WW = TW + 2 * sh.md;
   const int b = blockIdx.z, y0 = blockIdx.y * TH, x0 = blockIdx.x * TW;
   const int ty = threadIdx.x / TW, tx = threadIdx.x % TW;
   const int y = y0 + ty, x = x0 + tx;
   const bool inside = y < sh.H && x < sh.W;
   const float inv = 1.f / sh.C;
-  float gq[D * D];  // gq[k] = g[q - d_k, k]: the grad of the output that read this pixel through displacement k
+  float gk[D * D];  // the D*D grads this pixel combines, pre-scaled by 1/C
 #pragma unroll
   for (int i = 0; i < D; ++i)
 #pragma unroll
     for (int j = 0; j < D; ++j) {
-      const int yy = y - (i - D / 2) * sh.s, xx = x - (j - D / 2) * sh.s;
+      const int sign = kSecond ? -1 : 0;  // kSecond: the output pixel q - d_k that read this one
+      const int yy = y + sign * (i - D / 2) * sh.s, xx = x + sign * (j - D / 2) * sh.s;
       const bool ok = inside && yy >= 0 && yy < sh.H && xx >= 0 && xx < sh.W;
-      gq[i * D + j] =
+      gk[i * D + j] =
           ok ? to_f(g[((static_cast<int64_t>(b) * sh.H + yy) * sh.W + xx) * (D * D) + i * D + j]) * inv : 0.f;
     }
   for (int c0 = 0; c0 < sh.C; c0 += CC) {
     __syncthreads();
-    stage<T, kVec>(f1s, f1, sh, b, y0 - sh.md, x0 - sh.md, HH, WW, c0);
+    stage<T, kVec>(tile, src, sh, b, y0 - sh.md, x0 - sh.md, HH, WW, c0);
     __syncthreads();
     float vals[CC];
 #pragma unroll
     for (int cc = 0; cc < CC; ++cc) {
-      const float* base = f1s + cc * HH * WW + ty * WW + tx;  // halo origin: q - d_k = tile (ty + (D-1-i)s, ...)
+      const float* base = tile + cc * HH * WW + ty * WW + tx;
       float acc = 0.f;
 #pragma unroll
       for (int i = 0; i < D; ++i)
 #pragma unroll
-        for (int j = 0; j < D; ++j) acc += gq[i * D + j] * base[(D - 1 - i) * sh.s * WW + (D - 1 - j) * sh.s];
+        for (int j = 0; j < D; ++j) {
+          const int oy = kSecond ? D - 1 - i : i, ox = kSecond ? D - 1 - j : j;
+          acc += gk[i * D + j] * base[oy * sh.s * WW + ox * sh.s];
+        }
       vals[cc] = acc;
     }
-    if (inside) store_chunk<T, kVec>(g2, (static_cast<int64_t>(b) * sh.H + y) * sh.W + x, sh, c0, vals);
+    if (inside) store_chunk<T, kVec>(dst, (static_cast<int64_t>(b) * sh.H + y) * sh.W + x, sh, c0, vals);
   }
 }
 

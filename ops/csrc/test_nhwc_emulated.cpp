@@ -8,6 +8,7 @@
 
 #include "cost_volume_nhwc.cuh"
 
+using namespace hcml;
 using namespace hcml::nhwc;
 
 template <typename T>
@@ -36,8 +37,8 @@ static int run_case(const char* dtype, int B, int C, int H, int W, int s, unsign
                   static_cast<unsigned>(B)};
   const dim3 block{THREADS, 1, 1};
   hcml_emu::launch(grid, block, smem_forward(sh), forward<T, D, kVec>, sh, f1.data(), f2.data(), out.data());
-  hcml_emu::launch(grid, block, smem_backward(sh), backward_f1<T, D, kVec>, sh, g.data(), f2.data(), g1.data());
-  hcml_emu::launch(grid, block, smem_backward(sh), backward_f2<T, D, kVec>, sh, g.data(), f1.data(), g2.data());
+  hcml_emu::launch(grid, block, smem_backward(sh), backward<T, D, kVec, false>, sh, g.data(), f2.data(), g1.data());
+  hcml_emu::launch(grid, block, smem_backward(sh), backward<T, D, kVec, true>, sh, g.data(), f1.data(), g2.data());
 
   // the definition, on the same (rounded) inputs, in double
   std::vector<double> ro(no, 0.0), r1(nf, 0.0), r2(nf, 0.0);
