@@ -20,7 +20,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from hcml.launch.config import resolve_recipe
+import torch
+
+from hcml.launch.config import load_config, resolve_recipe
 from hcml.launch.distributed import torchrun_cmd
 from hcml.pipeline import synth
 from hcml.pipeline.prepared import load_prepared
@@ -65,6 +67,8 @@ def format_report(rep: dict, classes: list[str], pairs) -> str:
     for key, r in rep["models"].items():
         lines.append(f"{r['label']:<52}{r['top1']:>6.1f}%   {r['pair_direction']:5.1f}% "
                      f"(of {r['pair_n']} videos predicted inside their pair)")
+    lines.append(f"(HCML: {rep['ssl_steps']} self-supervised steps, then {rep['steps'] - rep['ssl_steps']} joint; "
+                 f"{rep['bn_note']})")
     lines.append("per-class top-1 on the time-reversal pairs (same frames, opposite order):")
     for a, b in pairs:
         row = "  " + f"{classes[a]} / {classes[b]}".ljust(26)
@@ -148,8 +152,13 @@ def run_demo(out: Path, nproc: int = 2, quick: bool = False) -> int:
         d, n = pair_direction_accuracy(labels, ev["predictions"], pairs)
         models[key] = {"label": label, "top1": ev["top1"], "top5": ev["top5"], "pair_direction": d, "pair_n": n,
                        "per_class": ev["per_class"], "steps": steps[key], "train_seconds": s["seconds"]}
+    ssl_cfg = load_config(resolve_recipe("demo_ssl"), ssl_ov)
+    bn_note = ("global BN across the processes, as in the paper" if ssl_cfg.train.bn == "global" and
+               torch.cuda.is_available() else
+               f"BN statistics per process over {ssl_cfg.data.batch_size} clips stand in for the paper's global BN: "
+               f"SyncBatchNorm runs only on CUDA")
     rep = {"models": models, "steps": max(steps.values()), "knn": knn_pair(ssl_ckpt, out, k=10),
-           "ssl_steps": ssl["step"], "classes": ds.classes}
+           "ssl_steps": ssl["step"], "classes": ds.classes, "bn_note": bn_note}
     if len(set(steps.values())) != 1:
         print(f"[demo] WARNING: the models ran different step counts: {steps}", flush=True)
     video = next((s.path for s in ds.val if ds.classes[s.label] == "pan_left"), ds.val[0].path)
