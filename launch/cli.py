@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     except HCMLError as e:  # user errors: one clear line, no traceback, exit 2 (in every torchrun worker too)
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(f"hcml {args.cmd}{where}: error: {e}", file=sys.stderr, flush=True)
+        # one write of the whole line: torchrun workers share stderr, and a line under PIPE_BUF is never split
+        os.write(2, f"hcml {args.cmd}{where}: error: {e}\n".encode())
         return 2
 
 
