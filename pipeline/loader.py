@@ -24,7 +24,7 @@ import torch
 from hcml.errors import ConfigError, DatasetError
 from hcml.pipeline.prepared import Sample
 
-_BIG_STEP = 1 << 30  # one sequence per file-list line
+BIG_STEP = 1 << 30  # one sequence per file-list line
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _reader(file_list: Path, spec: DataSpec, device: str, shard_id: int, num_sha
 
     return fn.experimental.readers.video(
         device=device, file_list=str(file_list), file_list_format="frames", file_list_include_end=True,
-        sequence_length=spec.frames, stride=spec.stride, step=_BIG_STEP, pad_mode="edge", random_shuffle=False,
+        sequence_length=spec.frames, stride=spec.stride, step=BIG_STEP, pad_mode="edge", random_shuffle=False,
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="Reader")
 
 
@@ -152,24 +152,30 @@ def _normalize(video, spec: DataSpec, mirror=0):
                                     dtype=types.FLOAT16 if spec.dtype == "float16" else types.FLOAT)
 
 
+def augment_train(video, spec: DataSpec):
+    """(augmented clip, mirror flag) inside a DALI graph: random shorter side and crop position, one window for
+    all frames resized to crop x crop, random horizontal flip (unless ``flip=none``), normalisation."""
+    from nvidia.dali import fn
+
+    lo, hi = (float(v) for v in spec.short_side)
+    short = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
+    video = _crop_resize(video, short, fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]),
+                         spec.crop)
+    mirror = fn.random.coin_flip(probability=0.5) if spec.flip != "none" else 0
+    return _normalize(video, spec, mirror), mirror
+
+
 def build_train_pipeline(file_list: Path, spec: DataSpec, *, device: str, device_id: int | None, shard_id: int,
                          num_shards: int, seed: int, checkpoint: str | None = None):
     """Train graph: decode T frames → one random crop window (random shorter side, random position) resized to
     crop x crop for all frames → flip → normalise (CFHW = the model's C, T, H, W)."""
-    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import pipeline_def
 
     @pipeline_def(enable_checkpointing=True)
     def train_pipe():
         video, label = _reader(file_list, spec, device, shard_id, num_shards)
-        lo, hi = (float(v) for v in spec.short_side)
-        short = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-        video = _crop_resize(video, short, fn.random.uniform(range=[0.0, 1.0]),
-                             fn.random.uniform(range=[0.0, 1.0]), spec.crop)
-        mirror = fn.random.coin_flip(probability=0.5) if spec.flip != "none" else 0
-        video = _normalize(video, spec, mirror)
-        if spec.flip == "none":
-            mirror = label * 0
-        return video, label, mirror
+        video, mirror = augment_train(video, spec)
+        return video, label, (label * 0 if spec.flip == "none" else mirror)
 
     pipe = train_pipe(batch_size=spec.batch_size, num_threads=spec.threads, device_id=device_id, seed=seed,
                       checkpoint=checkpoint, prefetch_queue_depth=spec.prefetch)

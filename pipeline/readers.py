@@ -20,21 +20,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from hcml.pipeline.loader import DataSpec, TrainLoader, _crop_resize, _normalize, clip_start, dali_device, epoch_order
+from hcml.pipeline.loader import (BIG_STEP, DataSpec, TrainLoader, augment_train, clip_start, dali_device,
+                                  epoch_order)
 from hcml.pipeline.prepared import Sample
-
-_BIG_STEP = 1 << 30
 
 
 def _augment(video, spec: DataSpec):
-    from nvidia.dali import fn
-
-    lo, hi = (float(v) for v in spec.short_side)
-    short = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-    video = _crop_resize(video, short, fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]),
-                         spec.crop)
-    mirror = fn.random.coin_flip(probability=0.5) if spec.flip != "none" else 0
-    return _normalize(video, spec, mirror)
+    return augment_train(video, spec)[0]
 
 
 def _iterate(pipes) -> Iterator[torch.Tensor]:
@@ -91,7 +83,7 @@ def classic(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id
     @pipeline_def
     def pipe():
         video, _ = fn.readers.video(device="gpu", file_list=str(lst), file_list_frame_num=True,
-                                    sequence_length=spec.frames, stride=spec.stride, step=_BIG_STEP,
+                                    sequence_length=spec.frames, stride=spec.stride, step=BIG_STEP,
                                     random_shuffle=False, name="Reader")
         return _augment(video, spec)
 
