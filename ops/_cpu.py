@@ -22,14 +22,15 @@ import subprocess
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "cost_volume_cpu.c"
+from hcml.ops._cuda import CSRC, ext_dir
+
+SOURCE = CSRC / "cost_volume_cpu.c"
 FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-std=c99"]
-_TYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}  # the C entry points per dtype
 
 
 def wanted() -> bool:
@@ -46,7 +47,7 @@ def library() -> ctypes.CDLL | None:
         return None
     src = SOURCE.read_bytes()
     digest = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("HCML_EXT_DIR", Path.home() / ".cache" / "hcml" / "ext"))
+    cache = ext_dir()
     so = cache / f"hcml_cost_volume_cpu_{digest}.so"
     if not so.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -83,14 +84,14 @@ def _split(N: int, fn) -> None:
 
 
 def available(dtype: torch.dtype) -> bool:
-    return wanted() and dtype in _TYPES and library() is not None
+    return wanted() and dtype in _SUFFIX and library() is not None
 
 
 def forward(a: torch.Tensor, b: torch.Tensor, md: int, s: int, D: int) -> torch.Tensor:
     """a, b: contiguous NHWC (N, H, W, C) of one dtype → (N, H, W, D²)."""
     N, H, W, C = a.shape
     out = torch.empty((N, H, W, D * D), dtype=a.dtype)
-    fn = getattr(library(), f"hcml_cv_forward_{_TYPES[a.dtype][0]}")
+    fn = getattr(library(), f"hcml_cv_forward_{_SUFFIX[a.dtype]}")
     _split(N, lambda n0, n1: fn(a.data_ptr(), b.data_ptr(), out.data_ptr(), N, H, W, C, md, s, n0, n1))
     return out
 
@@ -99,7 +100,7 @@ def backward(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, md: int, s: int)
     """g (N, H, W, D²), a, b (N, H, W, C), all contiguous → (dL/da, dL/db) as NHWC."""
     N, H, W, C = a.shape
     g1, g2 = torch.empty_like(a), torch.empty_like(b)
-    fn = getattr(library(), f"hcml_cv_backward_{_TYPES[a.dtype][0]}")
+    fn = getattr(library(), f"hcml_cv_backward_{_SUFFIX[a.dtype]}")
     _split(N, lambda n0, n1: fn(g.data_ptr(), a.data_ptr(), b.data_ptr(), g1.data_ptr(), g2.data_ptr(), N, H, W, C,
                                 md, s, n0, n1))
     return g1, g2

@@ -12,6 +12,11 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "cost_volume_binding.cpp", CSRC / "cost_volume_kernels.cu"]
 
 
+def ext_dir() -> Path:
+    """Where the op's compiled extensions are cached: ``$HCML_EXT_DIR``, default ``~/.cache/hcml/ext``."""
+    return Path(os.environ.get("HCML_EXT_DIR", Path.home() / ".cache" / "hcml" / "ext"))
+
+
 class CostVolumeBuildError(RuntimeError):
     """The CUDA cost-volume extension is unavailable; the message says why and what to do."""
 
@@ -33,7 +38,7 @@ def extension():
     if cpp_extension.CUDA_HOME is None:
         raise CostVolumeBuildError("CUDA toolkit not found (set CUDA_HOME or put nvcc on PATH) to JIT-build the "
                                    "cost-volume op, or use an image where it was built ahead of time")
-    build_dir = Path(os.environ.get("HCML_EXT_DIR", Path.home() / ".cache" / "hcml" / "ext"))
+    build_dir = ext_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         return cpp_extension.load(name="hcml_cost_volume_cuda", sources=[str(s) for s in SOURCES],

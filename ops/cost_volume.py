@@ -59,13 +59,13 @@ def _layout(t: Tensor) -> torch.memory_format:
 
 
 # ---------------------------------------------------------------- CPU paths
-# First choice: the C kernels of ops/csrc/cost_volume_cpu.c (ops/_cpu.py builds them with the system compiler).
-# Without a C compiler (or HCML_CPU_COST_VOLUME=torch), this pure-torch path: for one displacement row dy_i, pixel row y of f1 meets row y + dy_i of the zero-padded f2. One batched GEMM
-# per dy_i, (N·H, W, C) @ (N·H, C, W + 2·md), scores every x against every padded column; the D columns that
-# are real displacements (x + j·s) lie on a band of that (W, W + 2·md) matrix, read with one strided view.
-# The backward writes the incoming grads into that band (zeros elsewhere) and runs the two transposed GEMMs.
-# About 2x the per-displacement multiply-and-sum it replaced (docs/PERFORMANCE.md), and CPU-model independent
-# in what it computes (plain fp32/fp64 GEMMs).
+# Both work on NHWC tensors in the accumulation dtype. First choice: the C kernels of ops/csrc/cost_volume_cpu.c
+# (ops/_cpu.py builds them with the system compiler). Without a C compiler (or HCML_CPU_COST_VOLUME=torch), the
+# pure-torch band GEMMs: for one displacement row dy_i, pixel row y of f1 meets row y + dy_i of the zero-padded
+# f2. One batched GEMM per dy_i, (N·H, W, C) @ (N·H, C, W + 2·md), scores every x against every padded column;
+# the D columns that are real displacements (x + j·s) lie on a band of that (W, W + 2·md) matrix, read with one
+# strided view. The backward writes the incoming grads into that band (zeros elsewhere) and runs the two
+# transposed GEMMs.
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -80,17 +80,18 @@ def _nhwc(t: Tensor, acc: torch.dtype, pad: int = 0) -> Tensor:
     return t.permute(0, 2, 3, 1)
 
 
+def _from_nhwc(t: Tensor, like: Tensor) -> Tensor:
+    """An NHWC result back to (N, C, H, W) in ``like``'s dtype and layout."""
+    return t.permute(0, 3, 1, 2).to(like.dtype).contiguous(memory_format=_layout(like))
+
+
 def _band(m: Tensor, W: int, Wp: int, D: int, s: int) -> Tensor:
     """The (N·H, W, D) view of ``m`` (N·H, W, Wp) at [x, x + j·s]: the real displacements of each pixel."""
     return m.as_strided((m.shape[0], W, D), (W * Wp, Wp + 1, s), m.storage_offset())
 
 
-def _cpu_forward(f1: Tensor, f2: Tensor, md: int, s: int) -> Tensor:
+def _gemm_forward(f1: Tensor, f2: Tensor, md: int, s: int, D: int, acc: torch.dtype) -> Tensor:
     N, C, H, W = f1.shape
-    D, acc = num_displacements(md, s), _acc_dtype(f1)
-    if _cpu.available(acc):  # the C kernels (ops/csrc/cost_volume_cpu.c)
-        out = _cpu.forward(_nhwc(f1, acc).contiguous(), _nhwc(f2, acc).contiguous(), md, s, D).permute(0, 3, 1, 2)
-        return out.to(f1.dtype).contiguous(memory_format=_layout(f1))
     Wp = W + 2 * md
     out = torch.zeros((N, H, W, D * D), dtype=acc)
     if out.numel() and C:
@@ -100,18 +101,12 @@ def _cpu_forward(f1: Tensor, f2: Tensor, md: int, s: int) -> Tensor:
             rows = b[:, i * s:i * s + H].reshape(N * H, Wp, C)
             scores = torch.bmm(a, rows.transpose(1, 2))
             out[..., i * D:(i + 1) * D] = _band(scores, W, Wp, D, s).view(N, H, W, D)
-    out = (out / max(C, 1)).permute(0, 3, 1, 2)
-    return out.to(f1.dtype).contiguous(memory_format=_layout(f1))
+    return out / max(C, 1)
 
 
-def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tuple[Tensor, Tensor]:
+def _gemm_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int, D: int, acc: torch.dtype
+                   ) -> tuple[Tensor, Tensor]:
     N, C, H, W = f1.shape
-    D, acc = num_displacements(md, s), _acc_dtype(f1)
-    if _cpu.available(acc):
-        g1, g2 = _cpu.backward(_nhwc(grad, acc).contiguous(), _nhwc(f1, acc).contiguous(),
-                               _nhwc(f2, acc).contiguous(), md, s)
-        return (g1.permute(0, 3, 1, 2).to(f1.dtype).contiguous(memory_format=_layout(f1)),
-                g2.permute(0, 3, 1, 2).to(f2.dtype).contiguous(memory_format=_layout(f2)))
     Wp, Hp = W + 2 * md, H + 2 * md
     g1 = torch.zeros((N * H, W, C), dtype=acc)
     g2p = torch.zeros((N, Hp, Wp, C), dtype=acc)
@@ -125,10 +120,26 @@ def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tupl
             band.copy_(g[..., i * D:(i + 1) * D].reshape(N * H, W, D))
             g1.baddbmm_(band_matrix, b[:, i * s:i * s + H].reshape(N * H, Wp, C))
             g2p[:, i * s:i * s + H] += torch.bmm(band_matrix.transpose(1, 2), a).view(N, H, Wp, C)
-    g1 = (g1 / max(C, 1)).view(N, H, W, C).permute(0, 3, 1, 2)
-    g2 = (g2p[:, md:md + H, md:md + W] / max(C, 1)).permute(0, 3, 1, 2)
-    return (g1.to(f1.dtype).contiguous(memory_format=_layout(f1)),
-            g2.to(f2.dtype).contiguous(memory_format=_layout(f2)))
+    return (g1 / max(C, 1)).view(N, H, W, C), g2p[:, md:md + H, md:md + W] / max(C, 1)
+
+
+def _cpu_forward(f1: Tensor, f2: Tensor, md: int, s: int) -> Tensor:
+    D, acc = num_displacements(md, s), _acc_dtype(f1)
+    if _cpu.available(acc):
+        out = _cpu.forward(_nhwc(f1, acc).contiguous(), _nhwc(f2, acc).contiguous(), md, s, D)
+    else:
+        out = _gemm_forward(f1, f2, md, s, D, acc)
+    return _from_nhwc(out, f1)
+
+
+def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tuple[Tensor, Tensor]:
+    D, acc = num_displacements(md, s), _acc_dtype(f1)
+    if _cpu.available(acc):
+        g1, g2 = _cpu.backward(_nhwc(grad, acc).contiguous(), _nhwc(f1, acc).contiguous(),
+                               _nhwc(f2, acc).contiguous(), md, s)
+    else:
+        g1, g2 = _gemm_backward(grad, f1, f2, md, s, D, acc)
+    return _from_nhwc(g1, f1), _from_nhwc(g2, f2)
 
 
 # ---------------------------------------------------------------- the operator

@@ -38,8 +38,20 @@ SHAPES = [  # (B, C, H, W, md, s): odd sizes, B=1, C=1, non-square, several d/s
 ]
 
 
+@pytest.fixture(params=["c", "torch"])
+def cpu_path(request, monkeypatch):
+    """Both CPU implementations: the C kernels and the pure-torch band GEMMs (used without a C compiler)."""
+    from hcml.ops import _cpu
+
+    if request.param == "torch":
+        monkeypatch.setenv("HCML_CPU_COST_VOLUME", "torch")
+    elif _cpu.library() is None:
+        pytest.skip("no C compiler here: the C kernels cannot be built")
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_matches_naive_loop(shape):
+def test_forward_matches_naive_loop(shape, cpu_path):
     B, C, H, W, md, s = shape
     g = torch.Generator().manual_seed(0)
     f1, f2 = torch.randn(B, C, H, W, generator=g), torch.randn(B, C, H, W, generator=g)
@@ -65,7 +77,7 @@ def test_known_shift_peaks_at_the_displacement():
     torch.testing.assert_close(inner[k], (f1[0, :, 2:-6, 6:-6] ** 2).mean(0))
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(cpu_path):
     g = torch.Generator().manual_seed(1)
     f1 = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
     f2 = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
@@ -73,7 +85,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b: cost_volume(a, b, 4, 2), (f1, f2))
 
 
-def test_grad_matches_reference_autograd():
+def test_grad_matches_reference_autograd(cpu_path):
     f1 = torch.randn(2, 5, 9, 7, requires_grad=True)
     f2 = torch.randn(2, 5, 9, 7, requires_grad=True)
     g = torch.randn(2, 49, 9, 7)
@@ -84,7 +96,7 @@ def test_grad_matches_reference_autograd():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-def test_half_precision_tolerances(dtype, tol):
+def test_half_precision_tolerances(dtype, tol, cpu_path):
     """Half inputs accumulate in fp32; the error is the output rounding (documented: fp16 2e-3, bf16 1e-2)."""
     f1, f2 = torch.randn(2, 16, 10, 12), torch.randn(2, 16, 10, 12)
     ref = cost_volume(f1.to(dtype).float(), f2.to(dtype).float(), 6, 2)
@@ -93,7 +105,7 @@ def test_half_precision_tolerances(dtype, tol):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
-def test_channels_last_inputs_give_the_same_result():
+def test_channels_last_inputs_give_the_same_result(cpu_path):
     f1, f2 = torch.randn(2, 6, 9, 11), torch.randn(2, 6, 9, 11)
     a = cost_volume(f1, f2)
     b = cost_volume(f1.contiguous(memory_format=torch.channels_last), f2.contiguous(memory_format=torch.channels_last))
