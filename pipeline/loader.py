@@ -76,6 +76,12 @@ def dali_device(requested: str) -> str:
     return requested
 
 
+def placement(spec: DataSpec, device_id: int | None) -> tuple[str, int | None]:
+    """(DALI device, CUDA device id or None): a GPU pipeline runs on ``device_id`` (default 0)."""
+    device = dali_device(spec.device)
+    return device, ((device_id or 0) if device == "gpu" else None)
+
+
 def clip_start(seed: int, epoch: int, index: int, num_frames: int, span: int) -> int:
     """Random temporal offset of sample ``index`` in ``epoch``: uniform over the valid starts."""
     if num_frames <= span:
@@ -222,8 +228,7 @@ class TrainLoader:
         if not samples:
             raise DatasetError("no training videos (train.txt is empty)")
         self.samples, self.spec, self.work_dir = list(samples), spec, Path(work_dir)
-        self.device = dali_device(spec.device)
-        self.device_id = (device_id or 0) if self.device == "gpu" else None
+        self.device, self.device_id = placement(spec, device_id)
         self.rank, self.world, self.seed = rank, world, seed
         self.readers = max(1, spec.readers)
         self.steps_per_epoch = self.readers * (len(self.samples) // (world * self.readers) // spec.batch_size)
@@ -273,6 +278,13 @@ class TrainLoader:
         cps = [it.checkpoints()[0] for it in self._iters] or None
         return {"epoch": self._epoch, "position": self._pos, "dali": cps}
 
+    def cycle(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of epoch 0, 1, 2, ... without end (benchmarks)."""
+        epoch = 0
+        while True:
+            yield from self.epoch(epoch)
+            epoch += 1
+
     def epoch(self, epoch: int, state: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (clips (B, 3, T, H, W), labels (B,)) for the rest of ``epoch`` (from ``state`` if resuming)."""
         self._pos = 0
@@ -312,8 +324,7 @@ class EvalLoader:
     def __init__(self, samples: Sequence[Sample], spec: DataSpec, *, work_dir: Path, rank: int = 0, world: int = 1,
                  device_id: int | None = None):
         self.samples, self.spec, self.work_dir = list(samples), spec, Path(work_dir)
-        self.device = dali_device(spec.device)
-        self.device_id = (device_id or 0) if self.device == "gpu" else None
+        self.device, self.device_id = placement(spec, device_id)
         self.rank, self.world = rank, world
 
     @property

@@ -39,11 +39,17 @@ def _iterate(pipes) -> Iterator[torch.Tensor]:
             yield next(it)[0]["clips"]
 
 
-def _starts_list(path: Path, samples: Sequence[Sample], spec: DataSpec, seed: int = 0) -> None:
-    """``path start`` per line (readers.file's label column carries the clip's first frame)."""
-    lines = [f"{samples[i].path} {clip_start(seed, 0, int(i), samples[i].num_frames, spec.span)}\n"
-             for i in epoch_order(len(samples), seed, 0)]
-    path.write_text("".join(lines))
+def _clip_list(path: Path, samples: Sequence[Sample], spec: DataSpec, line) -> None:
+    """One line per video in the epoch-0 order, ``line(sample, start)`` at the loader's seeded clip start."""
+    path.write_text("".join(line(samples[i], clip_start(0, 0, int(i), samples[i].num_frames, spec.span))
+                            for i in epoch_order(len(samples), 0, 0)))
+
+
+def _built(pipe_def, spec: DataSpec, device_id: int | None):
+    p = pipe_def(batch_size=spec.batch_size, num_threads=spec.threads, device_id=device_id, seed=0,
+                 prefetch_queue_depth=spec.prefetch)
+    p.build()
+    return _iterate([p])
 
 
 def file_decoder(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id: int | None = 0):
@@ -51,7 +57,7 @@ def file_decoder(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, devi
 
     dev = dali_device(spec.device)
     lst = Path(work_dir) / "file_decoder.txt"
-    _starts_list(lst, samples, spec)
+    _clip_list(lst, samples, spec, lambda s, start: f"{s.path} {start}\n")  # label column = first frame
 
     @pipeline_def
     def pipe():
@@ -60,10 +66,7 @@ def file_decoder(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, devi
                                   sequence_length=spec.frames, stride=spec.stride, pad_mode="edge")
         return _augment(video, spec)
 
-    p = pipe(batch_size=spec.batch_size, num_threads=spec.threads, device_id=device_id if dev == "gpu" else None,
-             seed=0, prefetch_queue_depth=spec.prefetch)
-    p.build()
-    return _iterate([p])
+    return _built(pipe, spec, device_id if dev == "gpu" else None)
 
 
 def classic(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id: int | None = 0):
@@ -73,12 +76,7 @@ def classic(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id
     if dali_device(spec.device) != "gpu":
         raise RuntimeError("readers.video runs on the GPU only")
     lst = Path(work_dir) / "classic.txt"
-    lines = []
-    for i in epoch_order(len(samples), 0, 0):
-        s = samples[i]
-        start = clip_start(0, 0, int(i), s.num_frames, spec.span)
-        lines.append(f"{s.path} {s.label} {start} {start + spec.span}\n")
-    lst.write_text("".join(lines))
+    _clip_list(lst, samples, spec, lambda s, start: f"{s.path} {s.label} {start} {start + spec.span}\n")
 
     @pipeline_def
     def pipe():
@@ -87,10 +85,7 @@ def classic(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id
                                     random_shuffle=False, name="Reader")
         return _augment(video, spec)
 
-    p = pipe(batch_size=spec.batch_size, num_threads=spec.threads, device_id=device_id, seed=0,
-             prefetch_queue_depth=spec.prefetch)
-    p.build()
-    return _iterate([p])
+    return _built(pipe, spec, device_id)
 
 
 def experimental(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, device_id: int | None = 0,
@@ -98,15 +93,7 @@ def experimental(samples: Sequence[Sample], spec: DataSpec, work_dir: Path, devi
     """The project's TrainLoader, with ``pipelines`` reader pipelines (``data.readers``) over disjoint sub-shards."""
     loader = TrainLoader(samples, dataclasses.replace(spec, readers=pipelines), work_dir=Path(work_dir),
                          device_id=device_id)
-
-    def gen():
-        epoch = 0
-        while True:
-            for clips, _ in loader.epoch(epoch):
-                yield clips
-            epoch += 1
-
-    return gen()
+    return (clips for clips, _ in loader.cycle())
 
 
 CANDIDATES = {"experimental": experimental, "file+decoder": file_decoder, "classic": classic}

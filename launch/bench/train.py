@@ -52,15 +52,7 @@ def bench_train(data: str, config: str | None = None, steps: int = 20, overrides
     stages: dict[str, list[float]] = {"data_wait": [], "forward": [], "backward": [], "optimizer": []}
     step_times = []
     with tempfile.TemporaryDirectory() as tmp, profiler as prof:
-        loader = components.train_loader(cfg, ds, info, Path(tmp))
-
-        def batches():
-            epoch = 0
-            while True:
-                yield from loader.epoch(epoch)
-                epoch += 1
-
-        it = batches()
+        it = components.train_loader(cfg, ds, info, Path(tmp)).cycle()
         t_start = None
         for i in range(steps + warmup):
             if i == warmup:
