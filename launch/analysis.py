@@ -196,7 +196,7 @@ def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out
     models = [("HCML", model)]
     if baseline:
         models.insert(0, ("Baseline", components.load_trained(baseline)[2]))
-    info = DistInfo(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    info = DistInfo.local()
     device = info.device
     models = [(name, m.to(device)) for name, m in models]
     known = {s.path: s for s in ds.train + ds.val}

@@ -116,6 +116,12 @@ def uses_nce(cfg: C.Config) -> bool:
     return cfg.model.motion and (cfg.train.phase == "ssl" or (cfg.train.phase == "joint" and cfg.model.nce_lambda > 0))
 
 
+def forward_flags(cfg: C.Config) -> dict[str, bool]:
+    """What a training step asks the model for: the contrastive terms (when the loss has them) and the logits
+    (except in SSL, where the classifier is frozen and the stages only it needs are skipped)."""
+    return {"with_nce": uses_nce(cfg), "with_logits": cfg.train.phase != "ssl"}
+
+
 def freeze_unused(model: HCML, cfg: C.Config) -> None:
     """Parameters the phase's loss never reaches get no gradient (DDP would wait for them): in SSL the classifier,
     the stages after the last motion level and that level's fusion; without contrastive terms (fine-tuning, joint

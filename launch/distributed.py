@@ -26,6 +26,11 @@ class DistInfo:
     def distributed(self) -> bool:
         return self.world > 1
 
+    @classmethod
+    def local(cls) -> "DistInfo":
+        """One process outside torchrun, on the GPU when there is one (tools such as Grad-CAM and the benches)."""
+        return cls(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
 
 def init_distributed() -> DistInfo:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun); NCCL on CUDA, gloo on CPU."""

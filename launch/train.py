@@ -203,7 +203,7 @@ def train_step(run: Run, clips: torch.Tensor, labels: torch.Tensor, lr: float) -
         g["lr"] = lr
     x, y = run.prec.to_input(clips, dev), labels.to(dev, non_blocking=True)
     with run.prec.autocast_ctx(dev):
-        out = run.net(x, with_nce=components.uses_nce(cfg), with_logits=cfg.train.phase != "ssl")
+        out = run.net(x, **components.forward_flags(cfg))
     loss, terms = phase_loss(out, y, cfg.train.phase, cfg.model.nce_weights, cfg.model.nce_lambda)
     values = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
     bad = [k for k, v in values.items() if not math.isfinite(v)]

@@ -28,7 +28,7 @@ def bench_train(data: str, config: str | None = None, steps: int = 20, overrides
     from hcml.model import phase_loss
 
     cfg = load_config(config, [f"data.root={data}", *(overrides or [])])
-    info = DistInfo(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    info = DistInfo.local()
     dev = info.device
     ds = components.check_runnable(cfg)
     prec = components.precision(cfg, dev)
@@ -66,7 +66,7 @@ def bench_train(data: str, config: str | None = None, steps: int = 20, overrides
                 sync()
             t1 = time.perf_counter()
             with nvtx("forward"), prec.autocast_ctx(dev):
-                out = net(x, with_nce=components.uses_nce(cfg), with_logits=cfg.train.phase != "ssl")
+                out = net(x, **components.forward_flags(cfg))
             loss, _ = phase_loss(out, y, cfg.train.phase, m.nce_weights, m.nce_lambda)
             sync()
             t2 = time.perf_counter()
