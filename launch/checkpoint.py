@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from hcml.errors import CheckpointError
+from hcml.errors import CheckpointError, HCMLError
+from hcml.files import atomic_write
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
@@ -18,28 +18,24 @@ _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 def save_checkpoint(directory: str | Path, step: int, state: dict, keep: int = 3) -> Path:
     """Write ``ckpt_<step>.pt`` via temp file + fsync + rename, then keep only the newest ``keep``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"ckpt_{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write(path, lambda f: torch.save(state, f), binary=True)
+    except HCMLError as e:  # a full disk or a read-only mount: the earlier checkpoints are intact
+        raise CheckpointError(f"checkpoint at step {step} not saved: {e}") from None
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)  # the rename itself survives a crash
+    finally:
+        os.close(dfd)
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)
     return path
+
+
+def step_of(path: Path) -> int:
+    return int(_NAME.match(Path(path).name).group(1))
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -52,6 +48,10 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
+    if path.is_dir():
+        found = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
+        hint = f"; its newest checkpoint is {found[-1]}" if found else " with no ckpt_*.pt in it"
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

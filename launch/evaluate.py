@@ -16,9 +16,10 @@ from hcml.pipeline.loader import EvalLoader
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: EvalLoader, samples, num_classes: int, info: DistInfo,
-             prec: components.Precision, progress: bool = False) -> dict:
-    """Multi-view testing: softmax averaged over K clips × crops per video, every video exactly once over all
-    ranks (a view seen twice or never raises). Returns top-1/top-5 (%), per-class top-1, confusion, predictions."""
+             prec: components.Precision, progress: bool = False, on_batch=None) -> dict:
+    """Multi-view testing: softmax averaged over K clips × crops per video, every view at most once over all ranks
+    (twice raises). A video none of whose views came (DALI could not open it) is left out and counted in
+    ``skipped``. Returns top-1/top-5 (%) over the evaluated videos, per-class top-1, confusion, predictions."""
     from tqdm import tqdm
 
     was_training = model.training
@@ -31,6 +32,8 @@ def evaluate(model: nn.Module, loader: EvalLoader, samples, num_classes: int, in
             logits = model(x, with_nce=False)["logits"]
         rows.append(r.cpu())
         scores.append(logits.float().softmax(-1).view(B, V, -1).mean(1).cpu())
+        if on_batch:
+            on_batch()  # progress for the stall watchdog
     model.train(was_training)
     local = (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long),
              torch.cat(scores) if scores else torch.zeros(0, num_classes))
@@ -40,9 +43,11 @@ def evaluate(model: nn.Module, loader: EvalLoader, samples, num_classes: int, in
     for r, s in all_gather_objects(local, info):
         seen.index_add_(0, r, torch.ones_like(r))
         video_scores.index_add_(0, r // K, s)
-    if not torch.all(seen == 1):
-        raise RuntimeError(f"eval sharding error: views seen {seen.min()}..{seen.max()} times (expected once)")
-    labels = torch.tensor([s.label for s in samples])
+    if seen.max() > 1:
+        raise RuntimeError(f"eval sharding error: a view seen {seen.max()} times (expected once)")
+    present = seen.view(len(samples), K).sum(1) > 0
+    labels = torch.tensor([s.label for s in samples])[present]
+    video_scores = video_scores[present]
     top5 = video_scores.topk(min(5, num_classes), dim=1).indices
     pred = top5[:, 0]
     per_class = [float((pred[labels == c] == c).float().mean() * 100) if (labels == c).any() else float("nan")
@@ -51,8 +56,8 @@ def evaluate(model: nn.Module, loader: EvalLoader, samples, num_classes: int, in
     confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
     return {"top1": float((pred == labels).float().mean() * 100),
             "top5": float((top5 == labels[:, None]).any(1).float().mean() * 100),
-            "per_class": per_class, "confusion": confusion.tolist(), "videos": len(samples),
-            "predictions": pred.tolist()}
+            "per_class": per_class, "confusion": confusion.tolist(), "videos": int(present.sum()),
+            "skipped": int((~present).sum()), "predictions": pred.tolist()}
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], out_png: str | Path) -> Path:
@@ -80,7 +85,9 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out_png: str 
 
 
 def format_report(res: dict, classes: list[str]) -> str:
-    lines = [f"top-1 {res['top1']:.2f}%   top-5 {res['top5']:.2f}%   ({res['videos']} videos)", "per-class top-1:"]
+    skipped = f", {res['skipped']} unreadable videos skipped" if res.get("skipped") else ""
+    lines = [f"top-1 {res['top1']:.2f}%   top-5 {res['top5']:.2f}%   ({res['videos']} videos{skipped})",
+             "per-class top-1:"]
     for c, acc in zip(classes, res["per_class"]):
         lines.append(f"  {c:<40} {acc:6.1f}%")
     return "\n".join(lines)

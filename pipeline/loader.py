@@ -14,9 +14,14 @@ graph runs on the GPU. CPU: the same reader on ``device="cpu"`` (VP9/VP8/MJPEG o
 from __future__ import annotations
 
 import math
+import os
+import re
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +30,8 @@ from hcml.errors import ConfigError, DatasetError
 from hcml.pipeline.prepared import Sample
 
 BIG_STEP = 1 << 30  # one sequence per file-list line
+# What DALI's video reader decodes on each device: CPU (FFmpeg's software decoders it ships) and GPU (NVDEC).
+DALI_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"}, "gpu": {"h264", "hevc", "vp8", "vp9", "av1", "mjpeg"}}
 
 
 @dataclass
@@ -76,6 +83,17 @@ def dali_device(requested: str) -> str:
     return requested
 
 
+def check_decodable(codecs: set[str], device: str, where: str) -> None:
+    """Refuse, before any pipeline starts, videos the resolved DALI ``device`` cannot decode (DALI itself would
+    drop them all and fail with "number of input samples: 0")."""
+    bad = sorted(codecs - DALI_CODECS[device])
+    if bad:
+        fix = ("train on a GPU (data.device=gpu), or prepare a CPU copy with `hcml prepare ... --reencode vp9`"
+               if device == "cpu" else "prepare it again with `hcml prepare ... --reencode h264`")
+        raise DatasetError(f"{where}: {'/'.join(bad)} videos cannot be decoded by DALI's {device.upper()} reader "
+                           f"(it decodes {', '.join(sorted(DALI_CODECS[device]))}): {fix}")
+
+
 def placement(spec: DataSpec, device_id: int | None) -> tuple[str, int | None]:
     """(DALI device, CUDA device id or None): a GPU pipeline runs on ``device_id`` (default 0)."""
     device = dali_device(spec.device)
@@ -94,42 +112,51 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 7919]).permutation(n)
 
 
-def write_train_list(path: Path, samples: Sequence[Sample], spec: DataSpec, seed: int, epoch: int) -> None:
+def write_train_list(path: Path, samples: Sequence[Sample], spec: DataSpec, seed: int, epoch: int,
+                     skip: set[str] = frozenset()) -> None:
+    """One ``path label start end`` line per video (``end`` exclusive), in the epoch's shuffled order; videos in
+    ``skip`` are left out (the others keep their place and start)."""
     lines = []
     for i in epoch_order(len(samples), seed, epoch):
         s = samples[i]
+        if s.path in skip:
+            continue
         start = clip_start(seed, epoch, int(i), s.num_frames, spec.span)
-        end = start + spec.span - 1
+        end = start + spec.span
         if s.num_frames:
-            end = min(end, s.num_frames - 1)  # short videos: edge-padded by the reader
+            end = min(end, s.num_frames)  # short videos: edge-padded by the reader
         lines.append(f"{s.path} {s.label} {start} {end}\n")
     path.write_text("".join(lines))
 
 
 def eval_views(num_frames: int, spec: DataSpec) -> list[tuple[int, int]]:
-    """K uniformly spaced (start, end) clip ranges covering the video (PySlowFast's multi-view testing)."""
+    """K uniformly spaced [start, end) clip ranges covering the video (PySlowFast's multi-view testing)."""
     span = spec.span
     last = max(0, num_frames - span) if num_frames else 0
     K = spec.eval_clips
     starts = [round(last * k / (K - 1)) if K > 1 else last // 2 for k in range(K)]
-    return [(s, (min(s + span, num_frames) if num_frames else s + span) - 1) for s in starts]
+    return [(s, min(s + span, num_frames) if num_frames else s + span) for s in starts]
 
 
-def write_eval_list(path: Path, samples: Sequence[Sample], spec: DataSpec) -> None:
+def write_eval_list(path: Path, samples: Sequence[Sample], spec: DataSpec, skip: set[str] = frozenset()) -> None:
     """One line per (video, view); the label column holds the *row index* so that scores map back to videos."""
     lines, row = [], 0
     for s in samples:
         for start, end in eval_views(s.num_frames, spec):
-            lines.append(f"{s.path} {row} {start} {end}\n")
+            if s.path not in skip:
+                lines.append(f"{s.path} {row} {start} {end}\n")
             row += 1
     path.write_text("".join(lines))
 
 
-def _reader(file_list: Path, spec: DataSpec, device: str, shard_id: int, num_shards: int):
+def video_reader(file_list: Path, spec: DataSpec, device: str, shard_id: int, num_shards: int):
+    """(T frames (F, H, W, C) uint8, label) per file-list line. Ranges are [start, end): DALI 2.4 reads
+    ``end`` as exclusive even with ``file_list_include_end=True`` (an inclusive end lost a clip's last frame to
+    edge padding), so ends are written exclusive and the flag says so."""
     from nvidia.dali import fn
 
     return fn.experimental.readers.video(
-        device=device, file_list=str(file_list), file_list_format="frames", file_list_include_end=True,
+        device=device, file_list=str(file_list), file_list_format="frames", file_list_include_end=False,
         sequence_length=spec.frames, stride=spec.stride, step=BIG_STEP, pad_mode="edge", random_shuffle=False,
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="Reader")
 
@@ -179,7 +206,7 @@ def build_train_pipeline(file_list: Path, spec: DataSpec, *, device: str, device
 
     @pipeline_def(enable_checkpointing=True)
     def train_pipe():
-        video, label = _reader(file_list, spec, device, shard_id, num_shards)
+        video, label = video_reader(file_list, spec, device, shard_id, num_shards)
         video, mirror = augment_train(video, spec)
         return video, label, (label * 0 if spec.flip == "none" else mirror)
 
@@ -196,7 +223,7 @@ def build_eval_pipeline(file_list: Path, spec: DataSpec, *, device: str, device_
 
     @pipeline_def
     def eval_pipe():
-        video, row = _reader(file_list, spec, device, shard_id, num_shards)
+        video, row = video_reader(file_list, spec, device, shard_id, num_shards)
         shape = fn.cast(video.shape(), dtype=types.FLOAT)  # (F, H, W, C)
         landscape = shape[2] >= shape[1]
         positions = (0.5,) if spec.eval_crops == 1 else (0.0, 0.5, 1.0)
@@ -213,6 +240,63 @@ def build_eval_pipeline(file_list: Path, spec: DataSpec, *, device: str, device_
     return pipe
 
 
+# What DALI's readers print (C++, to fd 2) for a file-list line they drop while the pipeline builds.
+_DROPPED = (re.compile(r'Failed to open video file "(.+?)"'), re.compile(r"Empty frame range .* for file (.+?)\. Skipping"))
+
+
+@contextmanager
+def dropped_files() -> Iterator[list[str]]:
+    """Paths of the videos DALI's reader drops while pipelines build inside the block (unreadable, missing, or
+    shorter than the listed range): it indexes every file then, so a file that broke after ``prepare`` costs its
+    line, not the run. DALI's per-file lines are summarised by the caller; everything else on fd 2 passes on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    paths: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield paths
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            other = []
+            for line in tmp.read().decode(errors="replace").splitlines():
+                m = next((m for m in (p.search(line) for p in _DROPPED) if m), None)
+                paths.append(m.group(1)) if m else other.append(line)
+            if other:
+                os.write(2, ("\n".join(other) + "\n").encode())
+
+
+_NO_FRAMES = re.compile(r'video file "(.+?)"')
+
+
+def build_skipping_unreadable(build: Callable[[], list], unreadable: set[str]) -> tuple[list, list[str]]:
+    """``build()`` (which writes the file list without ``unreadable`` and builds the pipelines), retried without
+    each video that makes DALI's reader fail to build (a file that opens but holds no decodable frame); returns
+    (what build returned, every video dropped or left out). Every rank meets the same files the same way, so
+    the shards still partition what is left."""
+    dropped: list[str] = []  # over all attempts: DALI may name a file only once per process
+    while True:
+        with dropped_files() as named:
+            try:
+                result = build()
+            except RuntimeError as e:
+                m = _NO_FRAMES.search(str(e))
+                if not m or m.group(1) in unreadable:
+                    raise
+                unreadable.add(m.group(1))
+                result = None
+        dropped += named
+        if result is not None:
+            return result, sorted(set(dropped) | unreadable)
+
+
+def kept_samples(pipe) -> int:
+    """Samples the reader of a built pipeline will emit per epoch (all shards), after it dropped unreadable ones."""
+    return int(pipe.reader_meta("Reader")["epoch_size"])
+
+
 class TrainLoader:
     """One rank's training batches, epoch by epoch, with a resumable position.
 
@@ -221,10 +305,15 @@ class TrainLoader:
     rank's shard is split into R contiguous sub-shards, each read by its own DALI pipeline, and batches are taken
     from them in turn; the sub-shards partition the list, so every video still comes once per epoch.
     ``device_id``: the CUDA device of a GPU pipeline.
+
+    A video DALI cannot open (it broke after ``prepare``) is dropped from the epoch by DALI on every rank alike;
+    the epoch then has ``floor(kept / (world · R) / B) · R`` steps (a step fewer at most per B lost videos),
+    and ``on_skip(epoch, count, paths)`` reports it once per epoch start.
     """
 
     def __init__(self, samples: Sequence[Sample], spec: DataSpec, *, work_dir: Path, rank: int = 0, world: int = 1,
-                 device_id: int | None = None, seed: int = 0):
+                 device_id: int | None = None, seed: int = 0,
+                 on_skip: Callable[[int, int, list[str]], None] | None = None):
         if not samples:
             raise DatasetError("no training videos (train.txt is empty)")
         self.samples, self.spec, self.work_dir = list(samples), spec, Path(work_dir)
@@ -239,6 +328,9 @@ class TrainLoader:
         self._iters: list = []
         self._epoch = -1
         self._pos = 0
+        self._epoch_steps = self.steps_per_epoch
+        self.on_skip = on_skip
+        self.unreadable: set[str] = set()  # videos that stop DALI's reader from building: left out of the lists
         self._swap = None
         if spec.flip == "swap":
             if not spec.flip_pairs:
@@ -256,22 +348,33 @@ class TrainLoader:
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
         lst = self.work_dir / f"train_epoch{epoch}_rank{self.rank}.txt"
-        write_train_list(lst, self.samples, self.spec, self.seed, epoch)
         R = self.readers
-        self._iters = []
-        for k in range(R):  # k = 0 with R = 1 is exactly the single-pipeline loader (same shard, same seed)
-            pipe = build_train_pipeline(lst, self.spec, device=self.device, device_id=self.device_id,
-                                        shard_id=self.rank * R + k, num_shards=self.world * R,
-                                        seed=self.seed * 1000 + epoch * 10 + self.rank + 100_003 * k,
-                                        checkpoint=checkpoints[k] if checkpoints else None)
-            self._iters.append(DALIGenericIterator([pipe], ["clips", "labels", "mirror"], reader_name="Reader",
-                                                   last_batch_policy=LastBatchPolicy.DROP, auto_reset=False))
+
+        def build():
+            write_train_list(lst, self.samples, self.spec, self.seed, epoch, skip=self.unreadable)
+            # k = 0 with R = 1 is exactly the single-pipeline loader (same shard, same seed)
+            return [build_train_pipeline(lst, self.spec, device=self.device, device_id=self.device_id,
+                                         shard_id=self.rank * R + k, num_shards=self.world * R,
+                                         seed=self.seed * 1000 + epoch * 10 + self.rank + 100_003 * k,
+                                         checkpoint=checkpoints[k] if checkpoints else None) for k in range(R)]
+
+        pipes, dropped = build_skipping_unreadable(build, self.unreadable)
+        self._iters = [DALIGenericIterator([pipe], ["clips", "labels", "mirror"], reader_name="Reader",
+                                           last_batch_policy=LastBatchPolicy.DROP, auto_reset=False) for pipe in pipes]
+        kept = kept_samples(pipes[0])
+        self._epoch_steps = R * (kept // (self.world * R) // self.spec.batch_size)
+        if kept < len(self.samples) and self.on_skip:
+            self.on_skip(epoch, len(self.samples) - kept, dropped)
+        if self._epoch_steps == 0:
+            raise DatasetError(f"epoch {epoch}: DALI could read only {kept} of {len(self.samples)} training videos, "
+                               f"too few for one batch of {self.spec.batch_size} per process; unreadable: "
+                               f"{', '.join(dropped[:3]) or 'see the DALI log'}")
         self._epoch = epoch
 
     @property
     def finished(self) -> bool:
         """The current epoch has yielded all of its steps."""
-        return self._pos >= self.steps_per_epoch
+        return self._pos >= self._epoch_steps
 
     def state(self) -> dict:
         """Resumable position: epoch, batches consumed, and each pipeline's DALI checkpoint (reader + RNG)."""
@@ -301,7 +404,7 @@ class TrainLoader:
         if checkpoints is None and self._pos:  # no DALI checkpoint: skip decoded batches (augmentation RNG differs)
             for i in range(self._pos):
                 next(self._iters[i % self.readers])
-        while self._pos < self.steps_per_epoch:
+        while self._pos < self._epoch_steps:
             batch = next(self._iters[self._pos % self.readers])[0]
             labels = batch["labels"].view(-1).long()
             if self._swap is not None:
@@ -326,6 +429,7 @@ class EvalLoader:
         self.samples, self.spec, self.work_dir = list(samples), spec, Path(work_dir)
         self.device, self.device_id = placement(spec, device_id)
         self.rank, self.world = rank, world
+        self.dropped: list[str] = []  # videos DALI could not open in the last pass (their views never come)
 
     @property
     def num_rows(self) -> int:
@@ -339,9 +443,14 @@ class EvalLoader:
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
         lst = self.work_dir / f"eval_rank{self.rank}.txt"
-        write_eval_list(lst, self.samples, self.spec)
-        pipe = build_eval_pipeline(lst, self.spec, device=self.device, device_id=self.device_id,
-                                   shard_id=self.rank, num_shards=self.world)
+        unreadable: set[str] = set()
+
+        def build():
+            write_eval_list(lst, self.samples, self.spec, skip=unreadable)
+            return build_eval_pipeline(lst, self.spec, device=self.device, device_id=self.device_id,
+                                       shard_id=self.rank, num_shards=self.world)
+
+        pipe, self.dropped = build_skipping_unreadable(build, unreadable)
         it = DALIGenericIterator([pipe], ["clips", "rows"], reader_name="Reader",
                                  last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
         for batch in it:

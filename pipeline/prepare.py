@@ -8,25 +8,28 @@ wasted frames per clip. The GOP is set to T·stride (the clip span) so a clip ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hcml.pipeline.prepared import atomic_write_text, write_prepared
-from hcml.pipeline.sources import load_source
+from hcml.errors import DatasetError
+from hcml.files import atomic_write_text
+from hcml.pipeline.prepared import write_prepared
+from hcml.pipeline.sources import SourceOptions, load_source
 
-# What DALI's video readers decode: CPU (experimental reader) and GPU (NVDEC).
-DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
-DALI_GPU_CODECS = {"h264", "hevc", "vp8", "vp9", "av1", "mjpeg"}
+from hcml.pipeline.loader import DALI_CODECS
+
+DALI_CPU_CODECS, DALI_GPU_CODECS = DALI_CODECS["cpu"], DALI_CODECS["gpu"]
 
 
 @dataclass
 class Probe:
     path: str
     ok: bool
-    reason: str = ""  # missing | zero-length | undecodable | truncated | no video stream | unsupported codec | too few frames
+    reason: str = ""  # missing | zero-length | undecodable | truncated | bad timestamps | no video stream | unsupported codec | too few frames
     detail: str = ""
     codec: str = ""
     frames: int = 0
@@ -36,8 +39,25 @@ class Probe:
     vfr: bool = False
 
 
-def probe_video(path: str | Path, min_frames: int = 1) -> Probe:
-    """Demux every packet (cheap) and decode the first and last frames: catches truncation and corruption."""
+def _timestamp_fault(pts: list[int], in_order: bool) -> str:
+    """Why packet timestamps cannot index frames, or "". Frame-indexed readers (DALI) order and count frames by
+    pts: equal pts make frames collide (every pts 0 made DALI return frames 50-57 for 20-27). ``in_order``: also
+    strictly increasing in file order (what ``prepare`` writes: no B-frames)."""
+    srt = sorted(pts)
+    dups = sum(b == a for a, b in zip(srt, srt[1:]))
+    if dups:
+        return f"{dups + 1} packets share a timestamp (e.g. {srt[0]}, {srt[1]})" if len(set(pts)) == 1 else \
+            f"{dups} packets repeat an earlier timestamp"
+    if in_order:
+        bad = next((i for i, (a, b) in enumerate(zip(pts, pts[1:]), 1) if b <= a), None)
+        if bad is not None:
+            return f"timestamps decrease at packet {bad} ({pts[bad - 1]} then {pts[bad]})"
+    return ""
+
+
+def probe_video(path: str | Path, min_frames: int = 1, timestamps: str = "unique") -> Probe:
+    """Demux every packet (cheap) and decode the first frame: catches truncation, corruption and timestamps a
+    frame-indexed reader cannot use (``timestamps``: ``unique``, ``increasing`` in file order, or ``any``)."""
     import av
 
     path = Path(path)
@@ -88,6 +108,9 @@ def probe_video(path: str | Path, min_frames: int = 1) -> Probe:
             if last < 0.9 * total - 1 / p.fps:
                 return replace(p, ok=False, reason="truncated",
                                detail=f"packets end at {last:.2f}s of a {total:.2f}s video")
+        fault = "" if timestamps == "any" else _timestamp_fault(pts, timestamps == "increasing")
+        if fault:
+            return replace(p, ok=False, reason="bad timestamps", detail=fault)
         if len(pts) > 2:
             d = sorted(b - a for a, b in zip(sorted(pts), sorted(pts)[1:]))
             p.vfr = d[-1] > 1.5 * max(d[len(d) // 2], 1)
@@ -101,10 +124,11 @@ def gop_for(frames: int, stride: int) -> int:
     return max(1, (frames - 1) * stride + 1)
 
 
-def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop: int) -> None:
-    """Re-encode with PyAV: every decoded frame kept in order at the source's average rate (a constant frame
-    rate), shorter side ``short_side``, GOP = ``gop``, no B-frames, no audio; written to a temp name and renamed
-    (an interrupted run never leaves a half file). JPEG frame folders (Something-V1) become 12 fps videos."""
+def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop: int, upscale: bool = False) -> None:
+    """Re-encode with PyAV: every decoded frame kept in presentation order at the source's average rate (a constant
+    frame rate: output frame n is source frame n, also for variable-rate and B-frame sources), shorter side
+    ``short_side`` (never enlarged unless ``upscale``), GOP = ``gop``, no B-frames, no audio; written to a temp
+    name and renamed (an interrupted run never leaves a half file). JPEG frame folders become 12 fps videos."""
     import itertools
 
     from hcml.pipeline.video import encode_video, read_frames, scaled_size
@@ -116,7 +140,7 @@ def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop:
         first = next(frames, None)
         if first is None:
             raise RuntimeError("no frame decodes")
-        size = scaled_size(first.width, first.height, short_side)
+        size = scaled_size(first.width, first.height, short_side, upscale)
         encode_video(itertools.chain([first], frames), dst, codec, fps or src_fps, gop, size=size, options=quality)
     except RuntimeError:
         raise
@@ -124,77 +148,160 @@ def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop:
         raise RuntimeError(f"{type(e).__name__}: {e}") from e
 
 
-def prepare(dataset: str, root: str | Path, out: str | Path, *, split: int = 1, workers: int = 4,
-            reencode_to: str = "none", short_side: int = 320, frames: int = 16, stride: int = 2,
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What decides the output of ``hcml prepare``; stored in OUT/.hcml-prepare.json so that a rerun into the same
+    folder continues (finished videos are not redone) and a rerun with other settings is refused."""
+
+    dataset: str
+    root: str
+    reencode: str = "none"  # h264 | vp9 | none
+    short_side: int = 320  # with reencode
+    upscale: bool = False
+    frames: int = 16
+    stride: int = 2
+    split: int = 1
+
+    @property
+    def span(self) -> int:
+        return gop_for(self.frames, self.stride)
+
+    @property
+    def ext(self) -> str | None:
+        return {"h264": ".mp4", "vp9": ".webm"}.get(self.reencode)
+
+
+OWN_OUTPUTS = ("train.txt", "val.txt", "classes.txt", "dataset.yaml", "report.json", "report.txt", "videos",
+               ".hcml-prepare.json")
+MAX_EXCLUDED = 0.2  # default --max-excluded: Kinetics copies miss a few % of clips; a fifth means a wrong layout
+
+
+def claim_output(out: Path, settings: PrepareSettings, overwrite: bool) -> None:
+    """A fresh or empty folder, or one this command filled with the same settings (continue). Anything else is
+    refused, so a typo never mixes two datasets; ``overwrite`` removes only what prepare itself writes."""
+    import shutil
+
+    marker = out / ".hcml-prepare.json"
+    state = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite:
+            for name in OWN_OUTPUTS:
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        elif not (marker.is_file() and marker.read_text() == state):
+            why = "holds a prepare with other settings" if marker.is_file() else "is not empty"
+            raise DatasetError(f"--out {out} {why}: choose a new folder, or pass --overwrite to replace what "
+                               f"prepare wrote there")
+    atomic_write_text(marker, state)
+
+
+def prepare_one(path: Path, s: PrepareSettings, out: Path, fix: str | None) -> tuple[Probe, Path | None]:
+    """(probe of the video that will be used, its path) or (the failed probe, None). A source that fails and has a
+    published replacement (``fix``) is retried with it."""
+    pr = probe_video(path, timestamps="any" if s.reencode != "none" else "unique")
+    if not pr.ok and fix:
+        fixed, final = prepare_one(Path(fix), s, out, None)
+        return (replace(fixed, detail=f"replaces {path.name} ({pr.reason})"), final) if final else (pr, None)
+    if not pr.ok:
+        return pr, None
+    if s.reencode == "none":
+        if pr.codec not in DALI_GPU_CODECS | DALI_CPU_CODECS:
+            return replace(pr, ok=False, reason="unsupported codec", detail=f"{pr.codec}: use --reencode h264|vp9"), None
+        final, fp = path, pr
+    else:
+        rel = path.relative_to(s.root) if path.is_relative_to(s.root) else "_external" / path.relative_to(path.anchor)
+        final = (out / "videos" / rel).with_suffix(s.ext)
+        if not (final.is_file() and final.stat().st_size > 0):  # resumable: finished files are kept
+            try:
+                reencode(path, final, s.reencode, s.short_side, pr.fps, s.span, s.upscale)
+            except RuntimeError as e:
+                return replace(pr, ok=False, reason="undecodable", detail=f"re-encode failed: {e}"), None
+        fp = probe_video(final, timestamps="increasing")
+        if not fp.ok:
+            return replace(fp, path=str(path), detail=f"re-encoded file {final}: {fp.detail}"), None
+    if fp.frames < s.span:
+        return replace(fp, path=str(path), ok=False, reason="too few frames",
+                       detail=f"{fp.frames} frames < T·stride span {s.span}"), None
+    return replace(fp, path=str(path)) if final is path else fp, final
+
+
+def prepare(dataset: str, root: str | Path, out: str | Path, *, opts: SourceOptions | None = None, workers: int = 4,
+            reencode_to: str = "none", short_side: int | None = None, upscale: bool = False, frames: int = 16,
+            stride: int = 2, max_excluded: float = MAX_EXCLUDED, overwrite: bool = False,
             progress: bool = True) -> dict:
-    """Write a prepared dataset directory under ``out`` and ``out/report.json`` + ``out/report.txt``."""
+    """Write a prepared dataset directory under ``out`` and ``out/report.json`` + ``out/report.txt``. Raises
+    DatasetError (after writing the report) when nothing is usable or more than ``max_excluded`` of the listed
+    videos are excluded, naming the main reasons."""
     from tqdm import tqdm
 
-    src = load_source(dataset, root, split)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    span = gop_for(frames, stride)
-    ext = {"h264": ".mp4", "vp9": ".webm"}.get(reencode_to)
-    root = Path(root).resolve()
+    if short_side is not None and reencode_to == "none":
+        raise DatasetError(f"--short-side {short_side} needs --reencode h264|vp9 (with --reencode none the files "
+                           f"are kept as they are)")
+    opts = opts or SourceOptions()
+    src = load_source(dataset, root, opts)
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    root = Path(os.path.abspath(Path(root).expanduser()))
+    settings = PrepareSettings(dataset, str(root), reencode_to, short_side or 320, upscale, frames, stride,
+                               opts.split)
+    if src.listed and not (src.train or src.val):
+        raise DatasetError(f"prepare {dataset}: none of the {src.listed} listed videos exists under {root} (first: "
+                           f"{src.missing[0][1]}); see docs/DATASETS.md for the layout")
+    claim_output(out, settings, overwrite)
     jobs = [(split_name, Path(p), lab) for split_name, rows in (("train", src.train), ("val", src.val))
             for p, lab in rows]
-
-    def work(job):
-        split_name, path, lab = job
-        pr = probe_video(path, min_frames=1)
-        if not pr.ok:
-            return split_name, lab, pr, None
-        if reencode_to == "none":
-            allowed = DALI_GPU_CODECS | DALI_CPU_CODECS
-            if pr.codec not in allowed:
-                return split_name, lab, replace(pr, ok=False, reason="unsupported codec",
-                                                detail=f"{pr.codec}: use --reencode h264|vp9"), None
-            final, fp = path, pr
-        else:
-            rel = path.resolve().relative_to(root)
-            final = (out / "videos" / rel).with_suffix(ext)
-            if not (final.is_file() and final.stat().st_size > 0):  # resumable: done files are skipped
-                try:
-                    reencode(path, final, reencode_to, short_side, pr.fps, span)
-                except RuntimeError as e:
-                    return split_name, lab, replace(pr, ok=False, reason="undecodable",
-                                                    detail=f"re-encode failed: {e}"), None
-            fp = probe_video(final)
-            if not fp.ok:
-                return split_name, lab, replace(fp, path=str(path)), None
-        if fp.frames < span:
-            return split_name, lab, replace(fp, path=str(path), ok=False, reason="too few frames",
-                                            detail=f"{fp.frames} frames < T·stride span {span}"), None
-        return split_name, lab, fp, final
-
     rows: dict[str, list] = {"train": [], "val": []}
-    excluded, warnings = [], []
+    excluded, warnings, codecs, replaced = [], [], set(), 0
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        for split_name, lab, pr, final in tqdm(ex.map(work, jobs), total=len(jobs), desc=f"prepare {dataset}",
-                                               unit="video", disable=not progress):
+        results = ex.map(lambda job: prepare_one(job[1], settings, out, src.replacements.get(str(job[1]))), jobs)
+        for (split_name, path, lab), (pr, final) in tqdm(zip(jobs, results), total=len(jobs), unit="video",
+                                                          desc=f"prepare {dataset}", disable=not progress):
             if final is None:
                 excluded.append({"split": split_name, "path": pr.path, "reason": pr.reason, "detail": pr.detail})
                 continue
+            replaced += pr.detail.startswith("replaces ") or str(path) in src.fixes_used
+            codecs.add(pr.codec)
             if pr.vfr and reencode_to == "none":
                 warnings.append({"path": pr.path, "warning": "variable frame rate (frame-indexed clips are still "
                                  "exact; timestamps are not); --reencode makes it constant"})
-            final = Path(final)
-            rel = os.path.relpath(final, out) if final.is_relative_to(out) else str(final)
+            rel = os.path.relpath(final, out) if Path(final).is_relative_to(out) else str(final)
             rows[split_name].append((rel, lab, pr.frames))
     for split_name, path in src.missing:
         excluded.append({"split": split_name, "path": path, "reason": "missing", "detail": "listed but not found"})
-    meta = {"name": dataset, "codec": reencode_to if reencode_to != "none" else "as-is", "frames": frames,
-            "stride": stride, "short_side": short_side if reencode_to != "none" else None,
+    report = write_report(out, dataset, rows, excluded, warnings, replaced, codecs)
+    usable = len(rows["train"]) + len(rows["val"])
+    share = len(excluded) / max(1, usable + len(excluded))
+    if not rows["train"] or share > max_excluded:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(report["excluded_by_reason"].items(), key=lambda kv: -kv[1]))
+        first = next((e for e in excluded if e["reason"] != "missing"), excluded[0] if excluded else None)
+        hint = f"; e.g. {first['path']}: {first['detail'] or first['reason']}" if first else ""
+        raise DatasetError(f"prepare {dataset}: {len(excluded)} of {usable + len(excluded)} videos excluded "
+                           f"({100 * share:.0f}%, limit --max-excluded {max_excluded:g}; {reasons}){hint}; "
+                           f"{'no training video usable; ' if not rows['train'] else ''}nothing written but the "
+                           f"report: {out / 'report.txt'}")
+    meta = {"name": dataset, "codec": reencode_to if reencode_to != "none" else "as-is", "codecs": sorted(codecs),
+            "frames": frames, "stride": stride, "short_side": settings.short_side if reencode_to != "none" else None,
             "flip_pairs": src.flip_pairs, "source_root": str(root)}
     write_prepared(out, src.classes, rows["train"], rows["val"], meta)
+    gpu_only = sorted(codecs - DALI_CPU_CODECS)
+    if gpu_only:
+        report["summary"] += (f"\nnote: {'/'.join(gpu_only)} decodes only with DALI's GPU reader (data.device=gpu); "
+                              f"for CPU training prepare with --reencode vp9")
+    return report
+
+
+def write_report(out: Path, dataset: str, rows: dict, excluded: list, warnings: list, replaced: int,
+                 codecs: set) -> dict:
+    """report.json (every excluded file and why) and report.txt (counts and the first 20)."""
     by_reason: dict[str, int] = {}
     for e in excluded:
         by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
     report = {"dataset": dataset, "usable": {k: len(v) for k, v in rows.items()}, "excluded": excluded,
-              "excluded_by_reason": by_reason, "warnings": warnings}
+              "excluded_by_reason": by_reason, "replaced": replaced, "codecs": sorted(codecs), "warnings": warnings}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     lines = [f"{dataset}: {len(rows['train'])} train + {len(rows['val'])} val videos usable, "
-             f"{len(excluded)} excluded, {len(warnings)} warnings"]
+             f"{len(excluded)} excluded, {replaced} from published replacements, {len(warnings)} warnings"]
     lines += [f"  {reason}: {n}" for reason, n in sorted(by_reason.items())]
     lines += [f"  excluded {e['split']}: {e['path']} ({e['reason']}{': ' + e['detail'] if e['detail'] else ''})"
               for e in excluded[:20]]

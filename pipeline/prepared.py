@@ -13,14 +13,13 @@ opening the file; DALI's own file_list is generated from it per epoch (see ``pip
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from hcml.errors import DatasetError
+from hcml.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -43,26 +42,17 @@ class PreparedDataset:
         return len(self.classes)
 
     @property
+    def codecs(self) -> set[str]:
+        """The codecs of the dataset's videos as ``prepare``/``synth`` recorded them (empty: not recorded)."""
+        if self.meta.get("codecs"):
+            return set(self.meta["codecs"])
+        codec = self.meta.get("codec")
+        return {codec} if codec and codec != "as-is" else set()
+
+    @property
     def flip_pairs(self) -> list[list[int]]:
         """Label pairs a horizontal flip turns into each other, as ``prepare``/``synth`` recorded them."""
         return [list(p) for p in self.meta.get("flip_pairs") or []]
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file + fsync + rename, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_split(path: Path, rows: list[tuple[str, int, int]]) -> None:

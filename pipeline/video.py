@@ -47,12 +47,17 @@ def encode_video(frames: Iterable, path: str | Path, codec: str = "vp9", fps: fl
                     np.ascontiguousarray(f), format="rgb24")
                 if stream is None:
                     width, height = size or (frame.width, frame.height)
-                    stream = out.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001))
+                    rate = Fraction(fps).limit_denominator(1001)
+                    stream = out.add_stream(encoder, rate=rate)
                     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                    time_base = stream.codec_context.time_base = 1 / rate
                     stream.codec_context.gop_size = gop
                     stream.options = {**opts, "g": str(gop), "keyint_min": str(gop), **(options or {})}
                 frame = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
-                frame.pts = n
+                # Output frame n is input frame n, at a constant rate. The time base must be set with the pts: a
+                # decoded frame keeps its source's (1/1000 for WebM, 1/12800 for MP4), and PyAV rescales pts from
+                # it to the encoder's, which turned n into 0 for every frame.
+                frame.pts, frame.time_base = n, time_base
                 n += 1
                 for packet in stream.encode(frame):
                     out.mux(packet)
@@ -93,8 +98,11 @@ def read_frames(src: str | Path) -> tuple[Iterable, float]:
     return video_frames(), fps
 
 
-def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the shorter side at ``short_side`` and both even (what 4:2:0 encoders need)."""
+def scaled_size(width: int, height: int, short_side: int, upscale: bool = False) -> tuple[int, int]:
+    """(width, height) with the shorter side at ``short_side`` and both even (what 4:2:0 encoders need). A video
+    already shorter than that keeps its size unless ``upscale`` (enlarging adds pixels, not detail)."""
+    if min(width, height) <= short_side and not upscale:
+        return width + width % 2, height + height % 2
     if width <= height:
         w, h = short_side, round(height * short_side / width)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,12 +101,12 @@ def test_train_list_is_the_same_on_every_rank_and_differs_per_epoch(tmp_path):
     assert a == (tmp_path / "b").read_text() and a != (tmp_path / "c").read_text()
     for line in a.splitlines():
         _, _, s, e = line.split()
-        assert int(e) - int(s) == SPEC.span - 1
+        assert int(e) - int(s) == SPEC.span  # [start, end): DALI reads the end as exclusive
 
 
 def test_eval_views_uniform_and_multiview_count(tiny_dataset, tmp_path):
     views = eval_views(100, spec(eval_clips=4))
-    assert [v[0] for v in views] == [0, 28, 57, 85] and all(e - s == 14 for s, e in views)
+    assert [v[0] for v in views] == [0, 28, 57, 85] and all(e - s == 15 for s, e in views)
     ds = load_prepared(tiny_dataset)
     rows = []
     for rank in range(2):
@@ -229,3 +230,64 @@ def test_several_reader_pipelines_keep_exact_once_and_bit_exact_resume(tiny_data
     assert len(rest) == len(ref) - 3 and all(torch.equal(a, b) for a, b in zip(rest, ref[3:]))
     with pytest.raises(Exception, match="data.readers"):
         next(TrainLoader(ds.train, SPEC, work_dir=tmp_path / "d", seed=5).epoch(0, state))
+
+
+@pytest.fixture()
+def broken_dataset(tiny_dataset, tmp_path) -> list[Sample]:
+    """The tiny set's 24 training videos (label = index) with two that broke after prepare: one overwritten with
+    garbage, one truncated before its first complete frame."""
+    import shutil
+
+    ds = load_prepared(tiny_dataset)
+    samples = []
+    for i, s in enumerate(ds.train):
+        path = tmp_path / "videos" / f"{i:02d}.webm"
+        path.parent.mkdir(exist_ok=True)
+        shutil.copy(s.path, path)
+        samples.append(Sample(str(path), i, s.num_frames))
+    Path(samples[5].path).write_bytes(b"\x1a\x45\xdf\xa3" + b"garbage" * 300)
+    data = Path(samples[17].path).read_bytes()
+    Path(samples[17].path).write_bytes(data[: len(data) // 12])
+    return samples
+
+
+def test_unreadable_videos_are_skipped_exact_once_on_every_rank(broken_dataset, tmp_path):
+    """22 readable of 24 over 2 ranks x batch 4: both ranks run floor(22 / 2 / 4) = 2 steps (not 3, and never a
+    StopIteration), no video twice, the broken ones never, and each rank reports the skip with the paths."""
+    reports, seen = [], []
+    for rank in range(2):
+        tl = TrainLoader(broken_dataset, SPEC, work_dir=tmp_path / str(rank), rank=rank, world=2,
+                         on_skip=lambda *a: reports.append(a))
+        batches = [y.tolist() for _, y in tl.epoch(0)]
+        assert len(batches) == 2 and tl.finished
+        seen += [v for b in batches for v in b]
+    assert len(seen) == len(set(seen)) == 16 and not {5, 17} & set(seen)
+    assert [(e, n) for e, n, _ in reports] == [(0, 2), (0, 2)]
+    assert any(p.endswith("05.webm") for p in reports[0][2]) and any(p.endswith("17.webm") for p in reports[0][2])
+
+
+def test_resume_with_an_unreadable_video_is_bit_exact(broken_dataset, tmp_path):
+    one = spec(batch_size=3)
+    ref = [x.clone() for x, _ in TrainLoader(broken_dataset, one, work_dir=tmp_path / "a", seed=5).epoch(0)]
+    assert len(ref) == 7  # floor(22 / 3)
+    tl = TrainLoader(broken_dataset, one, work_dir=tmp_path / "b", seed=5)
+    it = tl.epoch(0)
+    for _ in range(4):
+        next(it)
+    rest = [x for x, _ in TrainLoader(broken_dataset, one, work_dir=tmp_path / "c", seed=5).epoch(0, tl.state())]
+    assert len(rest) == 3 and all(torch.equal(a, b) for a, b in zip(rest, ref[4:]))
+
+
+def test_eval_leaves_out_unreadable_videos_and_counts_them(broken_dataset, tmp_path):
+    from hcml.launch.components import Precision
+    from hcml.launch.distributed import DistInfo
+    from hcml.launch.evaluate import evaluate
+
+    class Constant(torch.nn.Module):
+        def forward(self, x, with_nce=False):
+            return {"logits": torch.zeros(x.shape[0], 24)}
+
+    samples = broken_dataset[:8]
+    el = EvalLoader(samples, spec(eval_clips=2, eval_crops=1), work_dir=tmp_path)
+    res = evaluate(Constant(), el, samples, 24, DistInfo(), Precision(None, False, False))
+    assert res["videos"] == 7 and res["skipped"] == 1 and el.dropped[0].endswith("05.webm")

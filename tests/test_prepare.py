@@ -11,7 +11,7 @@ from matplotlib.image import imsave
 
 from hcml.errors import DatasetError
 from hcml.pipeline.prepared import load_prepared
-from hcml.pipeline.sources import left_right_pairs, load_source
+from hcml.pipeline.sources import SourceOptions, left_right_pairs, load_source
 from hcml.pipeline.prepare import gop_for, probe_video
 from hcml.pipeline.synth import encode, render_clip
 
@@ -105,7 +105,7 @@ def test_ucf101_adapter(tmp_path):
     assert ds.classes == ["ApplyEyeMakeup", "Archery"]
     assert [lab for _, lab in ds.train] == [0, 1, 1, 1] and [lab for _, lab in ds.val] == [0, 1]
     with pytest.raises(DatasetError, match="splits 1, 2, 3"):
-        load_source("ucf101", tmp_path, split=4)
+        load_source("ucf101", tmp_path, SourceOptions(split=4))
 
 
 def test_probe_reports_truncated_and_zero_length(tmp_path):
@@ -128,7 +128,7 @@ def test_prepare_ucf101_reencodes_reports_bad_files_and_trains(tmp_path):
     root = make_ucf(tmp_path / "src")
     out = tmp_path / "prepared"
     report = prepare("ucf101", root, out, workers=2, reencode_to="vp9", short_side=40, frames=4, stride=2,
-                     progress=False)
+                     max_excluded=0.5, progress=False)
     reasons = {Path(e["path"]).name: e["reason"] for e in report["excluded"]}
     assert reasons["v_Archery_g10_c01.avi"] == "zero-length"
     assert reasons["v_Archery_g09_c01.avi"] in ("truncated", "undecodable")
@@ -143,20 +143,34 @@ def test_prepare_ucf101_reencodes_reports_bad_files_and_trains(tmp_path):
     assert x.shape == (2, 3, 4, 32, 32)
     # resumable: a second run re-encodes nothing and gives the same lists
     before = {p: p.stat().st_mtime_ns for p in (out / "videos").rglob("*.webm")}
-    prepare("ucf101", root, out, workers=2, reencode_to="vp9", short_side=40, frames=4, stride=2, progress=False)
+    lists = (out / "train.txt").read_text()
+    prepare("ucf101", root, out, workers=2, reencode_to="vp9", short_side=40, frames=4, stride=2, max_excluded=0.5,
+            progress=False)
     assert before == {p: p.stat().st_mtime_ns for p in (out / "videos").rglob("*.webm")}
+    assert (out / "train.txt").read_text() == lists
+    # other settings into the same folder are refused (two datasets never mix); --overwrite replaces
+    with pytest.raises(DatasetError, match="other settings.*--overwrite"):
+        prepare("ucf101", root, out, workers=2, reencode_to="vp9", short_side=32, frames=4, max_excluded=0.5,
+                progress=False)
+    prepare("ucf101", root, out, workers=2, reencode_to="vp9", short_side=32, frames=4, overwrite=True,
+            max_excluded=0.5, progress=False)
+    assert before.keys() == set((out / "videos").rglob("*.webm"))
 
 
-def test_prepare_without_reencode_rejects_mpeg4(tmp_path):
+def test_prepare_without_reencode_rejects_mpeg4_and_fails_naming_the_fix(tmp_path):
+    """UCF-101 kept as MPEG-4 AVI: nothing usable is an error (exit 2 from the CLI) naming the cause, the fix and
+    the report, not a success with empty lists."""
     from hcml.pipeline.prepare import prepare
 
-    report = prepare("ucf101", make_ucf(tmp_path / "src"), tmp_path / "out", reencode_to="none", frames=4,
-                     progress=False)
+    with pytest.raises(DatasetError, match=r"6 of 6 videos excluded.*4 unsupported codec.*--reencode h264\|vp9.*"
+                                           r"report.txt"):
+        prepare("ucf101", make_ucf(tmp_path / "src"), tmp_path / "out", reencode_to="none", frames=4, progress=False)
+    report = json.loads((tmp_path / "out/report.json").read_text())
     reasons = {Path(e["path"]).name: e["reason"] for e in report["excluded"]}
     assert [n for n, r in reasons.items() if r == "unsupported codec"].__len__() == 4  # the 4 intact MPEG-4 AVIs
     assert reasons["v_Archery_g10_c01.avi"] == "zero-length"
     assert reasons["v_Archery_g09_c01.avi"] in ("truncated", "undecodable")
-    assert report["usable"] == {"train": 0, "val": 0}
+    assert not (tmp_path / "out/train.txt").exists()
 
 
 def test_gop_from_clip_span():

@@ -1,0 +1,225 @@
+"""The public datasets in the layouts their downloaders leave, each as a tiny fixture in exactly that layout, through
+`hcml prepare`; and the errors a wrong layout or an unusable dataset must give before any training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hcml.errors import DatasetError
+from hcml.pipeline.prepare import prepare
+from hcml.pipeline.prepared import load_prepared
+from hcml.pipeline.sources import SourceOptions, load_source
+from tests.conftest import PY, run_env
+from tests.videos import decoded_indices, write
+
+K400_HEADER = "label,youtube_id,time_start,time_end,split\n"
+
+
+def k400_cvdf(root: Path) -> Path:
+    """As the CVDF downloader + extractor leave Kinetics-400: annotations/{train,val,test}.csv, flat train/ val/
+    test/, and replacement/replacement_for_corrupted_k400/ holding fixed copies of broken clips."""
+    ann = root / "annotations"
+    ann.mkdir(parents=True)
+    (ann / "train.csv").write_text(K400_HEADER + "abseiling,aaa,10,20,train\nbowling,bbb,0,10,train\n"
+                                   "bowling,ccc,5,15,train\nabseiling,ddd,1,11,train\nbowling,eee,2,12,train\n")
+    (ann / "val.csv").write_text(K400_HEADER + "abseiling,vvv,3,13,val\n")
+    (ann / "test.csv").write_text(K400_HEADER + "abseiling,ttt,3,13,test\n")
+    for stem in ("aaa_000010_000020", "bbb_000000_000010", "eee_000002_000012"):
+        write("mp4-bframes", root / "train" / f"{stem}.mp4", 24)
+    (root / "train/ccc_000005_000015.mp4").write_bytes(b"\x00" * 3000)  # corrupted in the tar
+    write("mp4-bframes", root / "val/vvv_000003_000013.mp4", 24)
+    write("mp4-bframes", root / "test/ttt_000003_000013.mp4", 24)
+    fixes = root / "replacement/replacement_for_corrupted_k400"
+    write("mp4-bframes", fixes / "ccc_000005_000015.mp4", 24)  # a fix for the corrupted clip
+    write("mp4-bframes", fixes / "ddd_000001_000011.mp4", 24)  # and for one missing from train/
+    return root
+
+
+def test_k400_from_the_cvdf_downloader_uses_replacement_clips(tmp_path):
+    root = k400_cvdf(tmp_path / "k400")
+    report = prepare("k400", root, tmp_path / "out", reencode_to="vp9", frames=4, stride=2, workers=2,
+                     progress=False)
+    assert report["usable"] == {"train": 5, "val": 1} and report["excluded"] == []
+    assert report["replaced"] == 2 and "2 from published replacements" in (tmp_path / "out/report.txt").read_text()
+    ds = load_prepared(tmp_path / "out")
+    assert ds.classes == ["abseiling", "bowling"] and [s.label for s in ds.train] == [0, 1, 1, 0, 1]
+    for s in ds.train + ds.val:
+        assert decoded_indices(Path(s.path)) == list(range(24))  # the B-frame MP4s, frame for frame
+    assert "test" not in (tmp_path / "out/train.txt").read_text()
+
+
+def test_k400_as_mmaction2_and_opendatalab_copies_with_validate_csv(tmp_path):
+    """Per-class folders videos_train/ videos_val/ and the original release's validate.csv."""
+    root = tmp_path / "k400"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations/train.csv").write_text(K400_HEADER + "abseiling,aaa,10,20,train\nbowling,bbb,0,10,train\n")
+    (root / "annotations/validate.csv").write_text(K400_HEADER + "bowling,ccc,3,13,val\n")
+    write("webm", root / "videos_train/abseiling/aaa_000010_000020.webm", 20)
+    write("webm", root / "videos_train/bowling/bbb_000000_000010.webm", 20)
+    write("webm", root / "videos_val/bowling/ccc_000003_000013.webm", 20)
+    ds = load_source("k400", root)
+    assert [Path(p).parent.name for p, _ in ds.train] == ["abseiling", "bowling"] and ds.val[0][1] == 1
+    assert ds.missing == []
+
+
+def test_k400_with_no_clip_found_fails_before_any_work_naming_where_it_looked(tmp_path):
+    root = tmp_path / "k400"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations/train.csv").write_text(K400_HEADER + "abseiling,aaa,10,20,train\n")
+    (root / "annotations/val.csv").write_text(K400_HEADER + "abseiling,bbb,10,20,val\n")
+    write("webm", root / "clips/aaa_000010_000020.webm", 20)  # not where Kinetics copies put clips
+    with pytest.raises(DatasetError, match=r"none of the 2 clips.*train/, val/, validate/, videos_train/"):
+        prepare("k400", root, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lists_as_pyslowfast_and_mmaction2_read_them(tmp_path):
+    """``path label`` lists (MMAction2's kinetics400_train_list_videos.txt, PySlowFast's train.csv), relative to
+    --root or absolute, with a class-name file."""
+    root = tmp_path / "data"
+    write("webm", root / "videos/a.webm", 20)
+    write("webm", root / "videos/b.webm", 20)
+    absolute = write("webm", tmp_path / "elsewhere/c.webm", 20)
+    (root / "kinetics400_train_list_videos.txt").write_text(f"videos/a.webm 0\n{absolute} 1\n")
+    (root / "kinetics400_val_list_videos.txt").write_text("videos/b.webm 1\n")
+    (root / "label_map.txt").write_text("pushing left\npushing right\n")
+    opts = SourceOptions(train_list=str(root / "kinetics400_train_list_videos.txt"),
+                         val_list=str(root / "kinetics400_val_list_videos.txt"), classes=str(root / "label_map.txt"))
+    report = prepare("lists", root, tmp_path / "out", opts=opts, reencode_to="vp9", frames=4, progress=False)
+    assert report["usable"] == {"train": 2, "val": 1}
+    ds = load_prepared(tmp_path / "out")
+    assert ds.classes == ["pushing left", "pushing right"] and ds.flip_pairs == [[0, 1]]
+    assert all(Path(s.path).is_file() and Path(s.path).is_relative_to(tmp_path / "out") for s in ds.train)
+    (root / "bad.txt").write_text("videos/a.webm zero\n")
+    with pytest.raises(DatasetError, match=r"bad.txt:1: expected 'path label'"):
+        load_source("lists", root, SourceOptions(train_list=str(root / "bad.txt"), val_list=str(root / "bad.txt")))
+
+
+def ssv2_labels() -> tuple[dict, list, list]:
+    labels = {"Pushing something from left to right": "0", "Pushing something from right to left": "1"}
+    train = [{"id": "1", "label": "pushing a cup from left to right",
+              "template": "Pushing [something] from left to right", "placeholders": ["a cup"]}]
+    val = [{"id": "2", "label": "pushing a cup from right to left",
+            "template": "Pushing [something] from right to left", "placeholders": ["a cup"]}]
+    return labels, train, val
+
+
+@pytest.mark.parametrize("where", ["root", "labels"])
+def test_ssv2_under_the_20bn_file_names(tmp_path, where):
+    """something-something-v2-{labels,train,validation}.json, as 20BN ships them and PySlowFast reads them."""
+    labels, train, val = ssv2_labels()
+    d = tmp_path if where == "root" else tmp_path / "labels"
+    d.mkdir(exist_ok=True)
+    for kind, obj in (("labels", labels), ("train", train), ("validation", val)):
+        (d / f"something-something-v2-{kind}.json").write_text(json.dumps(obj))
+    for i in ("1", "2"):
+        write("webm", tmp_path / f"20bn-something-something-v2/{i}.webm", 20)
+    ds = load_source("ssv2", tmp_path)
+    assert [lab for _, lab in ds.train] == [0] and [lab for _, lab in ds.val] == [1] and ds.flip_pairs == [[0, 1]]
+
+
+def test_ssv2_missing_labels_names_every_accepted_name(tmp_path):
+    with pytest.raises(DatasetError, match=r"something-something-v2-labels.json.*labels/labels.json"):
+        load_source("ssv2", tmp_path)
+
+
+def test_relative_root_tilde_and_symlinked_split_folders(tmp_path, monkeypatch):
+    """--root given relative, with ~, and with a split folder that is a symlink to another disk."""
+    storage = tmp_path / "disk2/train"
+    write("webm", storage / "aaa_000010_000020.webm", 20)
+    write("webm", storage / "bbb_000000_000010.webm", 20)
+    root = tmp_path / "home/k400"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations/train.csv").write_text(K400_HEADER + "abseiling,aaa,10,20,train\nbowling,bbb,0,10,train\n")
+    (root / "annotations/val.csv").write_text(K400_HEADER + "bowling,ccc,3,13,val\n")
+    (root / "train").symlink_to(storage)
+    write("webm", root / "val/ccc_000003_000013.webm", 20)
+    monkeypatch.chdir(tmp_path / "home")
+    out = prepare("k400", "k400", "prepared", frames=4, progress=False)  # relative, kept as is
+    ds = load_prepared(tmp_path / "home/prepared")
+    assert out["usable"] == {"train": 2, "val": 1} and all(Path(s.path).is_file() for s in ds.train)
+    assert all(Path(line.split()[0]).is_absolute() for line in (tmp_path / "home/prepared/train.txt").read_text()
+               .splitlines())
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    out = prepare("k400", "~/k400", "~/prepared-vp9", reencode_to="vp9", frames=4, progress=False)
+    assert out["usable"] == {"train": 2, "val": 1}
+    assert (tmp_path / "home/prepared-vp9/videos/train/aaa_000010_000020.webm").is_file()  # mirrors the symlink
+
+
+def test_never_upscales_unless_asked(tmp_path):
+    """SSv1's frames are 100 px high: --short-side 320 keeps them at 100 unless --upscale."""
+    import av
+
+    root = tmp_path / "ssv1"
+    root.mkdir()
+    (root / "something-something-v1-labels.csv").write_text("Holding something\n")
+    (root / "something-something-v1-train.csv").write_text("1;Holding something\n")
+    (root / "something-something-v1-validation.csv").write_text("2;Holding something\n")
+    for vid in ("1", "2"):
+        write("jpeg-folder", root / "20bn-something-something-v1" / vid, 12)
+    for upscale, short in ((False, 48), (True, 96)):
+        out = tmp_path / f"out{upscale}"
+        prepare("ssv1", root, out, reencode_to="vp9", short_side=96, upscale=upscale, frames=4, progress=False)
+        with av.open(load_prepared(out).train[0].path) as c:
+            assert c.streams.video[0].codec_context.height == short  # 80 x 48 source
+
+
+def test_h264_kept_as_is_fails_cpu_training_preflight_naming_the_fix(tmp_path):
+    from hcml.launch.components import check_runnable
+    from hcml.launch.config import load_config
+
+    root = tmp_path / "data"
+    for i in range(3):
+        write("mp4-bframes", root / f"v{i}.mp4", 20)
+    (root / "train.txt").write_text("v0.mp4 0\nv1.mp4 0\n")
+    (root / "val.txt").write_text("v2.mp4 0\n")
+    opts = SourceOptions(train_list=str(root / "train.txt"), val_list=str(root / "val.txt"))
+    report = prepare("lists", root, tmp_path / "out", opts=opts, frames=4, progress=False)
+    assert "decodes only with DALI's GPU reader" in report["summary"]
+    assert load_prepared(tmp_path / "out").codecs == {"h264"}
+    cfg = load_config(None, [f"data.root={tmp_path / 'out'}", "data.device=cpu", "data.batch_size=1"])
+    with pytest.raises(DatasetError, match=r"h264 videos cannot be decoded by DALI's CPU reader.*--reencode vp9"):
+        check_runnable(cfg)
+
+
+def test_short_side_without_reencode_is_an_error(tmp_path):
+    with pytest.raises(DatasetError, match="--short-side 48 needs --reencode"):
+        prepare("ucf101", tmp_path, tmp_path / "out", short_side=48, progress=False)
+
+
+def test_killed_prepare_continues_and_equals_an_uninterrupted_run(tmp_path):
+    """kill -9 halfway through re-encoding; the rerun keeps every finished video and writes the same lists."""
+    root = tmp_path / "data"
+    lines = []
+    for i in range(10):
+        write("webm", root / f"v{i:02d}.webm", 30)
+        lines.append(f"v{i:02d}.webm {i % 2}")
+    (root / "train.txt").write_text("\n".join(lines[:8]) + "\n")
+    (root / "val.txt").write_text("\n".join(lines[8:]) + "\n")
+    args = ["prepare", "lists", "--root", str(root), "--train-list", str(root / "train.txt"), "--val-list",
+            str(root / "val.txt"), "--reencode", "vp9", "--frames", "4", "--workers", "1"]
+    cmd = [PY, "-m", "hcml.launch.cli", *args]
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "a")], env=run_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "a").rglob("v*.webm"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("v*.webm")}
+    assert 3 <= len(done) < 10 and not (tmp_path / "a/train.txt").exists()
+    assert subprocess.run([*cmd, "--out", str(tmp_path / "a")], env=run_env(), capture_output=True).returncode == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished videos were not redone
+    assert not list((tmp_path / "a").rglob(".tmp-*"))  # the killed half-file is gone or replaced
+    assert subprocess.run([*cmd, "--out", str(tmp_path / "b")], env=run_env(), capture_output=True).returncode == 0
+    for name in ("train.txt", "val.txt", "classes.txt"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    for p in (tmp_path / "b").rglob("v*.webm"):
+        assert decoded_indices(p) == decoded_indices(tmp_path / "a" / p.relative_to(tmp_path / "b"))
