@@ -40,38 +40,59 @@ def cmd_synth(args) -> int:
 
 def cmd_prepare(args) -> int:
     from hcml.pipeline.prepare import prepare
+    from hcml.pipeline.sources import SourceOptions
 
-    report = prepare(args.dataset, args.root, args.out, split=args.split, workers=args.workers,
-                     reencode_to=args.reencode, short_side=args.short_side, frames=args.frames, stride=args.stride)
+    opts = SourceOptions(split=args.split, train_list=args.train_list, val_list=args.val_list, classes=args.classes)
+    report = prepare(args.dataset, args.root, args.out, opts=opts, workers=args.workers, reencode_to=args.reencode,
+                     short_side=args.short_side, upscale=args.upscale, frames=args.frames, stride=args.stride,
+                     max_excluded=args.max_excluded, overwrite=args.overwrite)
     print(report["summary"])
-    print(f"prepared dataset: {args.out} (report: {Path(args.out) / 'report.json'})")
+    print(f"prepared dataset: {Path(args.out).resolve()} (report: {Path(args.out).resolve() / 'report.txt'})")
     return 0
+
+
+LAUNCHER_FLAGS = ("--nproc-per-node", "--max-restarts", "--nnodes", "--rdzv-endpoint", "--rdzv-id")
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """The command line minus the launcher's own flags (``--flag v`` or ``--flag=v``): what every worker runs."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in LAUNCHER_FLAGS:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in LAUNCHER_FLAGS)):
+            out.append(a)
+    return out
 
 
 def cmd_train(args) -> int:
     from hcml.launch.components import check_runnable
     from hcml.launch.config import load_config
-    from hcml.launch.distributed import torchrun_cmd
+    from hcml.launch.launcher import Launch, run
+    from hcml.launch.rundir import preflight
 
     cfg_path = resolve_config(args.config)
-    # Reject a bad config, dataset or batch before any process starts (raises: one line, exit 2).
+    # Reject a bad config, dataset, batch or run dir before any process starts (raises: one line, exit 2).
     cfg = load_config(cfg_path, _overrides(args))
-    if "LOCAL_RANK" not in os.environ:
-        check_runnable(cfg, args.nproc_per_node or 1)
-    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
-        argv, skip = [], False
-        launcher_flags = ("--nproc-per-node", "--max-restarts")  # torchrun's, not the workers'
-        for a in sys.argv[1:]:
-            if skip:
-                skip = False
-            elif a in launcher_flags:
-                skip = True
-            elif not a.startswith(tuple(f + "=" for f in launcher_flags)):
-                argv.append(a)
-        return subprocess.call(torchrun_cmd(args.nproc_per_node, argv, args.max_restarts))
+    worker = "LOCAL_RANK" in os.environ
+    if not worker:
+        check_runnable(cfg, (args.nproc_per_node or 1) * _min_nodes(args.nnodes))
+        preflight(Path(cfg.run_dir), args.resume, args.overwrite)
+    if args.nproc_per_node and not worker:
+        launch = Launch(args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.max_restarts)
+        return run(launch, worker_argv(args.argv))
     from hcml.launch.train import main_from_args
 
-    return main_from_args(cfg_path, _overrides(args), args.resume)
+    return main_from_args(cfg_path, _overrides(args), args.resume, args.overwrite)
+
+
+def _min_nodes(nnodes: str) -> int:
+    try:
+        return int(str(nnodes).split(":")[0])
+    except ValueError:
+        raise HCMLError(f"--nnodes {nnodes!r}: expected N or MIN:MAX") from None
 
 
 def cmd_eval(args) -> int:
@@ -133,6 +154,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from hcml.model.backbone import ARCHS
+    from hcml.pipeline.sources import ADAPTERS
 
     ARCH_CHOICES = sorted(ARCHS)
     ap = argparse.ArgumentParser(prog="hcml", description="Hierarchical Contrastive Motion Learning: train, "
@@ -152,14 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("prepare", help="probe (and re-encode) a public dataset into a prepared dataset directory")
-    p.add_argument("dataset", choices=["k400", "ssv1", "ssv2", "ucf101"])
+    p.add_argument("dataset", choices=sorted(ADAPTERS))
     p.add_argument("--root", required=True, help="the dataset as distributed (layouts: docs/DATASETS.md)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new or empty folder (or this command's earlier output with "
+                   "the same settings: it continues)")
     p.add_argument("--split", type=int, default=1, help="UCF-101 split 1|2|3")
+    p.add_argument("--train-list", help="lists: the training list ('path label' per line)")
+    p.add_argument("--val-list", help="lists: the validation list")
+    p.add_argument("--classes", help="lists: class names, one per line (line number = label)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--reencode", choices=["h264", "vp9", "none"], default="none",
                    help="h264 for NVDEC (GPU), vp9 for DALI's CPU reader; none keeps the files")
-    p.add_argument("--short-side", type=int, default=320)
+    p.add_argument("--short-side", type=int, default=None, help="with --reencode: shorter side in pixels "
+                   "(default 320; smaller videos keep their size)")
+    p.add_argument("--upscale", action="store_true", help="also enlarge videos smaller than --short-side")
+    p.add_argument("--max-excluded", type=float, default=0.2, help="fail when more than this share of the listed "
+                   "videos is unusable (default 0.2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier prepare's output in --out")
     p.add_argument("--frames", type=int, default=16, help="clip length T (sets the GOP and the minimum length)")
     p.add_argument("--stride", type=int, default=2)
     p.set_defaults(fn=cmd_prepare)
@@ -183,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-restarts", type=int, default=0,
                            help="with --nproc-per-node: torchrun restarts failed workers, which resume from the "
                                 "newest checkpoint (also automatic under any torchrun restart)")
+            p.add_argument("--nnodes", default="1", help="with --nproc-per-node: nodes of a multi-node job (N or "
+                           "MIN:MAX); each node runs this same command")
+            p.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (multi-node)")
+            p.add_argument("--rdzv-id", default=None, help="the job's id, the same on every node (e.g. the Slurm "
+                           "job id)")
+            p.add_argument("--overwrite", action="store_true", help="start fresh in a run dir that holds another "
+                           "run's checkpoints, deleting them (without it that is refused)")
             p.set_defaults(fn=cmd_train)
         else:
             p.add_argument("--checkpoint", required=True)
@@ -285,6 +323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the launcher hands it on to the workers
     try:
         return args.fn(args) or 0
     except HCMLError as e:  # user errors: one clear line, no traceback, exit 2 (in every torchrun worker too)

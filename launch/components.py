@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hcml.errors import ConfigError
+from hcml.errors import CheckpointError, ConfigError
 from hcml.launch import config as C
 from hcml.launch.checkpoint import load_checkpoint
 from hcml.launch.distributed import DistInfo
 from hcml.model import HCML
-from hcml.pipeline.loader import DataSpec, EvalLoader, TrainLoader, dali_device
+from hcml.pipeline.loader import DataSpec, EvalLoader, TrainLoader, check_decodable, dali_device
 from hcml.pipeline.prepared import PreparedDataset, Sample, load_prepared
 
 
@@ -93,6 +93,25 @@ def build_model(cfg: C.Config, num_classes: int, log=print) -> HCML:
     return model
 
 
+def check_compatible(ck: dict, model: nn.Module, path: str | Path, cfg: C.Config) -> None:
+    """Refuse, with one line, a checkpoint whose tensors do not fit ``model`` (another architecture, another number
+    of classes, motion module on/off) instead of load_state_dict's list of every key."""
+    own, theirs = model.state_dict(), ck["model"]
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shaped = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
+    if not (missing or unexpected or shaped):
+        return
+    saved = ck.get("config", {}).get("model", {})
+    what = ", ".join(f"{k}={saved.get(k)!r} here {getattr(cfg.model, k)!r}" for k in ("arch", "motion")
+                     if k in saved and saved[k] != getattr(cfg.model, k))
+    first = (f"{shaped[0]} {tuple(theirs[shaped[0]].shape)} vs {tuple(own[shaped[0]].shape)}" if shaped
+             else (missing or unexpected)[0])
+    raise CheckpointError(f"{path} does not fit this model{' (' + what + ')' if what else ''}: {len(missing)} "
+                          f"tensors missing, {len(unexpected)} unexpected, {len(shaped)} of another shape (first: "
+                          f"{first}); use the config and dataset it was trained with")
+
+
 def num_classes(cfg: C.Config, ds: PreparedDataset) -> int:
     return cfg.model.num_classes or ds.num_classes
 
@@ -106,6 +125,7 @@ def load_trained(checkpoint: str, config_path: str | None = None, overrides: lis
     cfg.model.init_from = ""  # the checkpoint holds all the weights
     ds = load_prepared(cfg.data.root)
     model = build_model(cfg, num_classes(cfg, ds))
+    check_compatible(ck, model, checkpoint, cfg)
     model.load_state_dict(ck["model"])
     return cfg, ds, model
 
@@ -216,7 +236,7 @@ def check_runnable(cfg: C.Config, world: int = 1) -> PreparedDataset:
     worker again): the dataset loads, the DALI device exists, a batch fills on every rank, flip pairs exist for
     ``flip=swap``. Raises ConfigError/DatasetError naming the problem and the key."""
     ds = load_prepared(cfg.data.root)
-    dali_device(cfg.data.device)
+    check_decodable(ds.codecs, dali_device(cfg.data.device), str(Path(cfg.data.root) / "dataset.yaml"))
     if len(ds.train) < world * cfg.data.batch_size:
         raise ConfigError(f"{len(ds.train)} training videos in {cfg.data.root} cannot fill one batch of "
                           f"data.batch_size={cfg.data.batch_size} on each of {world} process(es); lower "

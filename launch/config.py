@@ -68,6 +68,9 @@ class TrainConfig:
     eval_every: int = 0  # epochs between evaluations; 0: only at the end
     grad_clip: float = 0.0
     progress: bool = True
+    stall_timeout_s: float = 300.0  # no step on any rank for this long: end the job naming the stalled rank(s),
+    #                                 so torchrun can restart it (0: never). Must exceed the slowest step, first
+    #                                 compile and a checkpoint save included.
 
 
 @dataclass
@@ -274,6 +277,23 @@ def validate(cfg: Config) -> None:
     if m.motion and cfg.train.phase != "finetune" and d.frames // 4 < 2:
         raise ConfigError(f"data.frames={d.frames}: the high motion level runs at T/4 frames and predicting the "
                           f"future needs at least 2 there, so data.frames must be >= 8 (or train.phase=finetune)")
+    o, t = cfg.optim, cfg.train
+    for key, value, ok, need in (
+            ("optim.lr_per_gpu", o.lr_per_gpu, o.lr_per_gpu > 0, "> 0"),
+            ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+            ("optim.epochs", o.epochs, o.epochs >= 1, ">= 1"),
+            ("optim.warmup_epochs", o.warmup_epochs, 0 <= o.warmup_epochs <= o.epochs, "in [0, optim.epochs]"),
+            ("train.max_steps", t.max_steps, t.max_steps >= 0, ">= 0 (0: no limit)"),
+            ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+            ("train.grad_clip", t.grad_clip, t.grad_clip >= 0, ">= 0 (0: off)"),
+            ("train.stall_timeout_s", t.stall_timeout_s, t.stall_timeout_s >= 0, ">= 0 (0: off)"),
+            ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, ">= 0"),
+            ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep >= 1, ">= 1"),
+            ("data.crop", d.crop, d.crop >= 8, ">= 8"),
+            ("data.stride", d.stride, d.stride >= 1, ">= 1")):
+        if not ok:
+            raise ConfigError(f"{key} must be {need}, got {value}")
     if cfg.train.phase == "ssl" and not m.motion:
         raise ConfigError("train.phase=ssl needs model.motion=true (the SSL losses live in the motion module)")
 

@@ -16,14 +16,13 @@ and a Grad-CAM++ strip. Written to ``report.txt`` and ``report.json`` in the out
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from hcml.launch.config import load_config, resolve_recipe
-from hcml.launch.distributed import torchrun_cmd
+from hcml.launch.launcher import Launch, run
 from hcml.pipeline import synth
 from hcml.pipeline.prepared import load_prepared
 
@@ -51,7 +50,7 @@ def train(name: str, recipe: str, data: Path, run_dir: Path, nproc: int, overrid
     argv = ["train", "--config", resolve_recipe(recipe), "--data", str(data), "--run-dir", str(run_dir), *overrides]
     print(f"[demo] {name}: torchrun --nproc_per_node={nproc} hcml {' '.join(argv)}", flush=True)
     t0 = time.time()
-    rc = subprocess.call(torchrun_cmd(nproc, argv))
+    rc = run(Launch(nproc), argv)
     if rc != 0:
         raise SystemExit(f"[demo] training {name} failed with exit code {rc}")
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +70,3 @@ def barrier(info: DistInfo) -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def torchrun_cmd(nproc: int, argv: list[str], max_restarts: int = 0) -> list[str]:
-    """``torchrun --standalone`` of ``hcml <argv>`` with ``nproc`` workers on this node."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--max-restarts={max_restarts}", "-m", "hcml.launch.cli", *argv]

@@ -62,8 +62,12 @@ class PrometheusExporter:
         self.mem_alloc = Gauge("hcml_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", lab, registry=r)
         self.mem_reserved = Gauge("hcml_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", lab, registry=r)
         self.samples = Counter("hcml_samples_seen", "training clips consumed by this rank", lab, registry=r)
+        self.skipped = Counter("hcml_samples_skipped", "training videos DALI could not read (dropped from their "
+                               "epoch; counted by rank 0)", lab, registry=r)
         self.ckpt_time = Histogram("hcml_checkpoint_save_seconds", "checkpoint save duration", lab,
                                    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60), registry=r)
+        self.since_step = Gauge("hcml_seconds_since_step", "seconds since this rank's last optimizer step (a stall "
+                                "shows here before train.stall_timeout_s ends the job)", lab, registry=r)
         self.rank = str(rank)
         self._server = start_http_server(chosen, registry=r)
 
@@ -87,6 +91,9 @@ class PrometheusExporter:
         if torch.cuda.is_available():
             self.mem_alloc.labels(rk).set(torch.cuda.memory_allocated())
             self.mem_reserved.labels(rk).set(torch.cuda.memory_reserved())
+
+    def idle(self, seconds: float) -> None:
+        self.since_step.labels(self.rank).set(seconds)
 
     def close(self) -> None:
         server = self._server[0] if isinstance(self._server, tuple) else None

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from hcml.launch import components, config as C
-from hcml.launch.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from hcml.errors import CheckpointError
+from hcml.launch import components, config as C, rundir
+from hcml.launch.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, step_of
 from hcml.launch.distributed import DistInfo, all_gather_objects, all_reduce_max, barrier, cleanup, init_distributed
 from hcml.launch.evaluate import evaluate
 from hcml.launch.metrics import JsonlLog, PrometheusExporter, plot_run
+from hcml.launch.watchdog import Watchdog
 from hcml.model import phase_loss
 from hcml.pipeline.loader import TrainLoader
 from hcml.pipeline.prepared import PreparedDataset
@@ -56,6 +58,9 @@ class Run:
     data_state: dict | None = None  # this rank's loader position when resuming mid-epoch
     resumed_from: str | None = None
     stopped_by: int | None = None  # the signal that ended the run
+    samples_skipped: int = 0  # training videos DALI could not read, summed over the epochs this process started
+    watchdog: Watchdog | None = None
+    lock: rundir.RunLock | None = None  # rank 0 holds the run dir while it trains
 
     @property
     def run_dir(self) -> Path:
@@ -73,12 +78,25 @@ class Run:
         if self.info.main:
             print(msg, flush=True)
 
+    def skipped(self, epoch: int, count: int, paths: list[str]) -> None:
+        """The loader's report of videos DALI dropped at an epoch start: counted, and named once per run."""
+        named = self.samples_skipped > 0
+        self.samples_skipped += count
+        if self.exporter and self.info.main:
+            self.exporter.skipped.labels(self.exporter.rank).inc(count)
+        if not named:
+            shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+            self.log(f"[data] epoch {epoch}: {count} training video(s) cannot be read and are skipped "
+                     f"(each epoch, every rank alike): {shown or 'see the DALI log'}")
+
 
 # ------------------------------------------------------------------ the run
-def train(cfg: C.Config, resume: str | None = None) -> dict:
-    """Train (and finally evaluate) per ``cfg``; returns the final summary (rank 0 has the full one)."""
-    run = setup(cfg, resume)
-    stop = _StopSignal()
+def train(cfg: C.Config, resume: str | None = None, overwrite: bool = False, stop: "_StopSignal | None" = None
+          ) -> dict:
+    """Train (and finally evaluate) per ``cfg``; returns the final summary (rank 0 has the full one).
+    ``resume``: None (fresh, or ``auto`` when torchrun restarts this job), ``auto`` or a checkpoint path."""
+    stop = stop or _StopSignal()
+    run = setup(cfg, resume, overwrite)
     from tqdm import tqdm
 
     bar = tqdm(total=run.max_steps, initial=run.step, desc=cfg.train.phase, unit="step", dynamic_ncols=True,
@@ -91,13 +109,14 @@ def train(cfg: C.Config, resume: str | None = None) -> dict:
     return finish(run)
 
 
-def setup(cfg: C.Config, resume: str | None) -> Run:
-    """Process group, seeds, parts, resume state, wrapping (DDP, compile) and telemetry."""
+def setup(cfg: C.Config, resume: str | None, overwrite: bool = False) -> Run:
+    """Process group, run-dir lock, seeds, parts, resume state, wrapping (DDP, compile) and telemetry."""
     info = init_distributed()
     run_dir = Path(cfg.run_dir)
+    lock = None
     if info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        C.dump_config(cfg, run_dir / "config.yaml")
+        rundir.check_writable(run_dir)
+        lock = rundir.RunLock(run_dir).acquire()
     barrier(info)
     if info.device.type == "cpu":
         torch.set_num_threads(max(1, int(os.environ.get("HCML_THREADS", (os.cpu_count() or 1) // info.world))))
@@ -119,8 +138,12 @@ def setup(cfg: C.Config, resume: str | None) -> Run:
     run = Run(cfg, info, ds, model, model, optimizer,
               torch.amp.GradScaler(info.device.type, enabled=prec.autocast == torch.float16), loader,
               components.schedule(cfg, loader.steps_per_epoch, info), prec,
-              JsonlLog(run_dir / "metrics.jsonl", enabled=info.main))
-    restore(run, resume)
+              JsonlLog(run_dir / "metrics.jsonl", enabled=info.main), lock=lock)
+    loader.on_skip = run.skipped
+    restore(run, resume, overwrite)
+    if info.main:
+        C.dump_config(cfg, run_dir / "config.yaml")
+        rundir.write_owner(run_dir, run.resumed_from)
     if info.distributed:
         run.net = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank]
                                                       if info.device.type == "cuda" else None)
@@ -129,45 +152,94 @@ def setup(cfg: C.Config, resume: str | None) -> Run:
     if cfg.metrics.port:
         run.exporter = PrometheusExporter(cfg.metrics.port + info.local_rank, info.rank, cfg.metrics.next_free_port,
                                           log=print)
+    run.watchdog = Watchdog(cfg.train.stall_timeout_s, info.rank, info.world,
+                            on_tick=run.exporter.idle if run.exporter else None)
+    run.watchdog.beat(run.step, "start")
+    run.watchdog.start()
     run.log(f"[train] {cfg.model.arch} motion={cfg.model.motion} phase={cfg.train.phase} world={info.world} "
             f"device={info.device} data={loader.device} amp={prec.autocast} compile={prec.compile} "
             f"channels_last={prec.channels_last} steps/epoch={loader.steps_per_epoch} lr={run.sched.base_lr:g}")
     return run
 
 
-def restore(run: Run, resume: str | None) -> None:
-    """``resume``: ``auto`` (the newest checkpoint of the run dir that loads) or a path. Restores weights,
-    optimizer, scaler, counters and this rank's RNG and loader position; the metrics log keeps only the records
-    up to the restored step (the steps after it are re-run and re-logged). A fresh start empties the log."""
-    if resume:
-        found = latest_valid(run.ckpt_dir) if resume == "auto" else (Path(resume), load_checkpoint(resume))
-        if found:
-            path, ck = found
-            run.model.load_state_dict(ck["model"])
-            run.optimizer.load_state_dict(ck["optimizer"])
-            if ck.get("scaler"):
-                run.scaler.load_state_dict(ck["scaler"])
-            run.step, run.epoch = ck["step"], ck["epoch"]
-            per_rank = ck.get("per_rank", [])
-            if run.info.rank < len(per_rank):
-                _set_rng_state(per_rank[run.info.rank]["rng"])
-                run.data_state = per_rank[run.info.rank]["data"]
-            run.resumed_from = str(path)
-            run.metrics.keep_until(run.step)
-            run.log(f"[resume] {path}: epoch {run.epoch}, step {run.step}")
+def restore(run: Run, resume: str | None, overwrite: bool = False) -> None:
+    """Decide, identically on every rank, where this run starts, then restore it.
+
+    ``resume`` None: a fresh start, unless torchrun restarted this very job (rank 0's run.json names its run id):
+    then ``auto``. A fresh start over another run's checkpoints is refused (``overwrite`` deletes them).
+    ``auto``: the newest checkpoint that *every* rank sees and loads (all ranks report what they see; a checkpoint
+    visible to some ranks only is an error naming them). A path: that checkpoint. Afterwards all ranks must hold
+    the same step (one collective check). The metrics log keeps the records up to the restored step."""
+    info = run.info
+    views = all_gather_objects({"steps": [step_of(p) for p in list_checkpoints(run.ckpt_dir)],
+                                "job": rundir.read_owner(run.run_dir).get("job")}, info)
+    job = rundir.current_job()
+    mode = resume or ("auto" if job is not None and views[0]["job"] == job else None)
+    if mode is None:
+        if any(v["steps"] for v in views):
+            if not overwrite:
+                raise rundir.refuse_fresh_start(run.run_dir, [s for v in views for s in v["steps"]])
+            if info.main:
+                rundir.clear_run(run.run_dir)
+            barrier(info)
+        run.metrics.reset()
+        return
+    if mode == "auto":
+        found = _newest_common(run, views)
+        if found is None:
+            run.log(f"[resume] no checkpoint in {run.ckpt_dir}: starting fresh")
+            run.metrics.reset()
             return
-        run.log(f"[resume] no valid checkpoint in {run.ckpt_dir}: starting fresh")
-    elif list_checkpoints(run.ckpt_dir):
-        run.log(f"[train] WARNING: {run.ckpt_dir} already has checkpoints; starting fresh and overwriting them as "
-                f"steps come around (pass --resume auto to continue instead)")
-    run.metrics.reset()
+        path, ck = found
+    else:
+        path, ck = Path(mode), load_checkpoint(mode)
+    components.check_compatible(ck, run.model, path, run.cfg)
+    run.model.load_state_dict(ck["model"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    if ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    run.step, run.epoch = ck["step"], ck["epoch"]
+    per_rank = ck.get("per_rank", [])
+    if info.rank < len(per_rank):
+        _set_rng_state(per_rank[info.rank]["rng"])
+        run.data_state = per_rank[info.rank]["data"]
+    steps = all_gather_objects(run.step, info)
+    if len(set(steps)) > 1:
+        raise CheckpointError("ranks restored different steps: " + ", ".join(f"rank {r}: {s}" for r, s in
+                                                                          enumerate(steps)))
+    run.resumed_from = str(path)
+    run.metrics.keep_until(run.step)
+    run.log(f"[resume] {path}: epoch {run.epoch}, step {run.step}")
+
+
+def _newest_common(run: Run, views: list[dict]) -> tuple[Path, dict] | None:
+    """The newest checkpoint every rank sees and loads, or None when no rank sees any."""
+    seen = [set(v["steps"]) for v in views]
+    if not any(seen):
+        return None
+    candidates = sorted(set.intersection(*seen), reverse=True)
+    for step in candidates:
+        path = run.ckpt_dir / f"ckpt_{step:08d}.pt"
+        try:
+            found, err = (path, load_checkpoint(path)), ""
+        except CheckpointError as e:
+            found, err = None, str(e)
+        errors = all_gather_objects(err, run.info)
+        if not any(errors):
+            return found
+        run.log(f"[resume] skipping step {step}: " + "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e))
+    raise CheckpointError(f"no checkpoint in {run.ckpt_dir} that every rank can load: " + ", ".join(
+        f"rank {r} sees {('steps ' + ', '.join(map(str, sorted(s)))) if s else 'none'}" for r, s in enumerate(seen))
+        + " (the run dir must be on storage all nodes share)")
 
 
 def run_epoch(run: Run, stop: "_StopSignal", bar) -> None:
     """The rest of the current epoch (all of it unless resuming mid-epoch), then its checkpoint and eval."""
     cfg = run.cfg
     t_last = time.perf_counter()
+    run.watchdog.beat(run.step, "data")
     for clips, labels in run.loader.epoch(run.epoch, run.data_state):
+        run.watchdog.beat(run.step, "step")
         wait = time.perf_counter() - t_last
         lr = run.sched.lr(run.step)
         values = train_step(run, clips, labels, lr)
@@ -185,6 +257,7 @@ def run_epoch(run: Run, stop: "_StopSignal", bar) -> None:
             break
         if run.step >= run.max_steps:
             break
+        run.watchdog.beat(run.step, "data")
     run.data_state = None
     if run.loader.finished:
         run.epoch += 1
@@ -229,11 +302,14 @@ def log_step(run: Run, values: dict[str, float], lr: float, clips: int, step_s: 
     if run.step % run.cfg.train.log_every == 0 or run.step == 1:
         run.metrics.write(kind="train", step=run.step, epoch=run.epoch, lr=lr, clips_per_s=clips / step_s,
                           data_wait_s=wait_s, step_s=step_s, data_wait_ratio=wait_s / max(step_s, 1e-9),
+                          samples_skipped=run.samples_skipped,
                           **{f"loss_{k}" if k != "total" else "loss": v for k, v in values.items()})
 
 
 def save(run: Run) -> None:
     """Checkpoint (rank 0 writes; every rank contributes its RNG and loader position)."""
+    if run.watchdog:
+        run.watchdog.beat(run.step, "checkpoint")
     t0 = time.perf_counter()
     per_rank = all_gather_objects({"rng": _rng_state(), "data": run.loader.state()}, run.info)
     if run.info.main:
@@ -252,7 +328,7 @@ def evaluate_and_log(run: Run) -> dict:
     cfg = run.cfg
     loader = components.eval_loader(cfg, run.ds, run.ds.val, run.info, run.run_dir / "lists")
     res = evaluate(run.model, loader, run.ds.val, components.num_classes(cfg, run.ds), run.info, run.prec,
-                   cfg.train.progress)
+                   cfg.train.progress, on_batch=lambda: run.watchdog.beat(run.step, "eval"))
     run.metrics.write(kind="eval", step=run.step, epoch=run.epoch, top1=res["top1"], top5=res["top5"])
     run.log(f"[eval] epoch {run.epoch} step {run.step}: top-1 {res['top1']:.1f}%  top-5 {res['top5']:.1f}% "
             f"({res['videos']} videos × {cfg.data.eval_clips} clips × {cfg.data.eval_crops} crops)")
@@ -263,7 +339,7 @@ def finish(run: Run) -> dict:
     """Final evaluation (unless stopped by a signal, or self-supervised: its classifier is untrained), curves,
     summary.json; releases the process group."""
     summary = {"step": run.step, "epoch": run.epoch, "resumed_from": run.resumed_from,
-               "stopped_by_signal": run.stopped_by}
+               "stopped_by_signal": run.stopped_by, "samples_skipped": run.samples_skipped}
     if run.stopped_by is None and run.ds.val and run.cfg.train.phase != "ssl":
         summary["eval"] = evaluate_and_log(run)
     if run.info.main:
@@ -271,17 +347,24 @@ def finish(run: Run) -> dict:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if run.exporter:
         run.exporter.close()
+    run.watchdog.stop()
+    barrier(run.info)
+    if run.lock:
+        run.lock.release()
     cleanup()
     return summary
 
 
 # ------------------------------------------------------------------ signals and RNG
 class _StopSignal:
-    """SIGTERM/SIGUSR1 (Slurm preemption) → checkpoint at the next step boundary, then exit cleanly."""
+    """SIGTERM/SIGINT/SIGUSR1 (scheduler stop, Ctrl-C, Slurm preemption) → checkpoint at the next step boundary,
+    then exit 0. Installed before anything else in a worker, so a signal during start-up is not lost."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.signal_seen: int | None = None
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        for s in self.SIGNALS:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
@@ -308,13 +391,14 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def main_from_args(config_path: str | None, overrides: list[str], resume: str | None) -> int:
-    """A worker's entry: restarted workers (torchrun ``--max-restarts``) resume by themselves; exit 3 on NaN."""
+def main_from_args(config_path: str | None, overrides: list[str], resume: str | None, overwrite: bool = False
+                   ) -> int:
+    """A worker's entry: exit 0 (also after a stop signal's checkpoint), 2 on bad input, 3 on NaN, 4 on a stall.
+    Workers that torchrun restarts resume by themselves (see :func:`restore`)."""
+    stop = _StopSignal()
     cfg = C.load_config(config_path, overrides)
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume = "auto"
     try:
-        train(cfg, resume)
+        train(cfg, resume, overwrite, stop)
     except NonFiniteLoss as e:
         print(f"[train] ERROR: {e}", file=sys.stderr, flush=True)
         return 3

@@ -174,26 +174,38 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_dataset, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_torchrun_restart_resumes_from_the_newest_checkpoint(tiny_dataset, tmp_path):
-    """Workers restarted by torchrun (TORCHELASTIC_RESTART_COUNT > 0) continue from the newest checkpoint without
-    being told --resume. (Killing a worker under `torchrun --max-restarts` itself was tried: the restarted gloo
-    mesh sometimes fails to connect on loopback, so the restart is simulated by its environment here.)"""
+def test_a_restart_of_the_same_job_resumes_and_a_new_job_never_overwrites_the_run(tiny_dataset, tmp_path):
+    """Workers that torchrun restarts (same job: TORCHELASTIC_RUN_ID as recorded in run.json; the restart count may
+    be 0 on a node whose workers restart because another node rejoined) continue from the newest checkpoint without
+    --resume. A new job starting fresh in that run dir is refused, one line, leaving every file as it was;
+    --overwrite replaces the run."""
     run = tmp_path / "run"
+    cmd = [PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset), "--run-dir",
+           str(run), *SMALL, "checkpoint.every_steps=3"]
 
-    def train(run_dir, max_steps, env):
-        cmd = [PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset), "--run-dir",
-               str(run_dir), *SMALL, "checkpoint.every_steps=3", f"train.max_steps={max_steps}"]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert res.returncode == 0, res.stderr[-2000:]
-        return res.stdout
+    def train(max_steps, job, *extra, rc=0):
+        env = {**run_env(), "TORCHELASTIC_RUN_ID": job, "LOCAL_RANK": "0"}  # as torchrun sets them
+        res = subprocess.run([*cmd, f"train.max_steps={max_steps}", *extra], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert res.returncode == rc, res.stderr[-2000:]
+        return res
 
-    train(run, 3, run_env())
-    restarted = {**run_env(), "TORCHELASTIC_RESTART_COUNT": "1"}
-    out = train(run, 6, restarted)
+    train(3, "job-1")
+    assert json.loads((run / "run.json").read_text())["job"] == "job-1"
+    out = train(6, "job-1").stdout  # the same job again: a restart
     assert re.search(r"\[resume\] \S+ckpt_00000003\.pt: epoch \d+, step 3", out), out[-2000:]
     assert json.loads((run / "summary.json").read_text())["step"] == 6
-    fresh = train(run, 7, run_env())  # no restart and no --resume: a fresh start, with a warning
-    assert "[resume]" not in fresh and "already has checkpoints; starting fresh" in fresh
+    def files():  # the run's files (the lock file says who holds the lock: not the run's)
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".hcml-lock"}
+
+    before = files()
+    res = train(7, "job-2", rc=2)  # a new job, fresh: refused before anything is written
+    assert res.stderr.strip().splitlines() == [
+        f"hcml train: error: run_dir {run} holds another run's checkpoints (up to step 6): pass --resume auto to "
+        "continue it, --overwrite to delete it and start fresh, or choose another --run-dir"]
+    assert before == files()
+    fresh = train(2, "job-2", "--overwrite").stdout
+    assert "[resume]" not in fresh and [p.name for p in list_checkpoints(run / "checkpoints")] == ["ckpt_00000002.pt"]
 
 
 @pytest.mark.slow
@@ -230,8 +242,9 @@ def test_metrics_log_belongs_to_one_run(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     cmd = [PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset), "--run-dir",
            str(run), *SMALL, "checkpoint.every_steps=2", "data.eval_clips=1"]
-    for _ in range(2):
-        r = subprocess.run([*cmd, "train.max_steps=5"], capture_output=True, text=True, env=run_env(), timeout=300)
+    for extra in ([], ["--overwrite"]):
+        r = subprocess.run([*cmd, "train.max_steps=5", *extra], capture_output=True, text=True, env=run_env(),
+                           timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2, 3, 4, 5, 5], steps  # 5 train records + the final eval
@@ -264,3 +277,25 @@ def test_a_signal_that_lands_during_the_agreement_is_kept(monkeypatch):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@pytest.mark.slow
+def test_a_video_that_broke_after_prepare_costs_its_clip_not_the_run(tiny_dataset, tmp_path):
+    """One training video overwritten with garbage after prepare: the 2-process run finishes both epochs, names the
+    file once, and counts the skip in metrics.jsonl and summary.json (and the Prometheus counter, test_metrics)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    broken = data / (data / "train.txt").read_text().split()[0]
+    broken.write_bytes(b"not a video" * 100)
+    run = tmp_path / "run"
+    res = subprocess.run(train_cmd(data, run, "train.max_steps=8"), capture_output=True, text=True, env=run_env(),
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("cannot be read and are skipped") == 1 and broken.name in res.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    # 23 readable / 2 ranks / batch 2 → 5 steps in epoch 0 (6 with all 24), then 3 of epoch 1 up to step 8
+    assert summary["step"] == 8 and summary["epoch"] == 1 and summary["samples_skipped"] == 2
+    assert [r["samples_skipped"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"] == [1] * 5 + [2] * 3

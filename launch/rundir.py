@@ -1,0 +1,108 @@
+"""One run per run directory.
+
+- A lock (``.hcml-lock``, a POSIX record lock, which NFS supports) is held by rank 0 while it trains: a second
+  run into a run dir in use is refused, and a crashed run leaves nothing stuck (the kernel drops the lock with the
+  process).
+- ``run.json`` names the job that owns the run dir (torchrun's run id): a torchrun restart of the same job resumes
+  by itself, while a *new* job that starts fresh where another run left checkpoints is refused (``--resume auto``
+  continues that run, ``--overwrite`` deletes it) instead of overwriting its history.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from hcml.errors import ConfigError
+from hcml.files import atomic_write_text
+
+LOCK = ".hcml-lock"
+OWNER = "run.json"
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "curves.png", OWNER)
+
+
+def current_job() -> str | None:
+    """The job this process belongs to: torchrun's run id (the same on every node and across restarts), or None
+    for a process started without torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"run_dir {run_dir} is not writable ({e.strerror}); choose another --run-dir") from None
+
+
+class RunLock:
+    """Exclusive, non-blocking lock on ``run_dir``; ``holder`` text says who has it."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"run_dir {self.path.parent} is in use by another run ({holder}); wait for it to end "
+                              f"or choose another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  .encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+
+def read_owner(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / OWNER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_owner(run_dir: Path, resumed_from: str | None) -> None:
+    atomic_write_text(Path(run_dir) / OWNER, json.dumps({
+        "job": current_job(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "resumed_from": resumed_from}, indent=1))
+
+
+def refuse_fresh_start(run_dir: Path, steps: list[int]) -> ConfigError:
+    return ConfigError(f"run_dir {run_dir} holds another run's checkpoints (up to step {max(steps)}): pass "
+                       f"--resume auto to continue it, --overwrite to delete it and start fresh, or choose another "
+                       f"--run-dir")
+
+
+def clear_run(run_dir: Path) -> None:
+    """``--overwrite``: remove what a run writes (its config.yaml is rewritten anyway)."""
+    for name in RUN_FILES:
+        p = Path(run_dir) / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def preflight(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """What ``hcml train`` checks before starting any worker: writable, not in use, and no fresh start over
+    another run's checkpoints."""
+    from hcml.launch.checkpoint import list_checkpoints, step_of
+
+    check_writable(run_dir)
+    RunLock(run_dir).acquire().release()
+    steps = [step_of(p) for p in list_checkpoints(run_dir / "checkpoints")]
+    if resume is None and steps and not overwrite:
+        raise refuse_fresh_start(run_dir, steps)
