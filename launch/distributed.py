@@ -43,9 +43,25 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), store=_round_store(world),
+                                rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world, local, device)
+
+
+def _round_store(world: int):
+    """torchrun's store under a prefix that is new for each round of workers and the same on every rank.
+
+    Why: with c10d rendezvous every round of workers talks to the same agent store, and torch keys the process
+    group's addresses by the restart count, which differs between nodes when one node's worker failed and the
+    others restart for the membership change: the restarted ranks then read the previous round's peer addresses
+    and gloo fails to connect (seen with two agents on one host). Every worker start adds 1 to a counter, so
+    the n-th start belongs to round (n - 1) // world on every rank."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # a plain env:// launch: torch's own store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(minutes=30))
+    start = store.add("hcml/worker_starts", 1)
+    return dist.PrefixStore(f"hcml/round{(start - 1) // world}", store)
 
 
 def all_gather_objects(obj, info: DistInfo) -> list:

@@ -79,21 +79,26 @@ def run(launch: Launch, argv: list[str]) -> int:
     received: list[int] = []
     delivered: dict[int, int] = {}  # worker pid → how many of the received signals it got
 
+    def forward() -> None:  # every received signal to every worker, once (workers started later get them too)
+        for pid in workers(proc.pid):
+            for signum in received[delivered.get(pid, 0):]:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+            delivered[pid] = len(received)
+
     def on_signal(signum, frame):
         received.append(signum)
         if len(received) >= 3:
             os.killpg(proc.pid, signal.SIGKILL)
+        forward()
 
     old = {s: signal.signal(s, on_signal) for s in FORWARDED}
     try:
         while True:
-            for pid in workers(proc.pid) if received else ():  # workers started later get the signal too
-                for signum in received[delivered.get(pid, 0):]:
-                    try:
-                        os.kill(pid, signum)
-                    except ProcessLookupError:
-                        pass
-                delivered[pid] = len(received)
+            if received:
+                forward()
             try:
                 return proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:

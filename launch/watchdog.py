@@ -74,8 +74,8 @@ class Watchdog(threading.Thread):
         since = datetime.datetime.fromtimestamp(self.t_progress).strftime("%H:%M:%S")
         head = f"stalled: no step for {now - self.t_progress:.0f} s (train.stall_timeout_s={self.timeout_s:g}) " \
                f"after step {self.step} at {since}"
-        silent = sorted(r for r in range(self.world) if r not in views or now - views[r]["alive"] > 3 * self.interval
-                        + 5)
+        deaf = min(self.timeout_s / 2, 3 * self.interval + 5)  # several missed heartbeats, well inside the timeout
+        silent = sorted(r for r in range(self.world) if r not in views or now - views[r]["alive"] > deaf)
         if silent:
             return f"{head}; rank(s) {', '.join(map(str, silent))} stopped answering (stopped or frozen process, " \
                    f"or a lost node)"

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import time
+from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import PY, REPO
 
 LAUNCH = REPO / "launch"
 
@@ -24,16 +28,67 @@ def test_slurm_script_is_valid_bash_and_requeues():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     assert "#SBATCH --requeue" in text and "--signal=B:USR1" in text and "--resume auto" in text
-    assert "--rdzv_backend=c10d" in text
+    assert "hcml train" in text and "--rdzv-endpoint" in text and "torchrun" not in text.split("set -euo")[1]
+    assert "#SBATCH --output=hcml-" in text  # no folder that would have to exist before the job starts
+
+
+def slurm_shims(d: Path) -> dict:
+    """srun/scontrol/scancel stand-ins: srun runs the task here (container flags dropped) and records its pid,
+    scancel --signal sends that signal to the task, scontrol answers hostnames and records a requeue."""
+    d.mkdir()
+    (d / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\necho $$ > "$SHIM/task.pid"\n'
+                            'exec "$@"\n')
+    (d / "scancel").write_text('#!/bin/bash\nsig=${2#--signal=}; [[ "$1" == --signal=* ]] && sig=${1#--signal=}\n'
+                               'kill -s "$sig" "$(cat "$SHIM/task.pid")"\n')
+    (d / "scontrol").write_text('#!/bin/bash\ncase "$1" in show) echo 127.0.0.1;; requeue) echo "requeue $2" '
+                                '>> "$SHIM/requeued";; esac\n')
+    for f in d.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "SHIM": str(d), "PATH": f"{d}:{Path(PY).parent}:{os.environ['PATH']}",
+            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1", "HCML_NPROC": "2",
+            "MASTER_PORT": str(29500 + os.getpid() % 1000), "HCML_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_slurm_preemption_path_checkpoints_and_requeues(tiny_dataset, tmp_path):
+    """The script as Slurm runs it (srun/scontrol/scancel replaced by shims): USR1 to the batch shell, as
+    --signal=B:USR1 sends it, ends in a checkpoint, every process gone, exit 0 and a requeue; and the Prometheus
+    targets file lists every local rank."""
+    from tests.test_train import SMALL, losses
+
+    env = slurm_shims(tmp_path / "shim")
+    run = tmp_path / "run"
+    proc = subprocess.Popen(["bash", str(LAUNCH / "slurm" / "train.sbatch"), "demo", f"data.root={tiny_dataset}",
+                             f"run_dir={run}", *SMALL, "optim.epochs=50", "metrics.port=0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").is_file() and max(losses(run), default=0) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    assert "checkpoint written at step" in out and (tmp_path / "shim/requeued").read_text() == "requeue 4242\n"
+    assert json.loads((run / "summary.json").read_text())["stopped_by_signal"] == signal.SIGUSR1
+    targets = json.loads((run / "prometheus_targets.json").read_text())
+    assert targets[0]["targets"] == ["127.0.0.1:9400", "127.0.0.1:9401"]
 
 
 def test_pytorchjob_manifest():
-    job = yaml.safe_load((LAUNCH / "k8s" / "pytorchjob.yaml").read_text())
-    assert job["kind"] == "PyTorchJob"
-    cmd = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["command"]
-    assert cmd[0] == "torchrun" and "--resume" in cmd
-    cfg = cmd[cmd.index("--config") + 1]
-    assert (REPO / cfg).is_file()
+    docs = list(yaml.safe_load_all((LAUNCH / "k8s" / "pytorchjob.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "PyTorchJob")
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    cmd = " ".join(pod["containers"][0]["command"])
+    assert "exec hcml train" in cmd and "--resume auto" in cmd and "--nproc-per-node 8" in cmd
+    cfg = cmd.split("--config ")[1].split()[0]
+    assert (REPO / "configs" / f"{cfg}.yaml").is_file()
+    # every local rank's exporter is declared and scraped
+    ports = [p["containerPort"] for p in pod["containers"][0]["ports"]]
+    assert ports == list(range(9400, 9408))
+    monitor = next(d for d in docs if d["kind"] == "PodMonitor")
+    assert len(monitor["spec"]["podMetricsEndpoints"]) == 8
+    assert next(d for d in docs if d["kind"] == "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pod["terminationGracePeriodSeconds"] >= 120
 
 
 def test_grafana_dashboard_uses_only_exported_metrics():

@@ -1,0 +1,230 @@
+"""What clusters do to a run, done to `hcml train` the way schedulers do it, on CPU with gloo: stop signals to the
+process the user started, a stopped worker, a worker killed under two torchrun agents (two "nodes", c10d on
+127.0.0.1), checkpoints visible to one node only, and a second run into a run dir in use.
+
+SyncBatchNorm runs only on CUDA, so these runs use per-process BN (train.bn=local, in SMALL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hcml.launch.checkpoint import list_checkpoints, step_of
+from tests.conftest import PY, run_env
+from tests.test_train import SMALL, losses
+
+pytestmark = pytest.mark.slow
+
+
+def hcml_train(data: Path, run: Path, *extra: str) -> list[str]:
+    return [PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(data), "--run-dir", str(run),
+            *SMALL, *extra]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    out = open(log, "w")
+    return subprocess.Popen(cmd, env=run_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ((run / "metrics.jsonl").is_file() and max(losses(run), default=0) >= step):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"no step {step} in {timeout} s"
+        time.sleep(0.05)
+
+
+def processes_of(run: Path) -> list[int]:
+    """Every live process whose command line names this run dir (launcher, torchrun, workers)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and str(run).encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def worker_of_rank(run: Path, rank: int) -> int:
+    for pid in processes_of(run):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in env):
+            return pid  # a worker: torchrun set its rank
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_stop_signal_to_hcml_train_checkpoints_and_every_process_exits_0(tiny_dataset, tmp_path, sig):
+    """SIGTERM (scheduler), SIGINT (Ctrl-C), SIGUSR1 (Slurm's preemption warning) to `hcml train
+    --nproc-per-node 2`: a checkpoint at the step the signal arrived (or the next), no process of the run left,
+    exit 0; --resume auto continues from there with every step logged once."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(hcml_train(tiny_dataset, run, "--nproc-per-node", "2", "optim.epochs=50"), log)
+    wait_for_step(run, 3, proc, log)
+    at = max(losses(run))
+    os.kill(proc.pid, sig)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    newest = step_of(list_checkpoints(run / "checkpoints")[-1])
+    assert at <= newest <= at + 2, (at, newest)
+    assert f"signal {int(sig)}: checkpoint written at step {newest}" in log.read_text()
+    time.sleep(0.5)
+    assert processes_of(run) == []
+    if sig == signal.SIGUSR1:
+        res = subprocess.run(hcml_train(tiny_dataset, run, "--nproc-per-node", "2", "--resume", "auto",
+                                        f"train.max_steps={newest + 2}"), env=run_env(), capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(ln)["kind"] == "train"]
+        assert steps == list(range(1, newest + 3)), steps
+
+
+def test_a_second_run_into_a_run_dir_in_use_is_refused(tiny_dataset, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(hcml_train(tiny_dataset, run, "optim.epochs=50"), log)
+    try:
+        wait_for_step(run, 1, proc, log)
+        res = subprocess.run(hcml_train(tiny_dataset, run, "--resume", "auto"), env=run_env(), capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 2
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.match(rf"hcml train: error: run_dir {re.escape(str(run))} is in use by another "
+                                            rf"run \(pid {proc.pid} on .+ since .+\); wait for it", lines[0]), lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    assert json.loads((run / "summary.json").read_text())["stopped_by_signal"] == signal.SIGTERM
+
+
+def test_a_stopped_worker_ends_the_job_naming_it_within_the_stall_timeout(tiny_dataset, tmp_path):
+    """SIGSTOP to rank 1 (a frozen process): rank 0 names rank 1 and the last step, and the job ends non-zero
+    (torchrun could restart it) instead of waiting 30 minutes in the all-reduce."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(hcml_train(tiny_dataset, run, "--nproc-per-node", "2", "optim.epochs=50",
+                            "train.stall_timeout_s=6"), log)
+    wait_for_step(run, 2, proc, log)
+    victim = worker_of_rank(run, 1)
+    os.kill(victim, signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        for pid in processes_of(run):
+            os.kill(pid, signal.SIGKILL)
+    assert rc != 0 and time.time() - t0 < 90
+    m = re.search(r"hcml train \(rank 0\): error: stalled: no step for \d+ s \(train.stall_timeout_s=6\) after step "
+                  r"(\d+) at [\d:]+; rank\(s\) 1 stopped answering", log.read_text())
+    assert m, log.read_text()[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(data: Path, runs: tuple[Path, Path], tmp: Path, *extra: str) -> list[tuple[subprocess.Popen, Path]]:
+    """Two torchrun agents of one job (c10d rendezvous on 127.0.0.1), one worker each."""
+    port = free_port()
+    out = []
+    for i, run in enumerate(runs):
+        log = tmp / f"node{i}.log"
+        cmd = hcml_train(data, run, "--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint",
+                         f"127.0.0.1:{port}", "--rdzv-id", "job-7", *extra)
+        out.append((start(cmd, log), log))
+    return out
+
+
+def test_checkpoints_visible_to_one_node_only_stop_the_job_naming_the_ranks(tiny_dataset, tmp_path):
+    """No shared storage: node A's run dir has checkpoints up to step 3, node B's none. --resume auto must not let
+    one rank resume and the other start fresh (a hang): the job ends, naming what each rank sees."""
+    a, b = tmp_path / "nodeA", tmp_path / "nodeB"
+    res = subprocess.run(hcml_train(tiny_dataset, a, "train.max_steps=3"), env=run_env(), capture_output=True,
+                         timeout=300)
+    assert res.returncode == 0
+    nodes = two_nodes(tiny_dataset, (a, b), tmp_path, "--resume", "auto")
+    for proc, log in nodes:
+        assert proc.wait(timeout=180) != 0, log.read_text()[-2000:]
+    text = "".join(log.read_text() for _, log in nodes)
+    assert re.search(r"error: no checkpoint in \S+ that every rank can load: rank 0 sees (steps 3|none), rank 1 sees "
+                     r"(none|steps 3) \(the run dir must be on storage all nodes share\)", text), text[-3000:]
+
+
+def test_a_worker_killed_under_two_agents_restarts_and_both_resume(tiny_dataset, tmp_path):
+    """kill -9 of one node's worker with --max-restarts: both agents restart their workers (the healthy node's
+    restart is a membership change), both resume from the newest checkpoint of the job without --resume, and the
+    run ends with every step logged once and nothing started fresh."""
+    run = tmp_path / "run"
+    nodes = two_nodes(tiny_dataset, (run, run), tmp_path, "--max-restarts", "2", "checkpoint.every_steps=2",
+                      "train.max_steps=9")
+    try:
+        wait_for_step(run, 5, *nodes[0])
+        os.kill(worker_of_rank(run, 1), signal.SIGKILL)
+        for proc, log in nodes:
+            assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        for pid in processes_of(run):
+            os.kill(pid, signal.SIGKILL)
+    text = "".join(log.read_text() for _, log in nodes)
+    assert re.search(r"\[resume\] \S+ckpt_0000000[46]\.pt", text) and "starting fresh" not in text, text[-3000:]
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["kind"] == "train"]
+    assert steps == list(range(1, 10)), steps
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """A real small filesystem mounted for the test (read-only or nearly full), unmounted after it."""
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): needs root with CAP_SYS_ADMIN")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)])
+
+
+def test_a_run_dir_on_a_read_only_filesystem_is_one_line_before_any_worker(tiny_dataset, tmpfs):
+    ro = tmpfs("ro", "ro,size=1m")
+    res = subprocess.run(hcml_train(tiny_dataset, ro / "run", "--nproc-per-node", "2"), env=run_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"hcml train: error: run_dir {ro / 'run'} is not writable (Read-only file system); choose another --run-dir"]
+
+
+def test_a_full_disk_during_a_save_stops_naming_it_and_keeps_the_earlier_checkpoints(tiny_dataset, tmpfs):
+    """The run dir fills up (a tiny checkpoint is 2.4 MB; the filesystem holds two): the third save fails as one
+    line, exit 2, and the two earlier checkpoints still load."""
+    from hcml.launch.checkpoint import load_checkpoint
+
+    disk = tmpfs("full", "size=6m")
+    res = subprocess.run(hcml_train(tiny_dataset, disk / "run", "checkpoint.every_steps=1", "train.max_steps=6"),
+                         env=run_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"hcml train: error: checkpoint at step 3 not saved: cannot write \S+"
+                                        r"ckpt_00000003.pt: No space left on device; what was there before is "
+                                        r"intact", lines[0]), lines
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(disk / "run/checkpoints")] == [1, 2]
+    assert not list((disk / "run/checkpoints").glob(".*tmp"))
