@@ -7,17 +7,18 @@ torchvision and OpenCV, and PyPI's torchvision does not import beside the CPU to
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hcml.errors import ConfigError
+from hcml.errors import ConfigError, DatasetError
 from hcml.launch import components
 from hcml.launch.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from hcml.model import LEVELS
-from hcml.pipeline.loader import EvalLoader
+from hcml.pipeline.loader import EvalLoader, check_decodable
 
 
 # ---------------------------------------------------------------- KNN (Table 7)
@@ -121,8 +122,10 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
     """``hcml knn``: features of train and val sets (centre crop, 1 clip), cosine KNN per level.
     ``random_init``: the checkpoint's network at random initialisation (seed ``train.seed``) instead of its
     weights: the reference any self-supervised feature must beat."""
-    info = init_distributed()
     cfg, ds, model = _load_motion_model(checkpoint, config_path, overrides)
+    if not 1 <= k <= len(ds.train):
+        raise ConfigError(f"--k {k}: needs 1 <= k <= the {len(ds.train)} training videos of {cfg.data.root}")
+    info = init_distributed()
     if random_init:
         torch.manual_seed(cfg.train.seed)
         model = components.build_model(cfg, components.num_classes(cfg, ds))
@@ -139,11 +142,26 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
         (work / "knn.json").write_text(json.dumps(table, indent=1))
         if as_json is not None:  # None: the caller prints
             print(json.dumps(table, indent=1) if as_json else format_knn_table(table))
+            print(f"wrote {work / 'knn.json'}", file=sys.stderr if as_json else sys.stdout)
     cleanup()
     return table
 
 
 # ---------------------------------------------------------------- Grad-CAM++ (Fig. 6)
+def unique_stems(paths: list[str]) -> dict[str, str]:
+    """A file-name stem per path, unique among ``paths``: the name, or with as many parent folders as it takes
+    to tell clashing ones apart (``train_move_left_0000`` vs ``val_move_left_0000``)."""
+    out = {}
+    for p in paths:
+        parts = Path(p).with_suffix("").parts
+        for k in range(1, len(parts) + 1):
+            name = "_".join(parts[-k:])
+            if all(Path(q).with_suffix("").parts[-k:] != parts[-k:] for q in paths if q != p):
+                break
+        out[p] = name.lstrip("/_") or "video"
+    return out
+
+
 def gradcam_pp(model, clip: torch.Tensor, target: int | None = None) -> tuple[np.ndarray, int]:
     """Grad-CAM++ of the last convolution (end of res5) for class ``target`` (default: predicted).
 
@@ -220,11 +238,20 @@ def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out
     models = [(name, m.to(device)) for name, m in models]
     known = {s.path: s for s in ds.train + ds.val}
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for v in videos:
+    device_kind = components.data_spec(cfg, ds, device).device
+    probes = {}
+    for v in videos:  # every video checked before any work: missing, unreadable, or a codec this reader lacks
         path = str(Path(v).resolve())
-        s = known.get(path) or Sample(path, -1, probe_video(path).frames)
+        pr = probe_video(path)
+        if not pr.ok:
+            raise DatasetError(f"--videos {v}: {pr.reason}{': ' + pr.detail if pr.detail else ''}")
+        check_decodable({pr.codec}, device_kind, f"--videos {v}")
+        probes[path] = pr
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = unique_stems(list(probes))
+    written = []
+    for path, pr in probes.items():
+        s = known.get(path) or Sample(path, -1, pr.frames)
         loader = components.eval_loader(cfg, ds, [Sample(s.path, max(s.label, 0), s.num_frames)], info,
                                         out_dir / "lists", single_view=True)
         clips, _ = next(iter(loader))
@@ -237,7 +264,7 @@ def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out
             cam, cls = gradcam_pp(m, clip, target)
             rows.append({"name": name, "frames": frames, "cam": cam, "pred": ds.classes[cls],
                          "correct": None if s.label < 0 else cls == s.label})
-        png = out_dir / f"gradcam_{Path(path).stem}.png"
+        png = out_dir / f"gradcam_{names[path]}.png"
         save_gradcam_strip(rows, png)
         written.append(png)
     return written

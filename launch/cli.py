@@ -33,8 +33,8 @@ def cmd_synth(args) -> int:
 
     classes = args.classes.split(",") if args.classes else None
     out = synth.generate(args.out, classes, args.per_class, args.val_per_class, args.size, args.frames, args.codec,
-                         args.seed, workers=args.workers)
-    print(f"wrote synthetic motion dataset to {out}")
+                         args.seed, workers=args.workers, overwrite=args.overwrite)
+    print(f"wrote synthetic motion dataset to {Path(out).resolve()}")
     return 0
 
 
@@ -106,7 +106,7 @@ def cmd_knn(args) -> int:
 
     run_knn(resolve_config(args.config), args.checkpoint, _overrides(args), args.k, args.out, args.json,
             args.random_init)
-    return 0
+    return 0  # run_knn prints where it wrote
 
 
 def cmd_gradcam(args) -> int:
@@ -141,6 +141,7 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     from hcml.launch import bench
 
+    _bench_args_checked(args)
     if getattr(args, "config", None):
         args.config = resolve_config(args.config)
     return bench.main(args)
@@ -152,28 +153,51 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.out), nproc=args.nproc, quick=args.quick)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from hcml.model.backbone import ARCHS
-    from hcml.pipeline.sources import ADAPTERS
+def _bench_args_checked(args) -> None:
+    """Flags of bench targets that argparse types cannot check alone."""
+    if getattr(args, "what", None) == "model" and not args.no_motion and args.frames < 8:
+        raise HCMLError(f"--frames {args.frames}: a training step with the motion module needs >= 8 frames (the "
+                        f"high level runs at T/4 and predicts a future step); or pass --no-motion")
 
-    ARCH_CHOICES = sorted(ARCHS)
-    ap = argparse.ArgumentParser(prog="hcml", description="Hierarchical Contrastive Motion Learning: train, "
-                                 "evaluate and profile video action recognition models.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("synth", help="write the synthetic motion dataset (a prepared dataset directory)")
-    p.add_argument("--out", required=True)
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the contract for every bad input: one line, exit 2)."""
+
+    def error(self, message: str):
+        os.write(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n".encode())
+        raise SystemExit(2)
+
+
+def count(minimum: int = 1):
+    """An argparse type: an integer >= ``minimum``, named in the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def add_synth(p) -> None:
+    p.add_argument("--out", required=True, help="a new or empty folder")
     p.add_argument("--classes", default="", help="comma-separated subset of the synthetic classes")
-    p.add_argument("--per-class", type=int, default=24)
-    p.add_argument("--val-per-class", type=int, default=None)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--per-class", type=count(1), default=24)
+    p.add_argument("--val-per-class", type=count(0), default=None)
+    p.add_argument("--size", type=count(16), default=64)
+    p.add_argument("--frames", type=count(2), default=32)
     p.add_argument("--codec", choices=["vp9", "h264"], default="vp9")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.set_defaults(fn=cmd_synth)
+    p.add_argument("--workers", type=count(1), default=os.cpu_count() or 1)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier synth in --out")
 
-    p = sub.add_parser("prepare", help="probe (and re-encode) a public dataset into a prepared dataset directory")
+
+def add_prepare(p) -> None:
+    from hcml.pipeline.sources import ADAPTERS
+
     p.add_argument("dataset", choices=sorted(ADAPTERS))
     p.add_argument("--root", required=True, help="the dataset as distributed (layouts: docs/DATASETS.md)")
     p.add_argument("--out", required=True, help="a new or empty folder (or this command's earlier output with "
@@ -182,140 +206,147 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-list", help="lists: the training list ('path label' per line)")
     p.add_argument("--val-list", help="lists: the validation list")
     p.add_argument("--classes", help="lists: class names, one per line (line number = label)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=count(1), default=os.cpu_count() or 1)
     p.add_argument("--reencode", choices=["h264", "vp9", "none"], default="none",
                    help="h264 for NVDEC (GPU), vp9 for DALI's CPU reader; none keeps the files")
-    p.add_argument("--short-side", type=int, default=None, help="with --reencode: shorter side in pixels "
+    p.add_argument("--short-side", type=count(16), default=None, help="with --reencode: shorter side in pixels "
                    "(default 320; smaller videos keep their size)")
     p.add_argument("--upscale", action="store_true", help="also enlarge videos smaller than --short-side")
+    p.add_argument("--frames", type=count(2), default=16, help="clip length T (sets the GOP and the minimum length)")
+    p.add_argument("--stride", type=count(1), default=2)
     p.add_argument("--max-excluded", type=float, default=0.2, help="fail when more than this share of the listed "
                    "videos is unusable (default 0.2)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier prepare's output in --out")
-    p.add_argument("--frames", type=int, default=16, help="clip length T (sets the GOP and the minimum length)")
-    p.add_argument("--stride", type=int, default=2)
-    p.set_defaults(fn=cmd_prepare)
 
-    p = sub.add_parser("demo", help="synthetic set → 2-process training with and without motion → report")
+
+def add_demo(p) -> None:
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
-    p.set_defaults(fn=cmd_demo)
+    p.add_argument("--nproc", type=count(1), default=2)
+    p.add_argument("--quick", action="store_true", help="a much shorter run: a smoke test, no conclusion drawn")
 
-    for name, helptext in (("train", "train per a YAML recipe (run under torchrun for several processes)"),
-                           ("eval", "multi-view evaluation of a checkpoint")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--config", required=name == "train", help="YAML recipe (path or name under configs/)")
-        p.add_argument("--data", help="prepared dataset directory (overrides data.root)")
-        p.add_argument("--run-dir", help="run directory (overrides run_dir)")
-        p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=10")
-        if name == "train":
-            p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in the run dir) or a path")
-            p.add_argument("--nproc-per-node", type=int, default=0, help="launch torchrun with N processes")
-            p.add_argument("--max-restarts", type=int, default=0,
-                           help="with --nproc-per-node: torchrun restarts failed workers, which resume from the "
-                                "newest checkpoint (also automatic under any torchrun restart)")
-            p.add_argument("--nnodes", default="1", help="with --nproc-per-node: nodes of a multi-node job (N or "
-                           "MIN:MAX); each node runs this same command")
-            p.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (multi-node)")
-            p.add_argument("--rdzv-id", default=None, help="the job's id, the same on every node (e.g. the Slurm "
-                           "job id)")
-            p.add_argument("--overwrite", action="store_true", help="start fresh in a run dir that holds another "
-                           "run's checkpoints, deleting them (without it that is refused)")
-            p.set_defaults(fn=cmd_train)
-        else:
-            p.add_argument("--checkpoint", required=True)
-            p.add_argument("--out", default=None, help="report directory (default: next to the checkpoint)")
-            p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("knn", help="per-level KNN on motion features (the paper's Table 7)")
+def add_run_args(p, config_required: bool) -> None:
+    """What train and eval share: the recipe, the dataset, the run dir and key=value overrides."""
+    p.add_argument("--config", required=config_required, help="YAML recipe (path or name under configs/)")
+    p.add_argument("--data", help="prepared dataset directory (overrides data.root)")
+    p.add_argument("--run-dir", help="run directory (overrides run_dir)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=10")
+
+
+def add_train(p) -> None:
+    add_run_args(p, True)
+    p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in the run dir) or a path")
+    p.add_argument("--overwrite", action="store_true", help="start fresh in a run dir that holds another "
+                   "run's checkpoints, deleting them (without it that is refused)")
+    p.add_argument("--nproc-per-node", type=count(1), default=0, help="launch torchrun with N processes")
+    p.add_argument("--max-restarts", type=count(0), default=0,
+                   help="with --nproc-per-node: torchrun restarts failed workers, which resume from the "
+                        "newest checkpoint (also automatic under any torchrun restart)")
+    p.add_argument("--nnodes", default="1", help="with --nproc-per-node: nodes of a multi-node job (N or "
+                   "MIN:MAX); each node runs this same command")
+    p.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (multi-node)")
+    p.add_argument("--rdzv-id", default=None, help="the job's id, the same on every node (e.g. the Slurm job id)")
+
+
+def add_eval(p) -> None:
+    add_run_args(p, False)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default=None, help="report directory (default: next to the checkpoint)")
+
+
+def add_knn(p) -> None:
     p.add_argument("--config", default=None, help="default: the config stored in the checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", help="prepared dataset directory (overrides data.root)")
-    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--k", type=count(1), default=20, help="neighbours (at most the number of training videos)")
     p.add_argument("--random-init", action="store_true", help="the same network at random initialisation (the "
                    "reference a self-supervised feature must beat)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="where knn.json goes (default: next to the checkpoint)")
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*")
-    p.set_defaults(fn=cmd_knn)
 
-    p = sub.add_parser("gradcam", help="Grad-CAM++ strips of the last conv layer (the paper's Fig. 6)")
+
+def add_gradcam(p) -> None:
     p.add_argument("--config", default=None, help="default: the config stored in the checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--videos", nargs="+", required=True)
     p.add_argument("--baseline", default=None, help="a no-motion checkpoint shown above for comparison")
-    p.add_argument("--target", type=int, default=None, help="class index (default: the predicted class)")
+    p.add_argument("--target", type=count(0), default=None, help="class index (default: the predicted class)")
     p.add_argument("--data", help="prepared dataset directory (for labels)")
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*")
-    p.set_defaults(fn=cmd_gradcam)
 
-    def model_args(q) -> None:  # the model a command builds without a config (info, bench model)
-        q.add_argument("--arch", default="r2d50", choices=ARCH_CHOICES)
-        q.add_argument("--frames", type=int, default=16)
-        q.add_argument("--size", type=int, default=224)
-        q.add_argument("--no-motion", action="store_true", help="the backbone alone")
 
-    p = sub.add_parser("info", help="per-stage shapes, parameters and GMACs of a model")
-    model_args(p)
-    p.add_argument("--classes", type=int, default=400)
+def add_model_args(q, min_frames: int = 1) -> None:
+    """The model a command builds without a config (info, bench model)."""
+    from hcml.model.backbone import ARCHS
+
+    q.add_argument("--arch", default="r2d50", choices=sorted(ARCHS))
+    q.add_argument("--frames", type=count(min_frames), default=16)
+    q.add_argument("--size", type=count(16), default=224)
+    q.add_argument("--no-motion", action="store_true", help="the backbone alone")
+
+
+def add_info(p) -> None:
+    add_model_args(p)
+    p.add_argument("--classes", type=count(1), default=400)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("bench", help="benchmarks: op (cost volume), model, pipeline (DALI vs PyAV), train (step breakdown)")
-    bsub = p.add_subparsers(dest="what", required=True)
-    b = bsub.add_parser("op", help="cost volume: CUDA kernel vs reference vs spatial-correlation-sampler")
-    b.add_argument("--shape", default=None, help="B,C,H,W (default: 128,64,56,56 on a GPU, 8,64,28,28 on a CPU)")
-    b.add_argument("--sweep", action="store_true", help="every cost-volume shape the R2D-50/R(2+1)D-101 recipes run")
-    b.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    b.add_argument("--channels-last", action="store_true", help="NHWC inputs (the layout the model runs in)")
-    b.add_argument("--d", type=int, default=6)
-    b.add_argument("--s", type=int, default=2)
-    b.add_argument("--iters", type=int, default=20)
-    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    b.add_argument("--json", action="store_true")
-    b = bsub.add_parser("model", help="train-step clips/s (random clips) and GMACs per clip")
-    model_args(b)
-    b.add_argument("--batch", type=int, default=8)
-    b.add_argument("--compile", action="store_true")
-    b.add_argument("--backend", default="inductor", help="torch.compile backend (inductor; eager/aot_eager for checks)")
-    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    b.add_argument("--channels-last", action="store_true")
-    b.add_argument("--compare", action="store_true", help="in one run: HCML eager fp32, eager bf16 channels_last, "
-                   "compiled bf16 channels_last, and the backbone alone compiled bf16 channels_last")
-    b.add_argument("--profile", action="store_true", help="print the top kernels (torch.profiler)")
-    b.add_argument("--iters", type=int, default=10)
-    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    b.add_argument("--json", action="store_true")
-    b = bsub.add_parser("pipeline", help="DALI clips/s vs a PyAV CPU loader with the same augmentation")
-    b.add_argument("--data", required=True)
-    b.add_argument("--config", default=None)
-    b.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    b.add_argument("--batches", type=int, default=30, help="timed batches per loader (>= 10; small sets cycle)")
-    b.add_argument("--threads", type=int, default=None, help="DALI threads = PyAV DataLoader workers")
-    b.add_argument("--compare", action="store_true", help="also the candidate reader graphs (pipeline/readers.py)")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("overrides", nargs="*")
-    b = bsub.add_parser("train", help="a real training step: overlapped steady state (or --breakdown per stage)")
-    b.add_argument("--data", required=True)
-    b.add_argument("--config", default=None)
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--breakdown", action="store_true", help="synchronise after each stage: data-wait / forward / "
-                   "backward / optimizer (serialises the pipeline)")
-    b.add_argument("--trace", default=None, help="write a torch.profiler Chrome trace (JSON) of the timed steps")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("overrides", nargs="*")
-    p.set_defaults(fn=cmd_bench)
+
+def add_bench(p) -> None:
+    from hcml.launch.bench import TARGETS
+
+    bsub = p.add_subparsers(dest="what", required=True, parser_class=Parser)
+    for name, target in TARGETS.items():
+        target.add_args(bsub.add_parser(name, help=target.HELP))
+
+
+# Each subcommand: (help, its flags, what runs it). The parser is built from this table only.
+COMMANDS = {
+    "synth": ("write the synthetic motion dataset (a prepared dataset directory)", add_synth, cmd_synth),
+    "prepare": ("probe (and re-encode) a public dataset into a prepared dataset directory", add_prepare,
+                cmd_prepare),
+    "demo": ("synthetic set → SSL then joint HCML vs controls, 2-process training → report", add_demo, cmd_demo),
+    "train": ("train per a YAML recipe (--nproc-per-node N: torchrun, signals handled)", add_train, cmd_train),
+    "eval": ("multi-view evaluation of a checkpoint", add_eval, cmd_eval),
+    "knn": ("per-level KNN on motion features (the paper's Table 7)", add_knn, cmd_knn),
+    "gradcam": ("Grad-CAM++ strips of the last conv layer (the paper's Fig. 6)", add_gradcam, cmd_gradcam),
+    "info": ("per-stage shapes, parameters and GMACs of a model", add_info, cmd_info),
+    "bench": ("benchmarks: op (cost volume), model, pipeline (DALI vs PyAV), train (step breakdown)", add_bench,
+              cmd_bench),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hcml import __version__
+
+    ap = Parser(prog="hcml", description="Hierarchical Contrastive Motion Learning: train, evaluate and profile "
+                "video action recognition models.")
+    ap.add_argument("--version", action="version", version=f"hcml {__version__}")
+    sub = ap.add_subparsers(dest="cmd", parser_class=Parser)
+    for name, (helptext, add, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        add(p)
+        p.set_defaults(fn=fn)
     return ap
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Like ``parse_args``, but ``key=value`` overrides may also follow options (``--resume auto k=v``)."""
     ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # bare `hcml` / `python -m hcml`: the usage, not an error
+        ap.print_help()
+        raise SystemExit(0)
+    command = next((a for a in reversed(argv) if a in COMMANDS), None)  # "--config demo train": train
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version") and command:
+        rest = list(argv)
+        rest.remove(command)
+        ap.error(f"options go after the command: hcml {command} {' '.join(rest)}")
     args, rest = ap.parse_known_args(argv)
     stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
-        ap.error(f"unrecognized arguments: {' '.join(stray)}")
+        ap.error(f"hcml {args.cmd}: unrecognized arguments: {' '.join(stray)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
     return args
@@ -323,6 +354,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cmd is None:
+        build_parser().print_help()
+        return 0
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the launcher hands it on to the workers
     try:
         return args.fn(args) or 0

@@ -250,9 +250,16 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+REQUIRED = "REQUIRED"  # a recipe's blank that the user must fill in (e.g. the checkpoint a fine-tune starts from)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     d, m = cfg.data, cfg.model
+    blanks = [k for k, v in _flat(to_dict(cfg)).items() if v == REQUIRED]
+    if blanks:
+        raise ConfigError(f"{', '.join(blanks)} must be set: the recipe leaves it for you (e.g. "
+                          f"{blanks[0]}=/runs/k400_r2d50_joint/checkpoints/ckpt_<step>.pt)")
     if d.frames < 2:
         raise ConfigError(f"data.frames must be >= 2 (motion needs frame pairs), got {d.frames}")
     if len(d.short_side) != 2 or d.short_side[0] > d.short_side[1]:
@@ -296,6 +303,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be {need}, got {value}")
     if cfg.train.phase == "ssl" and not m.motion:
         raise ConfigError("train.phase=ssl needs model.motion=true (the SSL losses live in the motion module)")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

@@ -4,6 +4,10 @@ Clips are (B, C, T, H, W). All convolutions are Conv3d with a temporal kernel of
 convs of R(2+1)D-101's res4/res5 (top-heavy design). Temporal striding starts at res3 (T → T/2) and continues
 at res4 (T/4); it sits on the block's 1×3×3 conv together with the spatial stride, as a 1-frame temporal kernel
 with stride 2 (frame subsampling).
+
+``causal_stages``: stages whose temporal convs see only the present and the past (two frames of padding in
+front instead of one on each side; the same weights). HCML makes the stages that feed its motion levels causal,
+so that the motion feature at t never sees t + 1, the future its contrastive loss asks it to predict.
 """
 
 from __future__ import annotations
@@ -46,8 +50,21 @@ ARCHS: dict[str, BackboneSpec] = {
 }
 
 
-def conv_bn(cin: int, cout: int, kernel, stride=1, padding=0, relu: bool = True) -> nn.Sequential:
-    layers = [nn.Conv3d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm3d(cout)]
+class CausalTimeConv3d(nn.Conv3d):
+    """A (k×1×1) temporal convolution padded with k − 1 frames in front: output t sees inputs t − k + 1 .. t."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) and \
+            not x.is_contiguous() else torch.contiguous_format
+        x = nn.functional.pad(x, (0, 0, 0, 0, self.kernel_size[0] - 1, 0)).contiguous(memory_format=fmt)
+        return super().forward(x)
+
+
+def conv_bn(cin: int, cout: int, kernel, stride=1, padding=0, relu: bool = True, causal: bool = False
+            ) -> nn.Sequential:
+    conv = (CausalTimeConv3d(cin, cout, kernel, stride, 0, bias=False) if causal else
+            nn.Conv3d(cin, cout, kernel, stride, padding, bias=False))
+    layers = [conv, nn.BatchNorm3d(cout)]
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
@@ -56,11 +73,12 @@ def conv_bn(cin: int, cout: int, kernel, stride=1, padding=0, relu: bool = True)
 class Bottleneck(nn.Module):
     """1×1×1 → (3×1×1) → 1×3×3 (strided) → 1×1×1, plus a projection shortcut when the shape changes."""
 
-    def __init__(self, cin: int, width: int, cout: int, t_stride: int, s_stride: int, temporal: bool):
+    def __init__(self, cin: int, width: int, cout: int, t_stride: int, s_stride: int, temporal: bool,
+                 causal: bool = False):
         super().__init__()
         layers = [conv_bn(cin, width, 1)]
         if temporal:
-            layers.append(conv_bn(width, width, (3, 1, 1), padding=(1, 0, 0)))
+            layers.append(conv_bn(width, width, (3, 1, 1), padding=(1, 0, 0), causal=causal))
         layers += [conv_bn(width, width, (1, 3, 3), (t_stride, s_stride, s_stride), (0, 1, 1)),
                    conv_bn(width, cout, 1, relu=False)]
         self.body = nn.Sequential(*layers)
@@ -76,9 +94,9 @@ class Bottleneck(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Stem + res2..res5. ``forward_stage`` lets the motion module run between stages."""
+    """Stem + res2..res5 (``stages``, run one by one by HCML so that the motion module runs between them)."""
 
-    def __init__(self, spec: BackboneSpec):
+    def __init__(self, spec: BackboneSpec, causal_stages: tuple[str, ...] = ()):
         super().__init__()
         self.spec = spec
         stem = [conv_bn(3, spec.stem, (1, 7, 7), (1, 2, 2), (0, 3, 3))]
@@ -89,7 +107,8 @@ class Backbone(nn.Module):
         cin = spec.stem
         for st in spec.stages:
             blocks = [Bottleneck(cin if i == 0 else st.out, st.width, st.out, st.t_stride if i == 0 else 1,
-                                 st.s_stride if i == 0 else 1, st.temporal) for i in range(st.blocks)]
+                                 st.s_stride if i == 0 else 1, st.temporal, st.name in causal_stages)
+                      for i in range(st.blocks)]
             self.stages[st.name] = nn.Sequential(*blocks)
             cin = st.out
         self.out_channels = cin
@@ -102,7 +121,7 @@ class Backbone(nn.Module):
         return next(s.out for s in self.spec.stages if s.name == name)
 
 
-def build_backbone(arch: str) -> Backbone:
+def build_backbone(arch: str, causal_stages: tuple[str, ...] = ()) -> Backbone:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
-    return Backbone(ARCHS[arch])
+    return Backbone(ARCHS[arch], causal_stages)

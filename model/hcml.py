@@ -44,7 +44,8 @@ class HCML(nn.Module):
     def __init__(self, spec: HCMLSpec):
         super().__init__()
         self.spec = spec
-        self.backbone = build_backbone(spec.arch)
+        # the stages feeding the motion levels see no future frame (supplementary: predict the future)
+        self.backbone = build_backbone(spec.arch, tuple(LEVEL_STAGE.values()) if spec.motion else ())
         self.motion_enabled = spec.motion
         if spec.motion:
             chans = {lv: self.backbone.stage_channels(LEVEL_STAGE[lv]) for lv in LEVELS}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hcml.errors import DatasetError
 from hcml.files import atomic_write_text
-from hcml.pipeline.prepared import write_prepared
+from hcml.pipeline.prepared import claim_folder, write_prepared
 from hcml.pipeline.sources import SourceOptions, load_source
 
 from hcml.pipeline.loader import DALI_CODECS
@@ -176,27 +176,6 @@ OWN_OUTPUTS = ("train.txt", "val.txt", "classes.txt", "dataset.yaml", "report.js
 MAX_EXCLUDED = 0.2  # default --max-excluded: Kinetics copies miss a few % of clips; a fifth means a wrong layout
 
 
-def claim_output(out: Path, settings: PrepareSettings, overwrite: bool) -> None:
-    """A fresh or empty folder, or one this command filled with the same settings (continue). Anything else is
-    refused, so a typo never mixes two datasets; ``overwrite`` removes only what prepare itself writes."""
-    import shutil
-
-    marker = out / ".hcml-prepare.json"
-    state = json.dumps(dataclasses.asdict(settings), sort_keys=True)
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if overwrite:
-            for name in OWN_OUTPUTS:
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        elif not (marker.is_file() and marker.read_text() == state):
-            why = "holds a prepare with other settings" if marker.is_file() else "is not empty"
-            raise DatasetError(f"--out {out} {why}: choose a new folder, or pass --overwrite to replace what "
-                               f"prepare wrote there")
-    atomic_write_text(marker, state)
-
-
 def prepare_one(path: Path, s: PrepareSettings, out: Path, fix: str | None) -> tuple[Probe, Path | None]:
     """(probe of the video that will be used, its path) or (the failed probe, None). A source that fails and has a
     published replacement (``fix``) is retried with it."""
@@ -248,7 +227,8 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, opts: SourceOpti
     if src.listed and not (src.train or src.val):
         raise DatasetError(f"prepare {dataset}: none of the {src.listed} listed videos exists under {root} (first: "
                            f"{src.missing[0][1]}); see docs/DATASETS.md for the layout")
-    claim_output(out, settings, overwrite)
+    claim_folder(out, ".hcml-prepare.json", json.dumps(dataclasses.asdict(settings), sort_keys=True), OWN_OUTPUTS,
+                 overwrite, "prepare")
     jobs = [(split_name, Path(p), lab) for split_name, rows in (("train", src.train), ("val", src.val))
             for p, lab in rows]
     rows: dict[str, list] = {"train": [], "val": []}

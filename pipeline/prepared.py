@@ -55,6 +55,26 @@ class PreparedDataset:
         return [list(p) for p in self.meta.get("flip_pairs") or []]
 
 
+def claim_folder(out: Path, marker: str, state: str, own: tuple[str, ...], overwrite: bool, tool: str) -> None:
+    """Let a writer (``prepare``, ``synth``) use ``out``: a new or empty folder, or one it filled before with the
+    same settings (``state`` in ``out/marker``: it continues, keeping finished files). Anything else is refused,
+    so a typo never mixes two datasets; ``overwrite`` removes only the writer's own files (``own``)."""
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite:
+            for name in own:
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        elif not ((out / marker).is_file() and (out / marker).read_text() == state):
+            why = f"holds a {tool} with other settings" if (out / marker).is_file() else "is not empty"
+            raise DatasetError(f"--out {out} {why}: choose a new folder, or pass --overwrite to replace what "
+                               f"{tool} wrote there")
+    atomic_write_text(out / marker, state)
+
+
 def write_split(path: Path, rows: list[tuple[str, int, int]]) -> None:
     atomic_write_text(path, "".join(f"{p} {lab} {n}\n" for p, lab, n in rows))
 
@@ -97,7 +117,9 @@ def load_prepared(root: str | Path) -> PreparedDataset:
         raise DatasetError(f"dataset directory not found: {root} (create one with `hcml synth` or `hcml prepare`)")
     cls_path = root / "classes.txt"
     if not cls_path.is_file():
-        raise DatasetError(f"{cls_path}: missing")
+        raise DatasetError(f"{root} is not a prepared dataset ({cls_path.name} missing): make one from the videos "
+                           f"with `hcml prepare DATASET --root {root} --out NEW_DIR` (docs/DATASETS.md) or "
+                           f"`hcml synth`")
     classes = [c for c in cls_path.read_text().splitlines() if c.strip()]
     meta_path = root / "dataset.yaml"
     meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else {}

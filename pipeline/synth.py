@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hcml.pipeline.prepared import write_prepared
+from hcml.errors import DatasetError
+from hcml.pipeline.prepared import claim_folder, write_prepared
 from hcml.pipeline.video import encode_video
 
 CLASSES = [
@@ -126,14 +127,23 @@ def clip_seed(seed: int, split: str, label: int, index: int) -> np.random.Genera
 
 def generate(out: str | Path, classes: list[str] | None = None, per_class: int = 24, val_per_class: int | None = None,
              size: int = 64, frames: int = 32, codec: str = "vp9", seed: int = 0, fps: int = 25, workers: int = 2,
-             progress: bool = True) -> Path:
-    """Write the synthetic set as a prepared dataset directory (see ``hcml.pipeline.prepared``)."""
+             progress: bool = True, overwrite: bool = False) -> Path:
+    """Write the synthetic set as a prepared dataset directory (see ``hcml.pipeline.prepared``) into a new or
+    empty folder, or continue an interrupted synth with the same settings (``overwrite``: replace an earlier synth
+    with other settings)."""
+    import json
+
     out = Path(out)
     names = classes or CLASSES
     unknown = [c for c in names if c not in CLASSES]
     if unknown:
-        raise ValueError(f"unknown synthetic class(es) {unknown}; available: {CLASSES}")
+        raise DatasetError(f"--classes: unknown synthetic class(es) {', '.join(unknown)}; available: "
+                           f"{', '.join(CLASSES)}")
     val_per_class = per_class // 3 if val_per_class is None else val_per_class
+    settings = json.dumps({"classes": list(names), "per_class": per_class, "val_per_class": val_per_class,
+                           "size": size, "frames": frames, "codec": codec, "seed": seed, "fps": fps})
+    claim_folder(out, ".hcml-synth.json", settings, ("train", "val", "train.txt", "val.txt", "classes.txt",
+                                                     "dataset.yaml", ".hcml-synth.json"), overwrite, "synth")
     ext = "webm" if codec == "vp9" else "mp4"
     jobs = []
     rows: dict[str, list] = {"train": [], "val": []}

@@ -69,11 +69,24 @@ def test_all_shipped_recipes_load():
 
     recipes = sorted((REPO / "configs").glob("*.yaml"))
     assert len(recipes) >= 8 and recipe_dir().samefile(REPO / "configs")
+    blanks = {"ucf101_r2d50_finetune": ["model.init_from=/runs/k400/ckpt_00000001.pt"]}  # left for the user
     for r in recipes:
-        load_config(r)
-        assert load_config(resolve_recipe(r.stem)) == load_config(r)  # found by name, from the package data
+        ov = blanks.get(r.stem, [])
+        load_config(r, ov)
+        assert load_config(resolve_recipe(r.stem), ov) == load_config(r, ov)  # found by name, from the package data
+    with pytest.raises(ConfigError, match="model.init_from must be set"):
+        load_config(REPO / "configs/ucf101_r2d50_finetune.yaml")
     with pytest.raises(ConfigError, match="no shipped recipe of that name"):
         resolve_recipe("k400_r2d5O_joint")
+
+
+def test_numeric_bounds_are_named():
+    for ov, msg in (("optim.lr_per_gpu=-0.1", "optim.lr_per_gpu must be > 0, got -0.1"),
+                    ("optim.warmup_epochs=90", r"optim.warmup_epochs must be in \[0, optim.epochs\], got 90"),
+                    ("train.stall_timeout_s=-1", "train.stall_timeout_s must be >= 0"),
+                    ("checkpoint.keep=0", "checkpoint.keep must be >= 1, got 0")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, [ov])
 
 
 def test_cli_rejects_bad_config_before_any_process_starts(tmp_path):

@@ -108,6 +108,25 @@ def bench_model(arch="r2d50", frames=16, size=224, batch=8, iters=10, device="au
     return res
 
 
+HELP = "train-step clips/s (random clips) and GMACs per clip"
+
+
+def add_args(b) -> None:
+    from hcml.launch.cli import add_model_args, count
+
+    add_model_args(b)
+    b.add_argument("--batch", type=count(1), default=8)
+    b.add_argument("--compile", action="store_true")
+    b.add_argument("--backend", default="inductor", help="torch.compile backend (inductor; eager/aot_eager for checks)")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--compare", action="store_true", help="in one run: HCML eager fp32, eager bf16 channels_last, "
+                   "compiled bf16 channels_last, and the backbone alone compiled bf16 channels_last")
+    b.add_argument("--profile", action="store_true", help="print the top kernels (torch.profiler)")
+    b.add_argument("--iters", type=count(1), default=10)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--json", action="store_true")
+
 def run(args) -> dict:
     v = Variant("HCML" if not args.no_motion else "backbone only", motion=not args.no_motion,
                 compile=args.compile, dtype=args.dtype, channels_last=args.channels_last)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from hcml.errors import ConfigError
+
 from hcml.launch.bench import device_name, device_of, time_fn
 from hcml.ops import cost_volume, cost_volume_reference, num_displacements
 
@@ -124,8 +126,41 @@ def bench_op(shape=None, dtype: str = "fp32", md: int = 6, s: int = 2, iters: in
     return res
 
 
+HELP = "cost volume: CUDA kernel vs reference vs spatial-correlation-sampler"
+
+
+def add_args(b) -> None:
+    from hcml.launch.cli import count
+
+    b.add_argument("--shape", type=shape_arg, default=None, help="B,C,H,W (default: 128,64,56,56 on a GPU, "
+                   "8,64,28,28 on a CPU)")
+    b.add_argument("--sweep", action="store_true", help="every cost-volume shape the R2D-50/R(2+1)D-101 recipes run")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    b.add_argument("--channels-last", action="store_true", help="NHWC inputs (the layout the model runs in)")
+    b.add_argument("--d", type=count(0), default=6, help="max displacement (a multiple of --s)")
+    b.add_argument("--s", type=count(1), default=2, help="displacement stride")
+    b.add_argument("--iters", type=count(1), default=20)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--json", action="store_true")
+
+
+def shape_arg(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected B,C,H,W (four positive integers), got {text!r}")
+    return shape
+
 def run(args) -> dict:
-    shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None
+    try:
+        num_displacements(args.d, args.s)
+    except ValueError:
+        raise ConfigError(f"--d {args.d} must be a multiple of --s {args.s} (displacements -d, -d+s, ..., d)") from None
+    shape = args.shape
     if not args.sweep:
         return bench_op(shape, args.dtype, args.d, args.s, args.iters, args.device, args.channels_last)
     rows = []

@@ -144,6 +144,21 @@ def bench_pipeline(data: str, config: str | None = None, device: str = "auto", b
     return res
 
 
+HELP = "DALI clips/s vs a PyAV CPU loader with the same augmentation"
+
+
+def add_args(b) -> None:
+    from hcml.launch.cli import count
+
+    b.add_argument("--data", required=True)
+    b.add_argument("--config", default=None)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    b.add_argument("--batches", type=count(1), default=30, help="timed batches per loader (>= 10; small sets cycle)")
+    b.add_argument("--threads", type=count(1), default=None, help="DALI threads = PyAV DataLoader workers")
+    b.add_argument("--compare", action="store_true", help="also the candidate reader graphs (pipeline/readers.py)")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("overrides", nargs="*")
+
 def run(args) -> dict:
     return bench_pipeline(args.data, args.config, args.device, args.batches, args.threads, args.overrides,
                           args.compare)

@@ -102,6 +102,21 @@ def bench_train(data: str, config: str | None = None, steps: int = 20, overrides
     return res
 
 
+HELP = "a real training step: overlapped steady state (or --breakdown per stage)"
+
+
+def add_args(b) -> None:
+    from hcml.launch.cli import count
+
+    b.add_argument("--data", required=True)
+    b.add_argument("--config", default=None)
+    b.add_argument("--steps", type=count(1), default=20)
+    b.add_argument("--breakdown", action="store_true", help="synchronise after each stage: data-wait / forward / "
+                   "backward / optimizer (serialises the pipeline)")
+    b.add_argument("--trace", default=None, help="write a torch.profiler Chrome trace (JSON) of the timed steps")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("overrides", nargs="*")
+
 def run(args) -> dict:
     return bench_train(args.data, args.config, args.steps, args.overrides, args.trace, args.breakdown)
 
