@@ -20,3 +20,11 @@ class DatasetError(HCMLError, ValueError):
 
 class CheckpointError(HCMLError, RuntimeError):
     """A checkpoint file is missing, truncated or not an hcml checkpoint (named in the message)."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN/inf; the message names the step and the term (``hcml train`` exits 3)."""
+
+
+class CostVolumeBuildError(RuntimeError):
+    """The CUDA cost-volume op cannot be built here (no CUDA torch, no toolkit, a compiler error)."""

@@ -110,6 +110,21 @@ def extract_level_features(model, loader: EvalLoader, info: DistInfo, n_videos: 
     return {lv: F.normalize(v, dim=1) for lv, v in out.items()}
 
 
+@torch.no_grad()
+def calibrate_bn(model, loader: EvalLoader, info: DistInfo) -> None:
+    """A fair random-initialisation reference: BatchNorm statistics measured on the training clips (a cumulative
+    average over one pass, no weight changes), as a trained network's are. Without it, BN normalises with its
+    initial statistics (0, 1), which no training ever leaves, and the reference is weaker than random features are."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+    model.train()
+    for clips, _ in loader:
+        model.motion_features(clips.reshape(-1, *clips.shape[2:]).to(info.device))
+    model.eval()
+
+
 def _load_motion_model(checkpoint: str, config_path: str | None, overrides: list[str]):
     cfg, ds, model = components.load_trained(checkpoint, config_path, overrides)
     if not cfg.model.motion:
@@ -126,17 +141,21 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
     if not 1 <= k <= len(ds.train):
         raise ConfigError(f"--k {k}: needs 1 <= k <= the {len(ds.train)} training videos of {cfg.data.root}")
     info = init_distributed()
+    work = Path(out or Path(checkpoint).resolve().parent.parent / "knn")
     if random_init:
         torch.manual_seed(cfg.train.seed)
-        model = components.build_model(cfg, components.num_classes(cfg, ds))
+        model = components.build_model(cfg, components.num_classes(cfg, ds)).to(info.device)
+        whole = DistInfo(device=info.device, local_rank=info.local_rank)  # every rank: all training clips
+        calibrate_bn(model, components.eval_loader(cfg, ds, ds.train, whole, work / f"lists_calibrate{info.rank}",
+                                                   single_view=True), info)
     model = model.to(info.device)
-    work = Path(out or Path(checkpoint).resolve().parent.parent / "knn")
     feats = {}
     for split, samples in (("train", ds.train), ("val", ds.val)):
         loader = components.eval_loader(cfg, ds, samples, info, work / f"lists_{split}", single_view=True)
         feats[split] = extract_level_features(model, loader, info, len(samples))
     table = knn_table(feats["train"], torch.tensor([s.label for s in ds.train]), feats["val"],
                       torch.tensor([s.label for s in ds.val]), ds.classes, k, info)
+    table["random_init_calibrated"] = random_init  # BN statistics of the random network set on training clips
     if info.main:
         work.mkdir(parents=True, exist_ok=True)
         (work / "knn.json").write_text(json.dumps(table, indent=1))

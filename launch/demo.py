@@ -23,6 +23,7 @@ import torch
 
 from hcml.launch.config import load_config, resolve_recipe
 from hcml.launch.launcher import Launch, run
+from hcml.model import LEVELS
 from hcml.pipeline import synth
 from hcml.pipeline.prepared import load_prepared
 
@@ -78,7 +79,7 @@ def format_report(rep: dict, classes: list[str], pairs) -> str:
     lines += ["", f"KNN (k={k['k']}) on the motion features of each level (the paper's Table 7 form); random output "
                   f"{chance:.1f}%",
               f"{'level':<8}{'random init':>12}{'after SSL':>11}   classes with the largest gain after SSL"]
-    for lv in ("low", "mid", "high"):
+    for lv in LEVELS:
         tops = ", ".join(f"\"{t['class']}\" ({t['from']:.0f} → {t['to']:.0f})" for t in k["ssl_top"][lv])
         lines.append(f"{lv:<8}{k['random_init'][lv]:>11.1f}%{k['ssl'][lv]:>10.1f}%   {tops}")
     lines += ["", *verdict(rep)]
@@ -92,7 +93,7 @@ def verdict(rep: dict) -> list[str]:
         return ["SMOKE TEST (--quick): every model trained for a few steps only, so these figures sit at chance and "
                 "support no conclusion; run `hcml demo` without --quick for the comparison."]
     k, m = rep["knn"], rep["models"]
-    beats = [lv for lv in ("low", "mid", "high") if k["ssl"][lv] > k["random_init"][lv]]
+    beats = [lv for lv in LEVELS if k["ssl"][lv] > k["random_init"][lv]]
     ordered = k["ssl"]["low"] < k["ssl"]["mid"] < k["ssl"]["high"]
     out = [f"Self-supervised motion features beat random initialisation at {len(beats)} of 3 levels"
            f"{' (' + ', '.join(beats) + ')' if beats and len(beats) < 3 else ''}; "
@@ -114,13 +115,14 @@ def knn_pair(ssl_ckpt: Path, out: Path, k: int) -> dict:
           flush=True)
     trained = run_knn(None, str(ssl_ckpt), [], k=k, out=str(out / "knn_ssl"), as_json=None)
     rand = run_knn(None, str(ssl_ckpt), [], k=k, out=str(out / "knn_random_init"), as_json=None, random_init=True)
-    lv = ("low", "mid", "high")
+    lv = LEVELS
     ssl_top = {}
     for level in lv:  # classes with the largest gain of the SSL features over random init, per level
         a, r = trained["levels"][level]["per_class"], rand["levels"][level]["per_class"]
         order = sorted(range(len(a)), key=lambda c: -(a[c] - r[c]))[:3]
         ssl_top[level] = [{"class": trained["classes"][c], "from": r[c], "to": a[c]} for c in order]
-    return {"k": k, "ssl": {x: trained["levels"][x]["accuracy"] for x in lv},
+    return {"k": k, "random_init_calibrated": rand["random_init_calibrated"],
+            "ssl": {x: trained["levels"][x]["accuracy"] for x in lv},
             "random_init": {x: rand["levels"][x]["accuracy"] for x in lv}, "ssl_top": ssl_top}
 
 

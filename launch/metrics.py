@@ -92,6 +92,9 @@ class PrometheusExporter:
             self.mem_alloc.labels(rk).set(torch.cuda.memory_allocated())
             self.mem_reserved.labels(rk).set(torch.cuda.memory_reserved())
 
+    def observe_checkpoint(self, seconds: float) -> None:
+        self.ckpt_time.labels(self.rank).observe(seconds)
+
     def idle(self, seconds: float) -> None:
         self.since_step.labels(self.rank).set(seconds)
 

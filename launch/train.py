@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hcml.errors import CheckpointError
+from hcml.errors import CheckpointError, NonFiniteLoss
 from hcml.launch import components, config as C, rundir
 from hcml.launch.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, step_of
 from hcml.launch.distributed import DistInfo, all_gather_objects, all_reduce_max, barrier, cleanup, init_distributed
@@ -31,10 +31,6 @@ from hcml.launch.watchdog import Watchdog
 from hcml.model import phase_loss
 from hcml.pipeline.loader import TrainLoader
 from hcml.pipeline.prepared import PreparedDataset
-
-
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN/inf; the message names the step and the term."""
 
 
 @dataclass
@@ -316,12 +312,11 @@ def save(run: Run) -> None:
         save_checkpoint(run.ckpt_dir, run.step, {
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch, "per_rank": per_rank,
-            "config": C.to_dict(run.cfg),
-            "scheduler": {"total": run.sched.total, "warmup": run.sched.warmup, "base_lr": run.sched.base_lr},
+            "config": C.to_dict(run.cfg),  # the schedule is a function of the config and the step
         }, keep=run.cfg.checkpoint.keep)
     barrier(run.info)
     if run.exporter:
-        run.exporter.ckpt_time.labels(run.exporter.rank).observe(time.perf_counter() - t0)
+        run.exporter.observe_checkpoint(time.perf_counter() - t0)
 
 
 def evaluate_and_log(run: Run) -> dict:

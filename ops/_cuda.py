@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from hcml.errors import CostVolumeBuildError
+
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "cost_volume_binding.cpp", CSRC / "cost_volume_kernels.cu"]
 
@@ -15,10 +17,6 @@ SOURCES = [CSRC / "cost_volume_binding.cpp", CSRC / "cost_volume_kernels.cu"]
 def ext_dir() -> Path:
     """Where the op's compiled extensions are cached: ``$HCML_EXT_DIR``, default ``~/.cache/hcml/ext``."""
     return Path(os.environ.get("HCML_EXT_DIR", Path.home() / ".cache" / "hcml" / "ext"))
-
-
-class CostVolumeBuildError(RuntimeError):
-    """The CUDA cost-volume extension is unavailable; the message says why and what to do."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-"""Candidate DALI reader graphs for ``hcml bench pipeline --compare`` (issue 13: which reader design feeds a GPU
+"""Candidate DALI reader graphs for ``hcml bench pipeline --compare`` (which reader design feeds a GPU
 fastest). Each yields batches of augmented clips exactly as :class:`~hcml.pipeline.loader.TrainLoader` does (one
 crop window per clip resized to crop x crop, flip, normalise, CFHW), so only the reader differs:
 

@@ -118,3 +118,25 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20)
     res = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.split()[-1]) < 1.5, res.stdout  # GiB over the inputs
+
+
+def test_random_init_reference_calibrates_bn_statistics_on_the_clips():
+    """The random-init KNN reference gets BN statistics measured on training clips (no weight changes): the stem
+    BN's running mean becomes the per-channel mean of its input over all calibration clips."""
+    from hcml.launch.analysis import calibrate_bn
+    from hcml.launch.distributed import DistInfo
+    from hcml.model import build_model
+
+    torch.manual_seed(0)
+    m = build_model("tiny", 3)
+    weights = {k: v.clone() for k, v in m.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = [(torch.randn(2, 1, 3, 8, 32, 32) + 0.5, torch.arange(2)) for _ in range(3)]
+    bn = m.backbone.stem[0][1]
+    seen = []
+    h = bn.register_forward_hook(lambda mod, i, o: seen.append(i[0].detach()))
+    calibrate_bn(m, batches, DistInfo())
+    h.remove()
+    expect = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in seen], 1).mean(1)
+    torch.testing.assert_close(bn.running_mean, expect, rtol=1e-4, atol=1e-5)
+    assert not m.training and bn.running_mean.abs().max() > 0.01
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights.items())  # no weight moved

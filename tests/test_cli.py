@@ -139,6 +139,11 @@ def test_quick_demo_end_to_end(tmp_path):
         d = out / run
         assert (d / "curves.png").is_file() and (d / "metrics.jsonl").is_file() and list(d.glob("checkpoints/*.pt"))
     assert not json.loads((out / "ssl" / "summary.json").read_text()).get("eval")  # SSL: no classifier to score
+    assert "SMOKE TEST (--quick)" in report and "helped" not in report  # no conclusion from a few steps
+    assert rep["smoke_test"] and rep["knn"]["random_init_calibrated"]
+    # a second demo into the same folder replaces its own runs (the run dirs refuse a fresh start otherwise)
+    again = hcml("demo", "--out", str(out), "--quick", timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
 
 
 def test_demo_recipes_split_the_same_step_total():

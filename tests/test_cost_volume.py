@@ -223,7 +223,8 @@ def test_binding_compiles_against_torch_headers():
 def test_cuda_extension_reports_why_it_is_unavailable():
     if torch.version.cuda is not None:
         pytest.skip("this torch has CUDA: the build-error path is not reachable")
-    from hcml.ops._cuda import CostVolumeBuildError, extension
+    from hcml.errors import CostVolumeBuildError
+    from hcml.ops._cuda import extension
 
     extension.cache_clear()
     with pytest.raises(CostVolumeBuildError, match="no CUDA support"):

@@ -1,7 +1,7 @@
 """``hcml bench model``: clips/s of a full training step (forward with the joint loss, backward, SGD) on random
 clips, so that only the model is measured.
 
-``--compare`` runs, in one process on one card, the four variants issue 12 asks for: HCML eager fp32, HCML eager
+``--compare`` runs, in one process on one card, the four variants whose ratios say what each speed switch is worth: HCML eager fp32, HCML eager
 bf16 channels_last, HCML compiled bf16 channels_last, and the same backbone without the motion module (compiled
 bf16 channels_last), and reports the ratios. ``--profile`` prints the top kernels of the main variant
 (torch.profiler: CUDA time on a GPU, CPU time otherwise), so a user sees the bottleneck.

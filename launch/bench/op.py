@@ -16,8 +16,8 @@ from hcml.ops import cost_volume, cost_volume_reference, num_displacements
 
 # Peak HBM bandwidth by device name fragment (GB/s), for the achieved-bandwidth column.
 PEAK_BW = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0}
-# The default shape fits the device: the GPU one of issue 12; a CPU-sized one (the GPU shape takes minutes and
-# ~16 GB of memory on 2 CPU cores).
+# The default shape fits the device: on a GPU R2D-50's res2 cost volume at batch 128; on a CPU a smaller one (the
+# GPU shape takes minutes and ~16 GB of memory on 2 CPU cores).
 DEFAULT_SHAPE = {"cuda": (128, 64, 56, 56), "cpu": (8, 64, 28, 28)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SWEEP_RECIPES = ("k400_r2d50_joint", "k400_r21d101_joint")
