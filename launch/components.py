@@ -188,7 +188,7 @@ def build_optimizer(model: nn.Module, cfg: C.Config, info: DistInfo, log=print) 
     """SGD (the paper; apex FusedSGD on CUDA when importable, else torch's fused/foreach) or AdamW, at
     ``optim.lr_per_gpu x world size`` (the linear scaling rule)."""
     o = cfg.optim
-    lr = o.lr_per_gpu * info.world
+    lr = base_lr(cfg, info)
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = info.device.type == "cuda"
     fused = o.fused if o.fused is not None else cuda
@@ -220,7 +220,12 @@ class Schedule:
 
 def schedule(cfg: C.Config, steps_per_epoch: int, info: DistInfo) -> Schedule:
     return Schedule(cfg.optim.epochs * steps_per_epoch, cfg.optim.warmup_epochs * steps_per_epoch,
-                    cfg.optim.lr_per_gpu * info.world)
+                    base_lr(cfg, info))
+
+
+def base_lr(cfg: C.Config, info: DistInfo) -> float:
+    """The linear scaling rule: ``optim.lr_per_gpu`` x world size."""
+    return cfg.optim.lr_per_gpu * info.world
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -237,10 +242,12 @@ def check_runnable(cfg: C.Config, world: int = 1) -> PreparedDataset:
     ``flip=swap``. Raises ConfigError/DatasetError naming the problem and the key."""
     ds = load_prepared(cfg.data.root)
     check_decodable(ds.codecs, dali_device(cfg.data.device), str(Path(cfg.data.root) / "dataset.yaml"))
-    if len(ds.train) < world * cfg.data.batch_size:
+    if cfg.data.steps_per_epoch(len(ds.train), world) == 0:  # the loader's own rule (readers included)
+        per = world * max(1, cfg.data.readers)
         raise ConfigError(f"{len(ds.train)} training videos in {cfg.data.root} cannot fill one batch of "
-                          f"data.batch_size={cfg.data.batch_size} on each of {world} process(es); lower "
-                          f"data.batch_size to at most {max(1, len(ds.train) // world)}")
+                          f"data.batch_size={cfg.data.batch_size} on each of {world} process(es)"
+                          + (f" x data.readers={cfg.data.readers}" if cfg.data.readers > 1 else "")
+                          + f"; lower data.batch_size to at most {max(1, len(ds.train) // per)}")
     if cfg.data.flip == "swap" and not (cfg.data.flip_pairs or ds.flip_pairs):
         raise ConfigError(f"data.flip=swap needs the label pairs a horizontal flip swaps: set data.flip_pairs or "
                           f"record flip_pairs in {Path(cfg.data.root) / 'dataset.yaml'}")

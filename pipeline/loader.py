@@ -64,12 +64,24 @@ class DataSpec:
     @property
     def span(self) -> int:
         """Frames one clip covers in the video."""
-        return (self.frames - 1) * self.stride + 1
+        return clip_span(self.frames, self.stride)
+
+    def steps_per_epoch(self, videos: int, world: int) -> int:
+        """Steps every rank runs per epoch over ``videos``: ``R · floor(videos / (world · R) / B)`` with R =
+        ``readers`` (each rank's shard splits into R sub-shards, each a whole number of batches). The one rule for
+        the loader and for ``hcml train``'s check before any process starts."""
+        R = max(1, self.readers)
+        return R * (videos // (world * R) // self.batch_size)
 
     @property
     def eval_rows_per_batch(self) -> int:
         """(video, view) rows per eval batch: 2 x batch_size clips per forward, each row holding eval_crops."""
         return max(1, 2 * self.batch_size // self.eval_crops)
+
+
+def clip_span(frames: int, stride: int) -> int:
+    """Frames of the video a clip of ``frames`` frames ``stride`` apart covers (also prepare's GOP)."""
+    return (frames - 1) * stride + 1
 
 
 def dali_device(requested: str) -> str:
@@ -320,7 +332,7 @@ class TrainLoader:
         self.device, self.device_id = placement(spec, device_id)
         self.rank, self.world, self.seed = rank, world, seed
         self.readers = max(1, spec.readers)
-        self.steps_per_epoch = self.readers * (len(self.samples) // (world * self.readers) // spec.batch_size)
+        self.steps_per_epoch = spec.steps_per_epoch(len(self.samples), world)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{len(self.samples)} training videos cannot fill one batch of data.batch_size="
                               f"{spec.batch_size} on each of {world} process(es) x data.readers={self.readers}; "
@@ -362,7 +374,7 @@ class TrainLoader:
         self._iters = [DALIGenericIterator([pipe], ["clips", "labels", "mirror"], reader_name="Reader",
                                            last_batch_policy=LastBatchPolicy.DROP, auto_reset=False) for pipe in pipes]
         kept = kept_samples(pipes[0])
-        self._epoch_steps = R * (kept // (self.world * R) // self.spec.batch_size)
+        self._epoch_steps = self.spec.steps_per_epoch(kept, self.world)
         if kept < len(self.samples) and self.on_skip:
             self.on_skip(epoch, len(self.samples) - kept, dropped)
         if self._epoch_steps == 0:

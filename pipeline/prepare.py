@@ -20,7 +20,7 @@ from hcml.files import atomic_write_text
 from hcml.pipeline.prepared import claim_folder, write_prepared
 from hcml.pipeline.sources import SourceOptions, load_source
 
-from hcml.pipeline.loader import DALI_CODECS
+from hcml.pipeline.loader import DALI_CODECS, clip_span
 
 DALI_CPU_CODECS, DALI_GPU_CODECS = DALI_CODECS["cpu"], DALI_CODECS["gpu"]
 
@@ -121,7 +121,7 @@ def probe_video(path: str | Path, min_frames: int = 1, timestamps: str = "unique
 
 def gop_for(frames: int, stride: int) -> int:
     """Keyframe interval = clip span, so a random clip decodes at most one span of frames it does not use."""
-    return max(1, (frames - 1) * stride + 1)
+    return max(1, clip_span(frames, stride))
 
 
 def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop: int, upscale: bool = False) -> None:

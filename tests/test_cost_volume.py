@@ -164,15 +164,35 @@ NVCC = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: cannot compile the CUDA kernels here")
-def test_cuda_kernels_compile_with_nvcc(tmp_path):
-    """A kernel that does not build never lands: compile the .cu for sm_80 and sm_90 (no GPU needed)."""
-    from hcml.ops._cuda import CSRC
+def test_static_kernel_report_for_every_kernel_the_op_dispatches_to():
+    """A kernel that does not build never lands, and what each one costs is visible without a GPU: every kernel
+    of the op, compiled for sm_80 and sm_90, with its registers, spills, resident blocks and SASS mix parsed from
+    ptxas and cuobjdump, checked against independent counts. (The budget itself, no spills and >= 2 blocks/SM,
+    is reported per kernel; kernels that miss it are the open kernel work, see docs/PERFORMANCE.md.)"""
+    from hcml.launch.bench.op import roofline, show, static_report
+    from hcml.ops.static import blocks_per_sm
 
-    res = subprocess.run([NVCC, "-c", "-std=c++17", "-O3", "--threads", "2",
-                          "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-                          str(CSRC / "cost_volume_kernels.cu"), "-o", str(tmp_path / "k.o")],
-                         capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stderr[-3000:]
+    rep = static_report()
+    rows = rep["kernels"]
+    for arch in ("sm_80", "sm_90"):
+        fams = {r["family"] for r in rows if r["arch"] == arch}
+        assert fams == {"nhwc::forward", "nhwc::backward", "forward_tiled", "forward_generic", "backward_pixel"}, fams
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["blocks_per_sm"] >= 1, r
+        assert r["sass"] is not None and r["sass"]["FFMA"] + r["sass"]["HFMA2"] > 0, r["name"]  # real SASS read
+        assert r["sass"]["LDL"] + r["sass"]["STL"] > 0 if r["spill_bytes"] else True, r["name"]  # spills are LDL/STL
+    vec = [r for r in rows if r["family"] == "nhwc::forward" and "true>" in r["name"]]
+    assert vec and all(r["sass"]["LDG.E.128"] > 0 for r in vec)  # 16-byte loads on the channels_last path
+    # occupancy by hand: 32 registers x 256 threads = 8 warps of 1024 registers → 8 blocks; 255 → 1 block
+    assert blocks_per_sm("90", 32, 256, 0) == 8 and blocks_per_sm("90", 255, 256, 0) == 1
+    assert blocks_per_sm("90", 128, 256, 0) == 2 and blocks_per_sm("80", 64, 128, 100 * 1024) == 1
+    # the roofline of the issue's example: (128, 64, 56, 56) bf16, D = 7: (2·N·64 + 49·N)·2 bytes, 98·N·64 flops
+    r = roofline((128, 64, 56, 56), 7, 2)
+    n = 128 * 56 * 56
+    assert r["bytes"] == (2 * n * 64 + 49 * n) * 2 and r["flops"] == 98 * n * 64
+    assert r["cards"]["H100"]["memory_us"] == pytest.approx(r["bytes"] / 3350e9 * 1e6)
+    text = show(rep)
+    assert "kernel builds over the budget" in text and "roofline bf16 forward" in text
 
 
 GXX = shutil.which("g++")

@@ -141,6 +141,9 @@ def add_args(b) -> None:
     b.add_argument("--s", type=count(1), default=2, help="displacement stride")
     b.add_argument("--iters", type=count(1), default=20)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--static", action="store_true", help="no GPU needed: registers, spills, shared memory, "
+                   "resident blocks and the SASS mix of every kernel (nvcc, sm_80 and sm_90), beside the roofline "
+                   "floor of the models' shapes")
     b.add_argument("--json", action="store_true")
 
 
@@ -155,7 +158,42 @@ def shape_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected B,C,H,W (four positive integers), got {text!r}")
     return shape
 
+# Vendor peak figures (SXM parts; not measurements): HBM GB/s, CUDA-core FP32 TFLOP/s (an FMA is 2 flops),
+# dense bf16 tensor-core TFLOP/s.
+PEAKS = {"H100": {"hbm_GBps": 3350.0, "fp32_TFLOPs": 67.0, "bf16_tc_TFLOPs": 989.0},
+         "H200": {"hbm_GBps": 4800.0, "fp32_TFLOPs": 67.0, "bf16_tc_TFLOPs": 989.0}}
+
+
+def roofline(shape, d: int, bytes_per_elem: int) -> dict:
+    """The forward's floor per card: it reads f1 and f2 (2·N·C) and writes D²·N values (N = B·H·W pixels) and does
+    2·D²·N·C flops; the floor is the larger of bytes / bandwidth and flops / peak of the unit doing them."""
+    B, C, H, W = shape
+    n = B * H * W
+    moved, flops = (2 * n * C + d * d * n) * bytes_per_elem, 2 * d * d * n * C
+    out = {}
+    for card, p in PEAKS.items():
+        mem = moved / (p["hbm_GBps"] * 1e9)
+        out[card] = {"memory_us": 1e6 * mem, "cuda_core_us": 1e6 * flops / (p["fp32_TFLOPs"] * 1e12),
+                     "tensor_core_us": 1e6 * flops / (p["bf16_tc_TFLOPs"] * 1e12)}
+        out[card]["floor_cuda_core_us"] = max(out[card]["memory_us"], out[card]["cuda_core_us"])
+        out[card]["floor_tensor_core_us"] = max(out[card]["memory_us"], out[card]["tensor_core_us"])
+    return {"shape": list(shape), "D": d, "bytes": moved, "flops": flops, "cards": out}
+
+
+def static_report() -> dict:
+    from hcml.ops.static import BUDGET, kernel_report, within_budget
+
+    rows = kernel_report()
+    for r in rows:
+        r["within_budget"] = within_budget(r)
+    shapes = [(m["shape"], num_displacements(m["max_displacement"], m["stride"])) for m in model_shapes()]
+    return {"kernels": rows, "budget": BUDGET,
+            "roofline": [roofline(tuple(sh), d, 2) for sh, d in [((128, 64, 56, 56), 7), *shapes]]}
+
+
 def run(args) -> dict:
+    if args.static:
+        return static_report()
     try:
         num_displacements(args.d, args.s)
     except ValueError:
@@ -180,6 +218,24 @@ def _line(name: str, r: dict) -> str:
 
 
 def show(res: dict) -> str:
+    if "kernels" in res:
+        lines = [f"{'arch':<6}{'regs':>5}{'spill B':>8}{'smem B':>7}{'blk/SM':>7}{'warps':>6}{'FFMA':>6}{'LDS':>6}"
+                 f"{'LDG.128':>8}{'STG':>5}{'HMMA':>5}  budget  kernel"]
+        for r in res["kernels"]:
+            m = r["sass"] or {}
+            lines.append(f"{r['arch']:<6}{r['registers']:>5}{r['spill_bytes']:>8}{r['smem_bytes']:>7}"
+                         f"{r['blocks_per_sm']:>7}{r['warps_per_sm']:>6}{m.get('FFMA', '-'):>6}{m.get('LDS', '-'):>6}"
+                         f"{m.get('LDG.E.128', '-'):>8}{m.get('STG', '-'):>5}{m.get('HMMA', '-'):>5}  "
+                         f"{'ok    ' if r['within_budget'] else 'OVER  '}  {r['name'][:70]}")
+        over = sum(not r["within_budget"] for r in res["kernels"])
+        lines.append(f"{over} of {len(res['kernels'])} kernel builds over the budget (no spills, >= "
+                     f"{res['budget']['min_blocks_per_sm']} blocks/SM; static shared memory only)")
+        for r in res["roofline"]:
+            c = r["cards"]
+            lines.append(f"roofline bf16 forward {tuple(r['shape'])} D={r['D']}: " + "; ".join(
+                f"{k} floor {v['floor_cuda_core_us']:.0f} us CUDA cores / {v['floor_tensor_core_us']:.0f} us tensor "
+                f"cores (memory {v['memory_us']:.0f} us)" for k, v in c.items()))
+        return "\n".join(lines)
     if "sweep" in res:
         lines = ["cost-volume shapes the models run (per-GPU batch of each recipe):"]
         for r in res["sweep"]:
