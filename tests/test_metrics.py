@@ -49,6 +49,23 @@ def test_exporter_port_in_use_is_reported_or_skipped():
             exp.close()
 
 
+def test_skipped_videos_and_the_time_since_the_last_step_are_exported():
+    """hcml_samples_skipped_total counts what the train loop reports; hcml_seconds_since_step shows a stall before
+    the watchdog ends the job (the watchdog's tick sets it)."""
+    from hcml.launch.metrics import PrometheusExporter
+
+    exp = PrometheusExporter(free_port(), 3)
+    try:
+        exp.skipped.labels(exp.rank).inc(2)
+        exp.idle(42.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{exp.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert 'hcml_samples_skipped_total{rank="3"} 2.0' in text
+        assert 'hcml_seconds_since_step{rank="3"} 42.5' in text
+    finally:
+        exp.close()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(PROMETHEUS is None, reason="Prometheus server not installed (make test installs Debian's "
                     "'prometheus' when it can; see scripts/ensure_prometheus.sh)")
