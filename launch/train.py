@@ -9,7 +9,6 @@ and finally evaluates (:func:`finish`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -27,8 +26,8 @@ from hcml.launch.checkpoint import list_checkpoints, load_checkpoint, save_check
 from hcml.launch.distributed import DistInfo, all_gather_objects, all_reduce_max, barrier, cleanup, init_distributed
 from hcml.launch.evaluate import evaluate
 from hcml.launch.metrics import JsonlLog, PrometheusExporter, plot_run
+from hcml.launch.step import StepParts, train_step as one_step
 from hcml.launch.watchdog import Watchdog
-from hcml.model import phase_loss
 from hcml.pipeline.loader import TrainLoader
 from hcml.pipeline.prepared import PreparedDataset
 
@@ -266,26 +265,14 @@ def run_epoch(run: Run, stop: "_StopSignal", bar) -> None:
 
 
 def train_step(run: Run, clips: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, float]:
-    """One optimizer step; returns the loss terms as floats. A non-finite term stops the run (NonFiniteLoss)."""
-    cfg, dev = run.cfg, run.info.device
-    for g in run.optimizer.param_groups:
-        g["lr"] = lr
-    x, y = run.prec.to_input(clips, dev), labels.to(dev, non_blocking=True)
-    with run.prec.autocast_ctx(dev):
-        out = run.net(x, **components.forward_flags(cfg))
-    loss, terms = phase_loss(out, y, cfg.train.phase, cfg.model.nce_weights, cfg.model.nce_lambda)
-    values = {"total": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise NonFiniteLoss(f"non-finite loss at step {run.step}: " + ", ".join(f"{k}={values[k]}" for k in bad)
-                            + f"; the last good checkpoint is in {run.ckpt_dir}")
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    if cfg.train.grad_clip > 0:
-        run.scaler.unscale_(run.optimizer)
-        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    """One optimizer step (:func:`hcml.launch.step.train_step`, the step the benchmarks time); a non-finite term
+    stops the run naming the step, the term and the last good checkpoint."""
+    try:
+        values = one_step(StepParts(run.cfg, run.model, run.net, run.optimizer, run.scaler, run.prec,
+                                    run.info.device), clips, labels, lr)
+    except NonFiniteLoss as e:
+        raise NonFiniteLoss(f"{str(e).replace('non-finite loss', f'non-finite loss at step {run.step}')}; the last "
+                            f"good checkpoint is in {run.ckpt_dir}") from None
     run.step += 1
     return values
 

@@ -9,17 +9,13 @@ bf16 channels_last), and reports the ratios. ``--profile`` prints the top kernel
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from hcml.launch.bench import device_name, device_of, time_fn
-from hcml.model import build_model, phase_loss
+from hcml.model import build_model
 from hcml.model.summary import summarize
-
-AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class Variant:
@@ -38,28 +34,26 @@ COMPARE = (Variant("HCML eager fp32"),
 
 
 def make_step(v: Variant, arch: str, frames: int, size: int, batch: int, dev: torch.device, backend: str):
-    """A closure running one training step of variant ``v``."""
+    """A closure running one training step of variant ``v``: :func:`hcml.launch.step.train_step`, the step
+    ``hcml train`` runs (phase loss with the recipe defaults' weights, GradScaler, the configured optimizer), on
+    one random batch."""
+    from hcml.launch.config import load_config
+    from hcml.launch.distributed import DistInfo
+    from hcml.launch.step import build_parts, train_step
+
     torch.manual_seed(0)
-    model = build_model(arch, 400, motion=v.motion).to(dev)
-    if v.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    net = torch.compile(model, backend=backend) if v.compile else model
+    cfg = load_config(None, [f"model.arch={arch}", f"model.motion={str(v.motion).lower()}",
+                             f"train.phase={'joint' if v.motion else 'finetune'}", f"data.frames={frames}",
+                             f"train.amp={'none' if v.dtype == 'fp32' else v.dtype}", "train.compile=false",
+                             f"train.channels_last={str(v.channels_last).lower()}", "train.bn=local"])
+    parts = build_parts(cfg, 400, DistInfo(device=dev))
+    if v.compile:
+        parts.net = torch.compile(parts.model, backend=backend, mode=cfg.train.compile_mode)
     x = torch.randn(batch, 3, frames, size, size, device=dev)
-    if v.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
     y = torch.randint(0, 400, (batch,), device=dev)
-    adt = AMP[v.dtype]
-    scaler = torch.amp.GradScaler(dev.type, enabled=adt == torch.float16)
 
     def step():
-        with torch.autocast(dev.type, dtype=adt) if adt else nullcontext():
-            out = net(x)
-        loss, _ = phase_loss(out, y, "joint" if v.motion else "finetune", (0.25, 0.25, 1.0), 15.0)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(parts, x, y, 1e-3)
 
     return step
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -25,24 +25,15 @@ def bench_train(data: str, config: str | None = None, steps: int = 20, overrides
     from hcml.launch import components
     from hcml.launch.config import load_config
     from hcml.launch.distributed import DistInfo
-    from hcml.model import phase_loss
+    from hcml.launch.step import build_parts, train_step
 
     cfg = load_config(config, [f"data.root={data}", *(overrides or [])])
     info = DistInfo.local()
     dev = info.device
     ds = components.check_runnable(cfg)
-    prec = components.precision(cfg, dev)
-    model = components.prepare_model(components.build_model(cfg, components.num_classes(cfg, ds)), cfg, info, prec)
-    net = torch.compile(model, mode=cfg.train.compile_mode) if prec.compile else model
-    opt = components.build_optimizer(model, cfg, info)
+    parts = build_parts(cfg, components.num_classes(cfg, ds), info)
+    sched = components.schedule(cfg, components.data_spec(cfg, ds, dev).steps_per_epoch(len(ds.train), 1), info)
     m = cfg.model
-
-    def sync():
-        if breakdown and dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    def nvtx(name):
-        return torch.cuda.nvtx.range(name) if dev.type == "cuda" else nullcontext()
 
     profiler = nullcontext()
     if trace:
@@ -51,6 +42,20 @@ def bench_train(data: str, config: str | None = None, steps: int = 20, overrides
         profiler = torch.profiler.profile(activities=acts, record_shapes=False)
     stages: dict[str, list[float]] = {"data_wait": [], "forward": [], "backward": [], "optimizer": []}
     step_times = []
+    timed = {"on": False}
+
+    @contextmanager
+    def stage(name: str):
+        """Around each part of the step: an NVTX range; with --breakdown a sync and the part's time."""
+        t = time.perf_counter()
+        with torch.cuda.nvtx.range(name) if dev.type == "cuda" else nullcontext():
+            yield
+            if breakdown and dev.type == "cuda":
+                torch.cuda.synchronize()
+        if timed["on"]:
+            key = "data_wait" if name == "data" else name
+            stages[key][-1] += time.perf_counter() - t
+
     with tempfile.TemporaryDirectory() as tmp, profiler as prof:
         it = components.train_loader(cfg, ds, info, Path(tmp)).cycle()
         t_start = None
@@ -59,30 +64,17 @@ def bench_train(data: str, config: str | None = None, steps: int = 20, overrides
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t_start = time.perf_counter()
+            timed["on"] = i >= warmup
+            if timed["on"]:
+                for v in stages.values():
+                    v.append(0.0)
             t0 = time.perf_counter()
-            with nvtx("data_wait"):
-                x, y = next(it)
-                x, y = prec.to_input(x, dev), y.to(dev, non_blocking=True)
-                sync()
-            t1 = time.perf_counter()
-            with nvtx("forward"), prec.autocast_ctx(dev):
-                out = net(x, **components.forward_flags(cfg))
-            loss, _ = phase_loss(out, y, cfg.train.phase, m.nce_weights, m.nce_lambda)
-            sync()
-            t2 = time.perf_counter()
-            with nvtx("backward"):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                sync()
-            t3 = time.perf_counter()
-            with nvtx("optimizer"):
-                opt.step()
-                sync()
-            t4 = time.perf_counter()
-            if i >= warmup:
-                for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                    stages[k].append(v)
-                step_times.append(t4 - t0)
+            x, y = next(it)  # the wait for the loader belongs to the data stage
+            if timed["on"]:
+                stages["data_wait"][-1] += time.perf_counter() - t0
+            train_step(parts, x, y, sched.lr(i), stage)
+            if timed["on"]:
+                step_times.append(time.perf_counter() - t0)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t_start
@@ -116,6 +108,7 @@ def add_args(b) -> None:
     b.add_argument("--trace", default=None, help="write a torch.profiler Chrome trace (JSON) of the timed steps")
     b.add_argument("--json", action="store_true")
     b.add_argument("overrides", nargs="*")
+
 
 def run(args) -> dict:
     return bench_train(args.data, args.config, args.steps, args.overrides, args.trace, args.breakdown)
