@@ -144,7 +144,7 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
     work = Path(out or Path(checkpoint).resolve().parent.parent / "knn")
     if random_init:
         torch.manual_seed(cfg.train.seed)
-        model = components.build_model(cfg, components.num_classes(cfg, ds)).to(info.device)
+        model = components.model_from_config(cfg, components.num_classes(cfg, ds)).to(info.device)
         whole = DistInfo(device=info.device, local_rank=info.local_rank)  # every rank: all training clips
         calibrate_bn(model, components.eval_loader(cfg, ds, ds.train, whole, work / f"lists_calibrate{info.rank}",
                                                    single_view=True), info)

@@ -77,7 +77,7 @@ def eval_loader(cfg: C.Config, ds: PreparedDataset, samples: list[Sample], info:
 
 
 # ------------------------------------------------------------------ model
-def build_model(cfg: C.Config, num_classes: int, log=print) -> HCML:
+def model_from_config(cfg: C.Config, num_classes: int, log=print) -> HCML:
     """The network of ``cfg.model`` (its section *is* the model's spec), initialised from ``model.init_from``
     when set: every tensor whose name and shape match is loaded (SSL → joint keeps the backbone, motion module
     and predictors; a new classifier of another size is skipped), and the count is logged."""
@@ -124,7 +124,7 @@ def load_trained(checkpoint: str, config_path: str | None = None, overrides: lis
     C.apply_overrides(cfg, overrides or [])
     cfg.model.init_from = ""  # the checkpoint holds all the weights
     ds = load_prepared(cfg.data.root)
-    model = build_model(cfg, num_classes(cfg, ds))
+    model = model_from_config(cfg, num_classes(cfg, ds))
     check_compatible(ck, model, checkpoint, cfg)
     model.load_state_dict(ck["model"])
     return cfg, ds, model

@@ -70,7 +70,7 @@ def build_parts(cfg, num_classes: int, info, log=lambda *_: None) -> StepParts:
     """Model, optimizer, scaler and precision for a single process, exactly as ``hcml train`` builds them (the
     benchmarks' entry; the loop adds DDP and resume on top)."""
     prec = components.precision(cfg, info.device)
-    model = components.prepare_model(components.build_model(cfg, num_classes, log), cfg, info, prec, log)
+    model = components.prepare_model(components.model_from_config(cfg, num_classes, log), cfg, info, prec, log)
     net = torch.compile(model, mode=cfg.train.compile_mode) if prec.compile else model
     return StepParts(cfg, model, net, components.build_optimizer(model, cfg, info, log),
                      torch.amp.GradScaler(info.device.type, enabled=prec.autocast == torch.float16), prec,

@@ -126,7 +126,7 @@ def setup(cfg: C.Config, resume: str | None, overwrite: bool = False) -> Run:
     log = print if info.main else (lambda *_: None)
     ds = components.check_runnable(cfg, info.world)
     prec = components.precision(cfg, info.device)
-    model = components.prepare_model(components.build_model(cfg, components.num_classes(cfg, ds), log), cfg, info,
+    model = components.prepare_model(components.model_from_config(cfg, components.num_classes(cfg, ds), log), cfg, info,
                                      prec, log)
     optimizer = components.build_optimizer(model, cfg, info, log)
     loader = components.train_loader(cfg, ds, info, run_dir / "lists")
