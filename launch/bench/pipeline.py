@@ -124,12 +124,14 @@ def bench_pipeline(data: str, config: str | None = None, device: str = "auto", b
         res["loaders"]["dali"] = time_batches(readers.experimental(ds.train, spec, Path(tmp) / "dali"), batches,
                                               warmup, spec.frames)
         if compare:
-            cands = {"file+decoder": lambda: readers.file_decoder(ds.train, spec, Path(tmp)),
-                     **{f"experimental x{n}": (lambda n=n: readers.experimental(ds.train, spec, Path(tmp) / f"x{n}",
-                                                                                pipelines=n))
-                        for n in pipelines if len(ds.train) >= n * spec.batch_size}}
-            if spec.device == "gpu":
-                cands["classic"] = lambda: readers.classic(ds.train, spec, Path(tmp))
+            cands = {}  # every design in readers.CANDIDATES (a new one is timed by adding it there)
+            for name, make in readers.CANDIDATES.items():
+                if name == "experimental":  # the loader itself: timed above; here with several pipelines
+                    cands.update({f"experimental x{n}": (lambda n=n, make=make: make(
+                        ds.train, spec, Path(tmp) / f"x{n}", pipelines=n))
+                        for n in pipelines if len(ds.train) >= n * spec.batch_size})
+                else:
+                    cands[name] = lambda make=make: make(ds.train, spec, Path(tmp))
             for name, make in cands.items():
                 try:
                     res["loaders"][name] = time_batches(make(), batches, warmup, spec.frames)
