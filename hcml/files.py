@@ -51,5 +51,14 @@ def _storage_error(e: BaseException | None) -> OSError | None:
     return None
 
 
+def remove_own(folder: str | Path, names) -> None:
+    """``--overwrite``: delete the named files and folders a command writes in ``folder``, nothing else."""
+    import shutil
+
+    for name in names:
+        p = Path(folder) / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))

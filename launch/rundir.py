@@ -13,14 +13,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
 
 from hcml.errors import ConfigError
-from hcml.files import atomic_write_text
+from hcml.files import atomic_write_text, remove_own
 
 LOCK = ".hcml-lock"
 OWNER = "run.json"
@@ -91,9 +90,7 @@ def refuse_fresh_start(run_dir: Path, steps: list[int]) -> ConfigError:
 
 def clear_run(run_dir: Path) -> None:
     """``--overwrite``: remove what a run writes (its config.yaml is rewritten anyway)."""
-    for name in RUN_FILES:
-        p = Path(run_dir) / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    remove_own(run_dir, RUN_FILES)
 
 
 def preflight(run_dir: Path, resume: str | None, overwrite: bool) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from hcml.errors import DatasetError
-from hcml.files import atomic_write_text
+from hcml.files import atomic_write_text, remove_own
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,11 @@ def claim_folder(out: Path, marker: str, state: str, own: tuple[str, ...], overw
     """Let a writer (``prepare``, ``synth``) use ``out``: a new or empty folder, or one it filled before with the
     same settings (``state`` in ``out/marker``: it continues, keeping finished files). Anything else is refused,
     so a typo never mixes two datasets; ``overwrite`` removes only the writer's own files (``own``)."""
-    import shutil
-
     if out.exists() and not out.is_dir():
         raise DatasetError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if overwrite:
-            for name in own:
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            remove_own(out, own)
         elif not ((out / marker).is_file() and (out / marker).read_text() == state):
             why = f"holds a {tool} with other settings" if (out / marker).is_file() else "is not empty"
             raise DatasetError(f"--out {out} {why}: choose a new folder, or pass --overwrite to replace what "

@@ -87,7 +87,7 @@ def run(args) -> dict:
     n = len(ds.train)
     t = time.perf_counter()
     order = epoch_order(n, 0, 0)
-    shards = [order[shard_rows(n, r, args.ranks).start:shard_rows(n, r, args.ranks).stop] for r in range(args.ranks)]
+    shards = [order[rows.start:rows.stop] for rows in (shard_rows(n, r, args.ranks) for r in range(args.ranks))]
     res["shard_s"] = time.perf_counter() - t
     merged = sorted(int(i) for s in shards for i in s)
     res["exact_once"] = merged == list(range(n))
