@@ -1,109 +1,144 @@
 #!/usr/bin/env bash
-# The GPU check, sized for one device lease (15 min, 64 MiB carried per call): three calls of one prepared script.
+# The GPU check, sized for one device lease (15 min in all, 600 s per call): one call of this script, <= 540 s.
 #
-# Here, first (once; ~10 min on 2 cores; needs PyPI):
-#   bash ../shared/tools/dali_device_payload.sh .dali_payload   # DALI 2.4 (CUDA 13) in two ~61 MiB parts + wheels
-#   rm -f .dali_payload/whl/imageio_ffmpeg-*                     # not needed any more (PyAV encodes)
-# On the device (the `run` tool; each call carries the project plus one folder):
-#   call 1  carry [".dali_payload/p1"]   bash launch/device_check.sh stage .dali_payload/p1
-#   call 2  carry [".dali_payload/p2"]   bash launch/device_check.sh stage .dali_payload/p2
-#   call 3  carry [".dali_payload/whl"]  bash launch/device_check.sh run .dali_payload/whl     (~9 min)
-# Files under /tmp survive between calls while the machine is warm (~30 s idle), so run the calls back to back.
-# `run` installs DALI and the wheels into /tmp/site, builds the CUDA op, runs the GPU tests, makes an H.264
-# synthetic set on the device's own cores (PyAV), runs every benchmark and a 2-process SyncBN training, and
-# writes $OUT/report.json + report.md (the figures docs/PERFORMANCE.md quotes). Each step has a time limit and
-# the script goes on after a failure, so one broken step never costs the whole lease.
+#   run      carry [".device_payload"]   bash launch/device_check.sh run
+#
+# Stages run in order of value, each under its own time limit and only while the budget allows it:
+#   1 op build (JIT, only the device's arch; spatial-correlation-sampler built beside it from a source copy in
+#     .device_payload/scs when carried, else reported "not compared")   2 op correctness (GPU tests: every
+#     kernel family x dtype x layout against the CPU op, dispatch counters, the models' steps on the fast path)
+#   3 op timing (bench op: per-call events, warm and L2-flushed, % of the CUDA-core roofline; the models' shapes)
+#   4 model compare + profile (bench model --compare --profile)   5 pipeline compare and 6 a short training run
+#     (SyncBN with as many processes as GPUs): these need DALI, which comes in .dali_payload (two more calls,
+#     see ../shared/tools/dali_device_payload.sh and `stage` below); without it they are reported as skipped.
+# $OUT/report.json is rewritten after every stage and on exit (also when killed), so a call cut short still says
+# what ran. Make the payload here first:
+#   bash launch/device_check.sh payload PATH/TO/Pytorch-Correlation-extension   # copies its source (~100 KB)
+# Optional DALI staging (each a separate call carrying one part; /tmp survives while the machine is warm):
+#   bash launch/device_check.sh stage .dali_payload/p1 ; ... stage .dali_payload/p2
 set -uo pipefail
 mode=${1:-run}
-payload=${2:-}
+BUDGET_S=${HCML_CHECK_BUDGET_S:-540}
 PARTS=${HCML_PARTS:-/tmp/parts}
 SITE=/tmp/site
 
-if [ "$mode" = stage ]; then
-  mkdir -p "$PARTS" && cp "$payload"/* "$PARTS"/ && ls -la "$PARTS"
-  exit 0
-fi
+case "$mode" in
+  payload)
+    src=${2:?usage: device_check.sh payload PATH/TO/Pytorch-Correlation-extension}
+    rm -rf .device_payload/scs && mkdir -p .device_payload/scs
+    if [ -d "$src/.git" ] || git -C "$src" rev-parse --git-dir >/dev/null 2>&1; then
+      git -C "$src" archive HEAD | tar x -C .device_payload/scs
+    else
+      cp -r "$src"/. .device_payload/scs/
+    fi
+    du -sh .device_payload
+    exit 0 ;;
+  stage)
+    mkdir -p "$PARTS" && cp "${2:?usage: device_check.sh stage DIR}"/* "$PARTS"/ && ls -la "$PARTS"
+    exit 0 ;;
+  run) ;;
+  *) echo "usage: device_check.sh run | payload SRC | stage DIR" >&2; exit 2 ;;
+esac
 
 OUT=${OUT:-device_report}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/device_check.log") 2>&1
-export PYTHONUNBUFFERED=1 HCML_EXT_DIR=/tmp/hcml_ext MAX_JOBS=16
+export PYTHONUNBUFFERED=1 HCML_EXT_DIR=/tmp/hcml_ext MAX_JOBS=16 PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 start=$(date +%s)
-step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
+elapsed() { echo $(( $(date +%s) - start )); }
 
-step "environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-
-step "install DALI (joined payload parts), the carried wheels and the project"
-mkdir -p "$SITE"
-if ls "$PARTS"/dali.tar.xz.part* >/dev/null 2>&1; then
-  cat "$PARTS"/dali.tar.xz.part* | xz -dc | tar x -C "$SITE" && echo "DALI unpacked into $SITE"
-fi
-if [ -n "$payload" ] && ls "$payload"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target "$SITE" "$payload"/*.whl
-fi
-export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "installing hcml failed"; exit 1; }
-python3 -c "import nvidia.dali as d, av; print('dali', d.__version__, 'av', av.__version__)" \
-  || echo "DALI or PyAV missing: the DALI GPU tests and pipeline benchmarks will skip or fail"
-
-step "build the CUDA cost-volume op (JIT, cached in $HCML_EXT_DIR)"
-timeout 300 python3 -c "from hcml.ops._cuda import extension; extension(); print('built')"
-
-step "GPU tests (op numerics fwd/bwd x dtypes x layouts, opcheck, compile; DALI GPU pipeline)"
-timeout 240 python3 -m pytest -q -m gpu tests/ --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider; tests_rc=$?
-
-step "benchmarks: cost volume"
-timeout 60 hcml bench op --dtype bf16 --channels-last --json > "$OUT/bench_op_bf16_cl.json"
-timeout 60 hcml bench op --dtype bf16 --json > "$OUT/bench_op_bf16.json"
-timeout 60 hcml bench op --dtype fp32 --channels-last --json > "$OUT/bench_op_fp32_cl.json"
-timeout 60 hcml bench op --sweep --dtype bf16 --channels-last --json > "$OUT/bench_op_sweep.json"
-
-step "benchmarks: model (eager fp32 / eager bf16 CL / compiled bf16 CL / backbone alone, top kernels)"
-timeout 300 hcml bench model --arch r2d50 --frames 16 --compare --profile --json > "$OUT/bench_model.json"
-
-step "synthetic H.264 set on the device (PyAV, 16 cores): 320 px, 48 frames"
-timeout 150 hcml synth --out /tmp/h264 --codec h264 --size 320 --frames 48 --per-class 30 --val-per-class 2 \
-  --workers 16 >/dev/null
-
-step "benchmarks: input pipeline (DALI candidates vs PyAV, 16 cores) and the training step"
-timeout 150 hcml bench pipeline --data /tmp/h264 --config k400_r2d50_joint --device gpu --threads 16 --compare \
-  --batches 40 --json > "$OUT/bench_pipeline.json"
-timeout 120 hcml bench train --data /tmp/h264 --config k400_r2d50_joint --steps 30 --json data.device=gpu \
-  > "$OUT/bench_train.json"
-
-step "2-process SyncBN + compile + bf16 training on the H.264 set (NCCL)"
-timeout 150 hcml train --nproc-per-node 2 --config k400_r2d50_joint --data /tmp/h264 --run-dir "$OUT/train_run" \
-  train.max_steps=30 train.bn=global data.device=gpu data.eval_clips=1 data.eval_crops=1 train.progress=false \
-  optim.epochs=2 optim.warmup_epochs=1 || echo "2-process training FAILED"
-
-step "report"
-python3 - "$OUT" "$tests_rc" <<'PY'
-import json, sys, datetime, pathlib, torch
-out, rc = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-rep = {"date": datetime.date.today().isoformat(), "card": torch.cuda.get_device_name(0),
-       "torch": torch.__version__, "cuda": torch.version.cuda, "gpu_tests_rc": rc}
+report() {  # report.json from the stage log and every bench_*.json written so far
+  python3 - "$OUT" <<'PY'
+import datetime, json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+rep = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 try:
-    import nvidia.dali as d; rep["dali"] = d.__version__
+    import torch
+    rep.update(card=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda)
+except Exception as e:
+    rep["card"] = f"unknown ({e})"
+try:
+    import nvidia.dali as d
+    rep["dali"] = d.__version__
 except ImportError:
     rep["dali"] = None
+stages = out / "stages.jsonl"
+rep["stages"] = [json.loads(l) for l in stages.read_text().splitlines()] if stages.exists() else []
 for f in sorted(out.glob("bench_*.json")):
     try:
         rep[f.stem] = json.loads(f.read_text())
     except Exception as e:
         rep[f.stem] = {"error": f"{type(e).__name__}: {e}"}
 (out / "report.json").write_text(json.dumps(rep, indent=1))
-from hcml.launch.bench import model, op, pipeline, train
-lines = [f"# device check {rep['date']} on {rep['card']} (torch {rep['torch']}, CUDA {rep['cuda']}, DALI {rep['dali']})",
-         f"GPU tests exit code: {rc}"]
-for key, mod in (("bench_op_bf16_cl", op), ("bench_op_bf16", op), ("bench_op_fp32_cl", op), ("bench_op_sweep", op),
-                 ("bench_model", model), ("bench_pipeline", pipeline), ("bench_train", train)):
-    if key in rep and "error" not in rep[key]:
-        lines += ["", f"## {key}", "```", mod.show(rep[key]), "```"]
-    elif key in rep:
-        lines += ["", f"## {key}: {rep[key]['error']}"]
-(out / "report.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
 PY
-echo "done in $(( $(date +%s) - start ))s"
+}
+trap report EXIT
+
+# stage NAME SECONDS CMD...: run CMD under a time limit if the budget still has SECONDS left; log the outcome.
+stage() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET_S - $(elapsed) ))
+  echo; echo "=== [$(elapsed)s] $name (limit ${limit}s, ${left}s of budget left)"
+  if [ "$left" -lt 20 ]; then
+    printf '{"stage": "%s", "status": "skipped", "why": "budget spent"}\n' "$name" >> "$OUT/stages.jsonl"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local t0=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@"; local rc=$?
+  local status=ok; [ $rc -ne 0 ] && status=failed; [ $rc -eq 124 ] && status=timeout
+  printf '{"stage": "%s", "status": "%s", "rc": %d, "seconds": %d}\n' "$name" "$status" "$rc" \
+    $(( $(date +%s) - t0 )) >> "$OUT/stages.jsonl"
+  report
+}
+skip() { printf '{"stage": "%s", "status": "skipped", "why": "%s"}\n' "$1" "$2" >> "$OUT/stages.jsonl"; }
+
+echo "=== environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+ARCH=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+export TORCH_CUDA_ARCH_LIST=$ARCH
+echo "GPUs: $NGPU, compute capability $ARCH"
+python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "installing hcml failed"; exit 1; }
+if ls "$PARTS"/dali.tar.xz.part* >/dev/null 2>&1; then
+  mkdir -p "$SITE" && cat "$PARTS"/dali.tar.xz.part* | xz -dc | tar x -C "$SITE" && echo "DALI unpacked into $SITE"
+fi
+[ -d .dali_payload/whl ] && python3 -m pip install -q --no-index --no-deps --target "$SITE" .dali_payload/whl/*.whl
+
+build_scs() {
+  if [ ! -f .device_payload/scs/setup.py ]; then echo "spatial-correlation-sampler: no source carried"; return 3; fi
+  GPU_ARCH=${ARCH/./} python3 -m pip install -q --no-deps --no-build-isolation --target "$SITE" .device_payload/scs
+}
+build_op() { python3 -c "from hcml.ops._cuda import extension; extension(); print('op built')"; }
+build_both() {
+  build_scs > "$OUT/scs_build.log" 2>&1 & local scs=$!
+  build_op; local rc=$?
+  wait $scs && echo "spatial-correlation-sampler built" || echo "spatial-correlation-sampler: not compared (see scs_build.log)"
+  return $rc
+}
+export -f build_scs build_op build_both
+export ARCH OUT SITE
+stage "op build" 240 bash -c build_both
+
+stage "op correctness" 150 python3 -m pytest -q -m gpu tests/test_cost_volume.py -p no:cacheprovider \
+  --junitxml="$OUT/op_tests.xml"
+
+stage "op timing bf16 channels_last" 60 sh -c "hcml bench op --dtype bf16 --channels-last --iters 10 --json > $OUT/bench_op_bf16_cl.json"
+stage "op timing models' shapes" 45 sh -c "hcml bench op --sweep --dtype bf16 --channels-last --iters 10 --json > $OUT/bench_op_sweep.json"
+stage "op timing fp32 channels_last" 45 sh -c "hcml bench op --dtype fp32 --channels-last --iters 10 --json > $OUT/bench_op_fp32_cl.json"
+stage "op timing bf16 NCHW (copy path)" 45 sh -c "hcml bench op --dtype bf16 --iters 10 --json > $OUT/bench_op_bf16_nchw.json"
+
+stage "model compare + profile" 240 sh -c "hcml bench model --arch r2d50 --frames 16 --compare --profile --iters 8 --json > $OUT/bench_model.json"
+
+if python3 -c "import nvidia.dali" 2>/dev/null; then
+  stage "synthetic H.264 set" 90 hcml synth --out /tmp/h264 --codec h264 --size 320 --frames 48 --per-class 20 \
+    --val-per-class 2 --workers 16
+  stage "pipeline compare" 90 sh -c "hcml bench pipeline --data /tmp/h264 --config k400_r2d50_joint --device gpu --threads 16 --compare --batches 30 --json > $OUT/bench_pipeline.json"
+  stage "train (SyncBN, $NGPU process(es))" 120 hcml train --nproc-per-node "$NGPU" --config k400_r2d50_joint \
+    --data /tmp/h264 --run-dir /tmp/train_run train.max_steps=20 train.bn=global data.device=gpu \
+    data.eval_clips=1 data.eval_crops=1 train.progress=false optim.epochs=2 optim.warmup_epochs=1
+else
+  skip "pipeline compare" "DALI not installed on the device (payload not carried)"
+  skip "train" "DALI not installed on the device (payload not carried)"
+fi
+echo "done in $(elapsed)s"

@@ -1,9 +1,17 @@
-"""Loading the CUDA extension: a prebuilt module (Dockerfile builds it ahead of time) or a cached JIT build."""
+"""The CUDA path of the op: which kernel serves a call, the buffers the kernels read, and loading the extension
+(a prebuilt module, which the Dockerfile builds ahead of time, or a cached JIT build).
+
+The kernels compute on one layout only: (B, H, W, Cs) contiguous, 16-byte aligned, Cs = C rounded up to a 16-byte
+vector. A channels_last input with such C and alignment is read in place (the model's case: ``plan`` says so and
+the tests check it for every call of R2D-50 and R(2+1)D-101); anything else (NCHW, a channel slice, an odd C, a
+misaligned view) is copied once into that layout, zero-padded, rather than served by a slower strided kernel.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -46,14 +54,69 @@ def extension():
         raise CostVolumeBuildError(f"building the CUDA cost-volume op failed: {e}") from e
 
 
+VECTOR_BYTES = 16
+# (max displacement, stride) with compile-time kernels: the paper's 6 and 2 (cost_volume_kernels.cu, is_fast).
+FAST = frozenset({(6, 2)})
+COPIES: Counter = Counter()  # inputs copied into the kernels' layout, by argument name
+
+
+def kernel_for(max_displacement: int, stride: int) -> str:
+    return "fast" if (max_displacement, stride) in FAST else "generic"
+
+
+def in_place(t: torch.Tensor) -> bool:
+    """Whether the kernels can read ``t`` where it lies: channels_last contiguous, whole 16-byte vectors of
+    channels, 16-byte aligned."""
+    return (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+            and t.shape[1] * t.element_size() % VECTOR_BYTES == 0 and t.data_ptr() % VECTOR_BYTES == 0)
+
+
+def plan(f1: torch.Tensor, f2: torch.Tensor, max_displacement: int, stride: int) -> dict:
+    """How a call will run, decided from metadata only (also on CPU tensors): the kernel family and the inputs
+    that must be copied first."""
+    return {"kernel": kernel_for(max_displacement, stride),
+            "copies": [name for name, t in (("f1", f1), ("f2", f2)) if not in_place(t)]}
+
+
+def as_buffer(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` as the (B, H, W, Cs) buffer the kernels read: a view when ``in_place``, else one zero-padded copy."""
+    if in_place(t):
+        return t.permute(0, 2, 3, 1)
+    COPIES[name] += 1
+    B, C, H, W = t.shape
+    v = VECTOR_BYTES // t.element_size()
+    buf = t.new_zeros((B, H, W, -(-C // v) * v))
+    buf[..., :C].copy_(t.permute(0, 2, 3, 1))
+    return buf
+
+
+def dispatch_counts() -> dict[str, int]:
+    """Calls served by each kernel (from the extension, when built) and inputs copied, since the last reset."""
+    out = {f"copied_{k}": v for k, v in COPIES.items()}
+    if extension.cache_info().currsize:
+        out.update(extension().dispatch_counts())
+    return out
+
+
+def reset_dispatch_counts() -> None:
+    COPIES.clear()
+    if extension.cache_info().currsize:
+        extension().reset_dispatch_counts()
+
+
 def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def forward(f1, f2, md: int, s: int):
-    return extension().forward(f1, f2, md, s, _stream(f1))
+    """(B, D², H, W) as a channels_last view of the kernel's (B, H, W, D²) output."""
+    out = extension().forward(as_buffer(f1, "f1"), as_buffer(f2, "f2"), f1.shape[1], md, s, _stream(f1))
+    return out.permute(0, 3, 1, 2)
 
 
 def backward(grad, f1, f2, md: int, s: int):
-    g1, g2 = extension().backward(grad, f1, f2, md, s, _stream(f1))
-    return g1, g2
+    """Both input grads as (B, C, H, W) views of the kernel's (B, H, W, Cs) buffers."""
+    C = f1.shape[1]
+    g = grad.permute(0, 2, 3, 1).contiguous()  # a view when grad is channels_last
+    g1, g2 = extension().backward(g, as_buffer(f1, "f1"), as_buffer(f2, "f2"), C, md, s, _stream(f1))
+    return g1[..., :C].permute(0, 3, 1, 2), g2[..., :C].permute(0, 3, 1, 2)

@@ -7,8 +7,9 @@ Math. For f1, f2 of shape (B, C, H, W), max displacement d and stride s, D = 2·
 
 Output (B, D², H, W), channel index = row-major (displacement row i, column j). HCML uses d = 6, s = 2 (D = 7).
 
-Layout and dtype policy. Inputs may be contiguous (NCHW) or channels_last (NHWC); the CUDA kernels read
-through strides, so no copy is made for either. fp32/fp16/bf16 are accepted; products are accumulated in fp32
+Layout and dtype policy. Inputs may have any strides. The CUDA kernels compute in NHWC: channels_last inputs
+(the model's layout) are read in place, any other layout is copied once (ops/_cuda.py says which, and counts it);
+outputs follow the input's layout. fp32/fp16/bf16 are accepted; products are accumulated in fp32
 and the result is cast back to the input dtype (the two inputs are promoted to a common dtype first).
 
 Memory-traffic model (forward): an ideal kernel reads f1 and f2 once (2·B·C·H·W elements) and writes
@@ -17,8 +18,9 @@ B·D²·H·W elements; at C = 64, D² = 49 the write is ~40 % of the traffic, so
 writes both input grads.
 
 Implementations behind one API:
-- CUDA: ``csrc/cost_volume_kernels.cu`` (raw pointers + strides, needs only the CUDA toolkit) with the torch
-  binding in ``csrc/cost_volume_binding.cpp``; built ahead of time in the Dockerfile, else JIT with a cache.
+- CUDA: ``csrc/cost_volume_nhwc.cuh`` (kernels compiled for the models' (d, s), and generic ones),
+  dispatched in ``csrc/cost_volume_kernels.cu`` (needs only the CUDA toolkit), torch binding in
+  ``csrc/cost_volume_binding.cpp``; built ahead of time in the Dockerfile, else JIT with a cache.
 - CPU: C kernels over NHWC buffers (``csrc/cost_volume_cpu.c``, compiled on first use, called via ctypes with
   the images split over torch's threads); without a C compiler, one batched GEMM per displacement row reading
   the D columns of each pixel off a band of the score matrix (see the CPU section below).
@@ -145,8 +147,8 @@ def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tupl
 # ---------------------------------------------------------------- the operator
 @torch.library.custom_op("hcml::cost_volume", mutates_args=())
 def _cost_volume_op(f1: Tensor, f2: Tensor, max_displacement: int, stride: int) -> Tensor:
-    if f1.is_cuda:
-        return _cuda.forward(f1, f2, max_displacement, stride)
+    if f1.is_cuda:  # the kernels write NHWC; the result follows the input's layout (a view when channels_last)
+        return _cuda.forward(f1, f2, max_displacement, stride).contiguous(memory_format=_layout(f1))
     return _cpu_forward(f1, f2, max_displacement, stride)
 
 
@@ -161,7 +163,8 @@ def _(f1, f2, max_displacement, stride):
 def _cost_volume_backward_op(grad: Tensor, f1: Tensor, f2: Tensor, max_displacement: int,
                              stride: int) -> tuple[Tensor, Tensor]:
     if f1.is_cuda:
-        return _cuda.backward(grad, f1, f2, max_displacement, stride)
+        g1, g2 = _cuda.backward(grad, f1, f2, max_displacement, stride)
+        return g1.contiguous(memory_format=_layout(f1)), g2.contiguous(memory_format=_layout(f2))
     return _cpu_backward(grad, f1, f2, max_displacement, stride)
 
 

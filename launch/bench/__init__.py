@@ -37,24 +37,46 @@ def summarize_times(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "iters": len(times)}
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, iters: int = 20, warmup: int = 3) -> dict:
-    """Median/min/max seconds per call of ``fn`` (CUDA events on GPU, wall clock on CPU)."""
+_L2_FLUSH: dict = {}
+
+
+def flush_l2(device: torch.device) -> None:
+    """Evict the GPU's L2 by writing a buffer twice its size (outside any timed region)."""
+    if device.type != "cuda":
+        return
+    if device not in _L2_FLUSH:
+        size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20) * 2
+        _L2_FLUSH[device] = torch.empty(size, dtype=torch.uint8, device=device)
+    _L2_FLUSH[device].zero_()
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, iters: int = 20, warmup: int = 3, calls: int = 1,
+            cold_l2: bool = False) -> dict:
+    """Median/min/max seconds per call of ``fn`` (CUDA events on GPU, wall clock on CPU).
+
+    ``calls`` back-to-back calls share one event pair (per-call launch and event overheads amortised);
+    ``cold_l2`` flushes the L2 before each sample, so inputs come from memory as in a training step where
+    other layers ran in between."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
+        if cold_l2:
+            flush_l2(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / calls)
         else:
             t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return summarize_times(times)
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t) / calls)
+    return {**summarize_times(times), "calls_per_sample": calls, "cold_l2": cold_l2}
 
 
 def main(args) -> int:

@@ -1,14 +1,19 @@
 // Torch binding for the cost-volume kernels. Uses only the CPU-side torch headers: the CUDA stream comes from
 // Python as an integer handle, so this file also syntax-checks against a CPU-only torch.
+//
+// It takes the buffers ops/_cuda.py prepares, (B, H, W, Cs) contiguous NHWC, 16-byte aligned, Cs a multiple of a
+// 16-byte vector, and refuses anything else: there is no slow path to fall into silently. It counts which kernel
+// served each call (dispatch_counts), which `hcml bench op` prints and the GPU tests assert on.
 #include <torch/extension.h>
+
+#include <array>
+#include <atomic>
 
 #include "cost_volume_kernels.cuh"
 
 namespace {
 
-hcml::Strides4 strides_of(const torch::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
+std::array<std::atomic<int64_t>, 4> counts{};  // forward fast, forward generic, backward fast, backward generic
 
 hcml::DType dtype_of(const torch::Tensor& t) {
   switch (t.scalar_type()) {
@@ -19,61 +24,77 @@ hcml::DType dtype_of(const torch::Tensor& t) {
   }
 }
 
-void check_inputs(const torch::Tensor& f1, const torch::Tensor& f2) {
-  TORCH_CHECK(f1.is_cuda() && f2.is_cuda(), "cost_volume CUDA path needs CUDA tensors");
-  TORCH_CHECK(f1.dim() == 4 && f1.sizes() == f2.sizes(), "cost_volume: f1, f2 must be (B, C, H, W) of one shape");
-  TORCH_CHECK(f1.scalar_type() == f2.scalar_type(), "cost_volume: f1 and f2 dtypes differ");
-  TORCH_CHECK(f1.device() == f2.device(), "cost_volume: f1 and f2 on different devices");
+void check_buffer(const torch::Tensor& t, const torch::Tensor& like, const char* what, bool vectors) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "cost_volume: ", what, " must be on ", like.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "cost_volume: ", what, " has dtype ", t.scalar_type(),
+              ", expected ", like.scalar_type());
+  TORCH_CHECK(t.dim() == 4 && t.is_contiguous(), "cost_volume: ", what, " must be a contiguous (B, H, W, C) buffer");
+  if (vectors) {
+    TORCH_CHECK(t.size(3) * t.element_size() % 16 == 0, "cost_volume: ", what, " channel stride ", t.size(3),
+                " is not a whole number of 16-byte vectors");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "cost_volume: ", what,
+                " is not 16-byte aligned");
+  }
 }
 
-// Keep channels_last inputs channels_last: the kernels read through strides either way.
-torch::Tensor empty_like_layout(const torch::Tensor& ref, at::IntArrayRef sizes) {
-  const auto fmt = ref.is_contiguous(at::MemoryFormat::ChannelsLast) && !ref.is_contiguous()
-                       ? at::MemoryFormat::ChannelsLast
-                       : at::MemoryFormat::Contiguous;
-  return torch::empty(sizes, ref.options().memory_format(fmt));
-}
-
-hcml::CostVolumeShape shape_of(const torch::Tensor& f1, int64_t md, int64_t stride) {
+hcml::CostVolumeShape shape_of(const torch::Tensor& f1, int64_t channels, int64_t md, int64_t stride) {
   TORCH_CHECK(stride > 0 && md >= 0 && md % stride == 0, "cost_volume: max_displacement (", md,
               ") must be a non-negative multiple of stride (", stride, ")");
-  return {(int)f1.size(0), (int)f1.size(1), (int)f1.size(2), (int)f1.size(3), (int)md, (int)stride};
+  TORCH_CHECK(channels > 0 && channels <= f1.size(3), "cost_volume: ", channels, " channels in a buffer of ",
+              f1.size(3));
+  return {(int)f1.size(0), (int)channels, (int)f1.size(3), (int)f1.size(1), (int)f1.size(2), (int)md, (int)stride};
 }
 
-torch::Tensor forward(torch::Tensor f1, torch::Tensor f2, int64_t md, int64_t stride, int64_t stream) {
-  check_inputs(f1, f2);
-  const auto sh = shape_of(f1, md, stride);
+torch::Tensor forward(torch::Tensor f1, torch::Tensor f2, int64_t channels, int64_t md, int64_t stride,
+                      int64_t stream) {
+  check_buffer(f1, f1, "f1", true);
+  check_buffer(f2, f1, "f2", true);
+  TORCH_CHECK(f1.sizes() == f2.sizes(), "cost_volume: f1 ", f1.sizes(), " and f2 ", f2.sizes(), " differ");
+  const auto sh = shape_of(f1, channels, md, stride);
   const int64_t D = 2 * (md / stride) + 1;
-  auto out = empty_like_layout(f1, {f1.size(0), D * D, f1.size(2), f1.size(3)});
-  const auto err = hcml::cost_volume_forward(dtype_of(f1), sh, f1.data_ptr(), strides_of(f1), f2.data_ptr(),
-                                             strides_of(f2), out.data_ptr(), strides_of(out),
-                                             reinterpret_cast<cudaStream_t>(stream));
+  auto out = torch::empty({f1.size(0), f1.size(1), f1.size(2), D * D}, f1.options());
+  hcml::Kernel used = hcml::Kernel::kGeneric;
+  const auto err = hcml::cost_volume_forward(dtype_of(f1), sh, f1.data_ptr(), f2.data_ptr(), out.data_ptr(),
+                                             reinterpret_cast<cudaStream_t>(stream), &used);
   TORCH_CHECK(err == cudaSuccess, "cost_volume forward kernel failed: ", cudaGetErrorString(err));
+  ++counts[static_cast<int>(used)];
   return out;
 }
 
-std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor f1, torch::Tensor f2, int64_t md,
-                                    int64_t stride, int64_t stream) {
-  check_inputs(f1, f2);
-  const auto sh = shape_of(f1, md, stride);
-  TORCH_CHECK(grad.scalar_type() == f1.scalar_type(), "cost_volume backward: grad dtype differs from inputs");
-  auto g1 = empty_like_layout(f1, f1.sizes());
-  auto g2 = empty_like_layout(f2, f2.sizes());
-  // channels_last inputs take the NHWC kernels, which want the grad channels_last too (one copy if it is not)
-  if (g1.is_contiguous(at::MemoryFormat::ChannelsLast) && !g1.is_contiguous() &&
-      !grad.is_contiguous(at::MemoryFormat::ChannelsLast))
-    grad = grad.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto err = hcml::cost_volume_backward(
-      dtype_of(f1), sh, grad.data_ptr(), strides_of(grad), f1.data_ptr(), strides_of(f1), f2.data_ptr(),
-      strides_of(f2), g1.data_ptr(), strides_of(g1), g2.data_ptr(), strides_of(g2),
-      reinterpret_cast<cudaStream_t>(stream));
+std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor f1, torch::Tensor f2, int64_t channels,
+                                    int64_t md, int64_t stride, int64_t stream) {
+  check_buffer(f1, f1, "f1", true);
+  check_buffer(f2, f1, "f2", true);
+  check_buffer(grad, f1, "grad", false);
+  const auto sh = shape_of(f1, channels, md, stride);
+  const int64_t D = 2 * (md / stride) + 1;
+  TORCH_CHECK(grad.size(0) == f1.size(0) && grad.size(1) == f1.size(1) && grad.size(2) == f1.size(2) &&
+                  grad.size(3) == D * D,
+              "cost_volume backward: grad ", grad.sizes(), " does not match the volume of ", f1.sizes());
+  auto g1 = torch::empty_like(f1), g2 = torch::empty_like(f2);
+  hcml::Kernel used = hcml::Kernel::kGeneric;
+  const auto err = hcml::cost_volume_backward(dtype_of(f1), sh, grad.data_ptr(), f1.data_ptr(), f2.data_ptr(),
+                                              g1.data_ptr(), g2.data_ptr(), reinterpret_cast<cudaStream_t>(stream),
+                                              &used);
   TORCH_CHECK(err == cudaSuccess, "cost_volume backward kernel failed: ", cudaGetErrorString(err));
+  ++counts[2 + static_cast<int>(used)];
   return {g1, g2};
+}
+
+std::map<std::string, int64_t> dispatch_counts() {
+  return {{"forward_fast", counts[0]}, {"forward_generic", counts[1]}, {"backward_fast", counts[2]},
+          {"backward_generic", counts[3]}};
+}
+
+void reset_dispatch_counts() {
+  for (auto& c : counts) c = 0;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "cost volume forward (CUDA)");
-  m.def("backward", &backward, "cost volume backward (CUDA)");
+  m.def("forward", &forward, "cost volume forward (CUDA) on prepared NHWC buffers");
+  m.def("backward", &backward, "cost volume backward (CUDA, fused) on prepared NHWC buffers");
+  m.def("dispatch_counts", &dispatch_counts, "which kernel served each call since the last reset");
+  m.def("reset_dispatch_counts", &reset_dispatch_counts);
 }

@@ -1,5 +1,5 @@
-// Cost-volume CUDA kernels: plain CUDA (raw pointers, sizes, strides). No torch headers, so CI can compile
-// this translation unit with `nvcc -c` on a machine without a GPU or a CUDA build of torch.
+// Cost-volume CUDA kernels: plain CUDA on raw pointers. No torch headers, so CI can compile this translation unit
+// with `nvcc -c` (and read its registers and SASS) on a machine without a GPU or a CUDA build of torch.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -8,23 +8,22 @@ namespace hcml {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Element strides of a (B, C, H, W) tensor: contiguous NCHW and channels_last NHWC both fit.
-struct Strides4 {
-  int64_t n, c, h, w;
-};
-
+// Every buffer is NHWC and contiguous: f1, f2, g1, g2 are (B, H, W, Cs), the volume and its grad (B, H, W, D*D);
+// Cs is C rounded up to a 16-byte vector (padding channels zero), pointers 16-byte aligned. ops/_cuda.py makes it so.
 struct CostVolumeShape {
-  int B, C, H, W;
+  int B, C, Cs, H, W;
   int max_displacement, stride;  // D = 2 * max_displacement / stride + 1
 };
 
-// out[b, i*D+j, y, x] = 1/C sum_c f1[b,c,y,x] * f2[b,c,y+dy_i,x+dx_j]  (zero outside), fp32 accumulation.
-cudaError_t cost_volume_forward(DType dt, CostVolumeShape shape, const void* f1, Strides4 s1, const void* f2,
-                                Strides4 s2, void* out, Strides4 so, cudaStream_t stream);
+// Which kernel served a call, for the op's dispatch counters.
+enum class Kernel : int { kFast = 0, kGeneric = 1 };
 
-// Gradients of the forward for both inputs; grad has the output's shape (B, D*D, H, W).
-cudaError_t cost_volume_backward(DType dt, CostVolumeShape shape, const void* grad, Strides4 sg, const void* f1,
-                                 Strides4 s1, const void* f2, Strides4 s2, void* g1, Strides4 sg1, void* g2,
-                                 Strides4 sg2, cudaStream_t stream);
+// out[b, y, x, i*D+j] = 1/C sum_c f1[b,y,x,c] * f2[b,y+dy_i,x+dx_j,c]  (zero outside), fp32 accumulation.
+cudaError_t cost_volume_forward(DType dt, CostVolumeShape shape, const void* f1, const void* f2, void* out,
+                                cudaStream_t stream, Kernel* used);
+
+// Gradients of the forward for both inputs (one fused kernel); grad has the volume's shape.
+cudaError_t cost_volume_backward(DType dt, CostVolumeShape shape, const void* grad, const void* f1, const void* f2,
+                                 void* g1, void* g2, cudaStream_t stream, Kernel* used);
 
 }  // namespace hcml

@@ -1,20 +1,25 @@
-// Cost-volume kernels for channels_last (NHWC) tensors: the layout the model runs in.
+// Cost-volume kernels over channels_last (NHWC) buffers: the only layout the op computes in. ops/_cuda.py hands
+// every call over as (B, H, W, Cs) contiguous buffers, 16-byte aligned, Cs a multiple of one 16-byte vector (an
+// input that is not so is copied once, zero-padded); these kernels therefore read and write only whole vectors.
 //
-// Why separate kernels: with NHWC storage the channels of a pixel are contiguous, so a warp that walks pixels
-// (as the strided kernels do) reads addresses C elements apart and no load is coalesced; the first H200 run
-// spent 57 % of a training step in such a backward. Here every global load is a contiguous 16-byte vector of
-// channels (or a scalar when C or the pointers do not allow vectors), staged into shared memory as
-// [channel][y][x] so that the hot loops read shared memory without bank conflicts.
+// Two families:
+// - fast<T, D, S>: (D, S) fixed at compile time (the models' D = 7, S = 2), so every shared-memory offset is an
+//   immediate and the accumulators stay in registers. The pixels of a tile are split into S same-parity
+//   sub-lattices ("classes": x = r + S u); along a class, the D horizontal displacements of neighbouring pixels
+//   overlap, so one thread owns P = 4 consecutive lattice pixels and one displacement row i and reads each row
+//   of the f2 window with three 16-byte shared loads for D * P = 28 FMAs (a plain per-pixel loop needs one load
+//   per FMA, which caps a kernel at ~25 % of FMA peak). Tiles are TH x TW pixels; channels in chunks of CC are
+//   staged as floats [channel][row][class][u], the next chunk fetched into registers while this one is used.
+//   The forward's output tile goes through shared memory so that it leaves as contiguous 16-byte stores.
+//   The backward is fused: one kernel reads g once per tile and writes dL/df1 and dL/df2, reducing the D row
+//   partials of each pixel through shared memory (no atomics: each element is written once).
+// - generic<T>: any (D, S) at run time, one thread per output element (forward) or per pixel and channel vector
+//   (backward), reading 16-byte vectors straight from global memory. Correct everywhere, not tuned.
 //
-// One block = a TH x TW tile of pixels of one image, one thread per pixel, channels in chunks of CC:
-// - forward:  acc[k] += f1[p, c] * f2[p + d_k, c] over an f2 tile with a halo of max_displacement pixels;
-// - dL/df1:   g1[p, c] = sum_k g[p, k] * f2[p + d_k, c]   (the D*D grads of p in registers, f2 tile + halo);
-// - dL/df2:   g2[q, c] = sum_k g[q - d_k, k] * f1[q - d_k, c]   (gathered grads in registers, f1 tile + halo).
-// Each output element is written once (no atomics), in fp32 accumulation, cast to T at the store.
-//
-// The same source compiles for the GPU (nvcc) and, with HCML_EMULATE, for the CPU with g++ (emulation.h runs
-// every CUDA thread as a host thread with real barriers), which is how the CPU-only test suite checks the
-// indexing, the halos and the synchronisation of these kernels against a naive reference.
+// The same source compiles for the GPU (nvcc) and, with HCML_EMULATE, for the CPU with g++ (emulation.h runs every
+// CUDA thread as a host thread with real barriers): the CPU test suite checks indexing, halos and barriers against
+// a naive reference there, and ops/csrc/launch_config.cpp prints each kernel's threads and shared memory from the
+// same constants for the static report.
 #pragma once
 
 #ifdef HCML_EMULATE
@@ -32,7 +37,7 @@
 
 namespace hcml {
 
-// fp32 accumulation for every element type (shared with the strided kernels of cost_volume_kernels.cu)
+// fp32 accumulation for every element type
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -43,168 +48,362 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 
 namespace nhwc {
 
-constexpr int TW = 32;   // tile width: one warp per tile row
-constexpr int TH = 8;    // tile height
-constexpr int CC = 8;    // channels per shared-memory chunk
-constexpr int THREADS = TW * TH;
-
+// B, H, W: sizes; C: channels (the 1/C scale); Cs: channel stride of f1, f2, g1, g2 (C rounded up to a vector).
 struct Shape {
-  int B, C, H, W, md, s;  // D = 2 * md / s + 1
+  int B, C, Cs, H, W;
 };
 
-
-// Elements of T in one 16-byte vector.
+// Elements of T in one 16-byte vector, and the vector as floats.
 template <typename T> struct Vec { static constexpr int N = 16 / sizeof(T); };
 
-// Stage channels [c0, c0 + CC) of an (h x w) window of image b, whose top-left is (y0, x0) in image coordinates,
-// into dst[cc * h * w + row * w + col] as floats; outside the image or past C: 0.
-template <typename T, bool kVec>
-__device__ __forceinline__ void stage(float* __restrict__ dst, const T* __restrict__ src, const Shape& sh, int b,
-                                      int y0, int x0, int h, int w, int c0) {
-  const int npix = h * w;
-  if (kVec) {
-    constexpr int V = Vec<T>::N;
-    constexpr int NV = (CC + V - 1) / V;  // vectors per pixel and chunk
-    for (int item = threadIdx.x; item < npix * NV; item += THREADS) {
-      const int pix = item / NV, v = item % NV;
-      const int yy = y0 + pix / w, xx = x0 + pix % w, c = c0 + v * V;
-      float vals[V];
-      if (yy >= 0 && yy < sh.H && xx >= 0 && xx < sh.W && c < sh.C) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(src + ((static_cast<int64_t>(b) * sh.H + yy) * sh.W + xx) *
-                                                                     sh.C + c);
-        const T* e = reinterpret_cast<const T*>(&raw);
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, float* out) {
+  const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-        for (int i = 0; i < V; ++i) vals[i] = to_f(e[i]);
-      } else {
+  for (int i = 0; i < Vec<T>::N; ++i) out[i] = to_f(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack(const float* in) {
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
-        for (int i = 0; i < V; ++i) vals[i] = 0.f;
+  for (int i = 0; i < Vec<T>::N; ++i) e[i] = from_f<T>(in[i]);
+  return raw;
+}
+
+__device__ __forceinline__ int64_t pixel(const Shape& sh, int b, int y, int x) {
+  return (static_cast<int64_t>(b) * sh.H + y) * sh.W + x;
+}
+
+// ---------------------------------------------------------------- compile-time (D, S) kernels
+template <typename T, int D_, int S_>
+struct Fast {
+  static constexpr int D = D_, S = S_, HALF = D / 2, MD = HALF * S, DD = D * D;
+  static constexpr int TH = 8, TW = 16, P = 4, SUB = 2;  // tile, pixels per thread, reduction step
+  static constexpr int CC = Vec<T>::N;                  // channels per chunk: one 16-byte vector per pixel
+  static constexpr int TWC = TW / S, G = TWC / P;                 // lattice pixels per class, thread groups
+  static constexpr int THREADS = D * TH * S * G;                  // one per (row i, tile row, class, group)
+  static constexpr int SH = (HALF + 3) / 4 * 4;                   // staged slot of lattice u = 0 (vector aligned)
+  static constexpr int U = TWC + 2 * SH;                          // staged slots per class
+  static constexpr int RS = S * U + (40 - (S * U) % 32) % 32;     // row stride = 8 (mod 32): no bank conflicts
+  static constexpr int HH = TH + 2 * MD, WH = TW + 2 * MD;        // staged window with its halo
+  static constexpr int V = Vec<T>::N, NV = CC / V > 0 ? CC / V : 1;
+  static constexpr int VB = (SH - HALF) / 4 * 4;                  // first vector a thread reads in its row
+  static constexpr int NL = (SH - HALF + P + D - 1 + 3) / 4 - VB / 4;  // 16-byte shared loads per row
+  static constexpr int OFF = SH - HALF - VB;                      // first useful float among them
+  static_assert(TWC % P == 0 && CC % V == 0 && THREADS % 32 == 0, "tile geometry");
+  static_assert(SUB * 4 <= 16, "reduction vector");
+
+  static constexpr int PLANE_HALO = HH * RS, PLANE = TH * RS;  // floats per staged channel
+  static constexpr int STAGE_FWD = CC * (PLANE_HALO + PLANE), OUT_TILE = TH * TW * DD;  // the output tile reuses it
+  static constexpr int SMEM_FWD = 4 * (STAGE_FWD > OUT_TILE ? STAGE_FWD : OUT_TILE);
+  static constexpr int RED = D * 2 * TH * TW * SUB, OUTS = 2 * TH * TW * CC;
+  static constexpr int SMEM_BWD = 4 * (2 * CC * PLANE_HALO + RED + OUTS);
+
+  // Items (pixel, vector) of a staged window: rows x cols pixels, NV vectors each.
+  template <int ROWS, int COLS>
+  struct Window {
+    static constexpr int ITEMS = ROWS * COLS * NV, PER_THREAD = (ITEMS + THREADS - 1) / THREADS;
+    uint4 buf[PER_THREAD];
+
+    // Global → registers: channels [c0, c0 + CC) of the window whose top-left pixel is (y0 - halo, x0 - halo).
+    __device__ __forceinline__ void fetch(const T* __restrict__ src, const Shape& sh, int b, int y0, int x0,
+                                          int c0) {
+      constexpr int halo = (ROWS - TH) / 2;
+#pragma unroll
+      for (int n = 0; n < PER_THREAD; ++n) {
+        const int item = threadIdx.x + n * THREADS;
+        const int v = item % NV, pix = item / NV;
+        const int y = y0 - halo + pix / COLS, x = x0 - halo + pix % COLS, c = c0 + v * V;
+        buf[n] = make_zero();
+        if (item < ITEMS && y >= 0 && y < sh.H && x >= 0 && x < sh.W && c < sh.Cs)
+          buf[n] = *reinterpret_cast<const uint4*>(src + pixel(sh, b, y, x) * sh.Cs + c);
       }
-#pragma unroll
-      for (int i = 0; i < V; ++i)
-        if (v * V + i < CC) dst[(v * V + i) * npix + pix] = vals[i];
     }
-  } else {
-    for (int item = threadIdx.x; item < npix * CC; item += THREADS) {
-      const int pix = item / CC, cc = item % CC;
-      const int yy = y0 + pix / w, xx = x0 + pix % w, c = c0 + cc;
-      float v = 0.f;
-      if (yy >= 0 && yy < sh.H && xx >= 0 && xx < sh.W && c < sh.C)
-        v = to_f(src[((static_cast<int64_t>(b) * sh.H + yy) * sh.W + xx) * sh.C + c]);
-      dst[cc * npix + pix] = v;
+
+    // Registers → shared memory as floats [channel][row][class][slot].
+    __device__ __forceinline__ void put(float* __restrict__ dst) const {
+      constexpr int halo = (ROWS - TH) / 2;
+#pragma unroll
+      for (int n = 0; n < PER_THREAD; ++n) {
+        const int item = threadIdx.x + n * THREADS;
+        if (item >= ITEMS) break;
+        const int v = item % NV, pix = item / NV;
+        const int row = pix / COLS, xr = pix % COLS - halo;  // x relative to the tile's left edge
+        const int r = ((xr % S) + S) % S, slot = SH + (xr - r) / S;
+        float vals[V];
+        unpack<T>(buf[n], vals);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const int cc = v * V + e;
+          if (cc < CC) dst[(cc * ROWS + row) * RS + r * U + slot] = vals[e];
+        }
+      }
+    }
+  };
+
+  __device__ static __forceinline__ uint4 make_zero() {
+    uint4 z;
+    z.x = z.y = z.z = z.w = 0u;
+    return z;
+  }
+
+  // The NL vectors (4 floats each) of one staged row a thread reads; useful floats start at OFF.
+  __device__ static __forceinline__ void read_row(const float* __restrict__ p, float* out) {
+#pragma unroll
+    for (int l = 0; l < NL; ++l) {
+      const float4 q = reinterpret_cast<const float4*>(p)[l];
+      out[4 * l] = q.x, out[4 * l + 1] = q.y, out[4 * l + 2] = q.z, out[4 * l + 3] = q.w;
     }
   }
-}
 
-// Write vals[0..CC) to channels [c0, c0 + CC) of pixel p (only those < C).
-template <typename T, bool kVec>
-__device__ __forceinline__ void store_chunk(T* __restrict__ dst, int64_t p, const Shape& sh, int c0, const float* vals) {
-  if (kVec && c0 + CC <= sh.C) {
-    constexpr int V = Vec<T>::N;
-#pragma unroll
-    for (int v = 0; v < CC / V; ++v) {
-      uint4 raw;
-      T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < V; ++i) e[i] = from_f<T>(vals[v * V + i]);
-      *reinterpret_cast<uint4*>(dst + p * sh.C + c0 + v * V) = raw;
+  struct Thread {
+    int i, ty, r, g;
+    __device__ __forceinline__ Thread() {
+      const int t = threadIdx.x;
+      g = t % G, r = (t / G) % S, ty = (t / (G * S)) % TH, i = t / (G * S * TH);
     }
-  } else {
-#pragma unroll
-    for (int cc = 0; cc < CC; ++cc)
-      if (c0 + cc < sh.C) dst[p * sh.C + c0 + cc] = from_f<T>(vals[cc]);
-  }
-}
+    // x of this thread's p-th pixel relative to the tile, and its index in the tile (row-major)
+    __device__ __forceinline__ int xr(int p) const { return r + S * (P * g + p); }
+    __device__ __forceinline__ int px(int p) const { return ty * TW + xr(p); }
+  };
+};
 
-// out[p, i*D + j] = inv_c * sum_c f1[p, c] * f2[p + ((i - D/2) s, (j - D/2) s), c]
-template <typename T, int D, bool kVec>
-__global__ void __launch_bounds__(THREADS) forward(Shape sh, const T* __restrict__ f1, const T* __restrict__ f2,
-                                                   T* __restrict__ out) {
+// out[p, i*D + j] = 1/C sum_c f1[p, c] * f2[p + ((i - D/2) S, (j - D/2) S), c]   (f2 = 0 outside the image)
+template <typename T, int D, int S>
+__global__ void __launch_bounds__(Fast<T, D, S>::THREADS, 2)
+    forward_fast(Shape sh, const T* __restrict__ f1, const T* __restrict__ f2, T* __restrict__ out) {
+  using K = Fast<T, D, S>;
   HCML_DYNAMIC_SMEM(smem);
-  const int HH = TH + 2 * sh.md, WW = TW + 2 * sh.md;
-  float* f2s = smem;                 // [CC][HH][WW]
-  float* f1s = smem + CC * HH * WW;  // [CC][TH][TW]
-  const int b = blockIdx.z, y0 = blockIdx.y * TH, x0 = blockIdx.x * TW;
-  const int ty = threadIdx.x / TW, tx = threadIdx.x % TW;
-  const int y = y0 + ty, x = x0 + tx;
-  float acc[D * D];
+  float* f2s = smem;                             // [CC][HH][RS]
+  float* f1s = smem + K::CC * K::PLANE_HALO;     // [CC][TH][RS]
+  const int b = blockIdx.z, y0 = blockIdx.y * K::TH, x0 = blockIdx.x * K::TW;
+  const typename K::Thread th;
+  typename K::template Window<K::HH, K::WH> w2;
+  typename K::template Window<K::TH, K::TW> w1;
+  float acc[D][K::P];
 #pragma unroll
-  for (int k = 0; k < D * D; ++k) acc[k] = 0.f;
-  for (int c0 = 0; c0 < sh.C; c0 += CC) {
+  for (int j = 0; j < D; ++j)
+#pragma unroll
+    for (int p = 0; p < K::P; ++p) acc[j][p] = 0.f;
+  w2.fetch(f2, sh, b, y0, x0, 0);
+  w1.fetch(f1, sh, b, y0, x0, 0);
+  for (int c0 = 0; c0 < sh.Cs; c0 += K::CC) {
     __syncthreads();  // the previous chunk is consumed
-    stage<T, kVec>(f2s, f2, sh, b, y0 - sh.md, x0 - sh.md, HH, WW, c0);
-    stage<T, kVec>(f1s, f1, sh, b, y0, x0, TH, TW, c0);
+    w2.put(f2s);
+    w1.put(f1s);
     __syncthreads();
+    if (c0 + K::CC < sh.Cs) {  // the next chunk's loads fly while this one is used
+      w2.fetch(f2, sh, b, y0, x0, c0 + K::CC);
+      w1.fetch(f1, sh, b, y0, x0, c0 + K::CC);
+    }
+#pragma unroll 2
+    for (int cc = 0; cc < K::CC; ++cc) {
+      const float4 a = *reinterpret_cast<const float4*>(f1s + (cc * K::TH + th.ty) * K::RS + th.r * K::U + K::SH +
+                                                        K::P * th.g);
+      const float av[4] = {a.x, a.y, a.z, a.w};
+      float row[4 * K::NL];
+      K::read_row(f2s + (cc * K::HH + th.ty + th.i * S) * K::RS + th.r * K::U + K::VB + K::P * th.g, row);
 #pragma unroll
-    for (int cc = 0; cc < CC; ++cc) {
-      const float a = f1s[cc * TH * TW + threadIdx.x];
-      const float* base = f2s + cc * HH * WW + ty * WW + tx;  // displacement (-md, -md)
+      for (int j = 0; j < D; ++j)
 #pragma unroll
-      for (int i = 0; i < D; ++i)
-#pragma unroll
-        for (int j = 0; j < D; ++j) acc[i * D + j] += a * base[i * sh.s * WW + j * sh.s];
+        for (int p = 0; p < K::P; ++p) acc[j][p] += av[p] * row[K::OFF + p + j];
     }
   }
-  if (y < sh.H && x < sh.W) {
-    const float inv = 1.f / sh.C;
-    T* o = out + ((static_cast<int64_t>(b) * sh.H + y) * sh.W + x) * (D * D);
+  // the output tile [TH][TW][DD] through shared memory, then contiguous 16-byte stores per tile row
+  __syncthreads();
+  const float inv = 1.f / sh.C;
 #pragma unroll
-    for (int k = 0; k < D * D; ++k) o[k] = from_f<T>(acc[k] * inv);
+  for (int j = 0; j < D; ++j)
+#pragma unroll
+    for (int p = 0; p < K::P; ++p) smem[th.px(p) * K::DD + th.i * D + j] = acc[j][p] * inv;
+  __syncthreads();
+  constexpr int V = Vec<T>::N;
+  const int width = min(K::TW, sh.W - x0);
+  for (int ty = 0; ty < K::TH && y0 + ty < sh.H; ++ty) {
+    const int64_t start = pixel(sh, b, y0 + ty, x0) * K::DD, n = static_cast<int64_t>(width) * K::DD;
+    const int64_t first = start / V, last = (start + n + V - 1) / V;  // 16-byte slots touching the row
+    const float* src = smem + ty * K::TW * K::DD;                    // src[e - start] for global element e
+    for (int64_t slot = first + threadIdx.x; slot < last; slot += K::THREADS) {
+      const int64_t e0 = slot * V;
+      if (e0 >= start && e0 + V <= start + n) {
+        *reinterpret_cast<uint4*>(out + e0) = pack<T>(src + (e0 - start));
+      } else {
+        for (int64_t e = e0; e < e0 + V; ++e)
+          if (e >= start && e < start + n) out[e] = from_f<T>(src[e - start]);
+      }
+    }
   }
 }
 
-// One input's gradient per launch, without atomics: every element written once by the thread of its pixel.
-//   kSecond = false: g1[p, c] = inv_c * sum_k g[p, k] * f2[p + d_k, c]          (src = f2, the grads of p)
-//   kSecond = true:  g2[q, c] = inv_c * sum_k g[q - d_k, k] * f1[q - d_k, c]    (src = f1, the grads that read q)
-// Both stage src's tile with its halo; the displacement k of a thread's pixel sits at tile offset (i s, j s),
-// and its opposite -d_k at ((D-1-i) s, (D-1-j) s).
-template <typename T, int D, bool kVec, bool kSecond>
-__global__ void __launch_bounds__(THREADS) backward(Shape sh, const T* __restrict__ g, const T* __restrict__ src,
-                                                    T* __restrict__ dst) {
-  HCML_DYNAMIC_SMEM(tile);  // [CC][HH][WW]
-  const int HH = TH + 2 * sh.md, WW = TW + 2 * sh.md;
-  const int b = blockIdx.z, y0 = blockIdx.y * TH, x0 = blockIdx.x * TW;
-  const int ty = threadIdx.x / TW, tx = threadIdx.x % TW;
-  const int y = y0 + ty, x = x0 + tx;
-  const bool inside = y < sh.H && x < sh.W;
+// Fused backward: g1[p, c] = 1/C sum_k g[p, k] f2[p + d_k, c] and g2[q, c] = 1/C sum_k g[q - d_k, k] f1[q - d_k, c].
+// A thread holds, for its row i and P pixels, the D grads of each pixel (ga) and the D grads that read it (gb).
+template <typename T, int D, int S>
+__global__ void __launch_bounds__(Fast<T, D, S>::THREADS, 2)
+    backward_fast(Shape sh, const T* __restrict__ g, const T* __restrict__ f1, const T* __restrict__ f2,
+                  T* __restrict__ g1, T* __restrict__ g2) {
+  using K = Fast<T, D, S>;
+  constexpr int P = K::P, SUB = K::SUB, HALF = K::HALF, NPX = K::TH * K::TW;
+  HCML_DYNAMIC_SMEM(smem);
+  float* f2s = smem;                           // [CC][HH][RS]
+  float* f1s = smem + K::CC * K::PLANE_HALO;   // [CC][HH][RS]
+  float* red = f1s + K::CC * K::PLANE_HALO;    // [D][2][NPX][SUB]: each row's partial sums
+  float* outs = red + K::RED;                  // [2][NPX][CC]: the chunk's reduced grads
+  const int b = blockIdx.z, y0 = blockIdx.y * K::TH, x0 = blockIdx.x * K::TW;
+  const typename K::Thread th;
   const float inv = 1.f / sh.C;
-  float gk[D * D];  // the D*D grads this pixel combines, pre-scaled by 1/C
+  float ga[D][P], gb[D][P];
+  const int y = y0 + th.ty;
 #pragma unroll
-  for (int i = 0; i < D; ++i)
+  for (int p = 0; p < P; ++p) {
+    const int x = x0 + th.xr(p);
+    const bool inside = y < sh.H && x < sh.W;
 #pragma unroll
     for (int j = 0; j < D; ++j) {
-      const int sign = kSecond ? -1 : 0;  // kSecond: the output pixel q - d_k that read this one
-      const int yy = y + sign * (i - D / 2) * sh.s, xx = x + sign * (j - D / 2) * sh.s;
+      const int k = th.i * D + j;
+      ga[j][p] = inside ? to_f(g[pixel(sh, b, y, x) * K::DD + k]) * inv : 0.f;
+      const int yy = y - (th.i - HALF) * S, xx = x - (j - HALF) * S;  // the pixel whose displacement k reads q
       const bool ok = inside && yy >= 0 && yy < sh.H && xx >= 0 && xx < sh.W;
-      gk[i * D + j] =
-          ok ? to_f(g[((static_cast<int64_t>(b) * sh.H + yy) * sh.W + xx) * (D * D) + i * D + j]) * inv : 0.f;
+      gb[j][p] = ok ? to_f(g[pixel(sh, b, yy, xx) * K::DD + k]) * inv : 0.f;
     }
-  for (int c0 = 0; c0 < sh.C; c0 += CC) {
+  }
+  for (int c0 = 0; c0 < sh.Cs; c0 += K::CC) {
+    {  // no prefetch here: the 2 x D x P grads already hold the registers a second window would need
+      typename K::template Window<K::HH, K::WH> w;
+      w.fetch(f2, sh, b, y0, x0, c0);  // (the previous chunk's last barrier has passed: its tiles are consumed)
+      w.put(f2s);
+      w.fetch(f1, sh, b, y0, x0, c0);
+      w.put(f1s);
+    }
     __syncthreads();
-    stage<T, kVec>(tile, src, sh, b, y0 - sh.md, x0 - sh.md, HH, WW, c0);
-    __syncthreads();
-    float vals[CC];
+    for (int s0 = 0; s0 < K::CC; s0 += SUB) {
 #pragma unroll
-    for (int cc = 0; cc < CC; ++cc) {
-      const float* base = tile + cc * HH * WW + ty * WW + tx;
-      float acc = 0.f;
+      for (int cs = 0; cs < SUB; ++cs) {
+        const int cc = s0 + cs;
+        float row2[4 * K::NL], row1[4 * K::NL];
+        K::read_row(f2s + (cc * K::HH + th.ty + th.i * S) * K::RS + th.r * K::U + K::VB + P * th.g, row2);
+        K::read_row(f1s + (cc * K::HH + th.ty + (D - 1 - th.i) * S) * K::RS + th.r * K::U + K::VB + P * th.g, row1);
 #pragma unroll
-      for (int i = 0; i < D; ++i)
+        for (int p = 0; p < P; ++p) {
+          float s1 = 0.f, s2 = 0.f;
 #pragma unroll
-        for (int j = 0; j < D; ++j) {
-          const int oy = kSecond ? D - 1 - i : i, ox = kSecond ? D - 1 - j : j;
-          acc += gk[i * D + j] * base[oy * sh.s * WW + ox * sh.s];
+          for (int j = 0; j < D; ++j) {
+            s1 += ga[j][p] * row2[K::OFF + p + j];
+            s2 += gb[j][p] * row1[K::OFF + p + 2 * HALF - j];
+          }
+          red[((th.i * 2 + 0) * NPX + th.px(p)) * SUB + cs] = s1;
+          red[((th.i * 2 + 1) * NPX + th.px(p)) * SUB + cs] = s2;
         }
-      vals[cc] = acc;
+      }
+      __syncthreads();
+      for (int job = threadIdx.x; job < 2 * NPX; job += K::THREADS) {  // (which, pixel): sum the D rows
+        float s[SUB] = {};
+#pragma unroll
+        for (int i = 0; i < D; ++i)
+#pragma unroll
+          for (int cs = 0; cs < SUB; ++cs) s[cs] += red[((i * 2 + job / NPX) * NPX + job % NPX) * SUB + cs];
+#pragma unroll
+        for (int cs = 0; cs < SUB; ++cs) outs[job * K::CC + s0 + cs] = s[cs];
+      }
+      __syncthreads();
     }
-    if (inside) store_chunk<T, kVec>(dst, (static_cast<int64_t>(b) * sh.H + y) * sh.W + x, sh, c0, vals);
+    // the chunk's CC channels of every pixel of the tile, 16 bytes at a time
+    constexpr int V = K::V;
+    for (int item = threadIdx.x; item < 2 * NPX * K::NV; item += K::THREADS) {
+      const int v = item % K::NV, job = item / K::NV, which = job / NPX, px = job % NPX;
+      const int yy = y0 + px / K::TW, xx = x0 + px % K::TW, c = c0 + v * V;
+      if (yy < sh.H && xx < sh.W && c < sh.Cs) {
+        T* dst = which ? g2 : g1;
+        *reinterpret_cast<uint4*>(dst + pixel(sh, b, yy, xx) * sh.Cs + c) = pack<T>(outs + job * K::CC + v * V);
+      }
+    }
   }
 }
 
-// Bytes of dynamic shared memory each kernel needs.
-inline size_t smem_forward(const Shape& sh) {
-  return sizeof(float) * CC * ((TH + 2 * sh.md) * (TW + 2 * sh.md) + TH * TW);
+template <typename T, int D, int S>
+inline dim3 fast_grid(const Shape& sh) {
+  using K = Fast<T, D, S>;
+  dim3 grid;
+  grid.x = (sh.W + K::TW - 1) / K::TW, grid.y = (sh.H + K::TH - 1) / K::TH, grid.z = sh.B;
+  return grid;
 }
-inline size_t smem_backward(const Shape& sh) { return sizeof(float) * CC * (TH + 2 * sh.md) * (TW + 2 * sh.md); }
+
+// ---------------------------------------------------------------- any (D, S): plain, vector loads, no tiles
+constexpr int GENERIC_THREADS = 256;
+
+// One thread per output element (pixel, k): consecutive threads write consecutive elements.
+template <typename T>
+__global__ void __launch_bounds__(GENERIC_THREADS)
+    forward_generic(Shape sh, int D, int s, const T* __restrict__ f1, const T* __restrict__ f2, T* __restrict__ out) {
+  constexpr int V = Vec<T>::N;
+  const int DD = D * D;
+  const int64_t n = static_cast<int64_t>(sh.B) * sh.H * sh.W * DD;
+  const float inv = 1.f / sh.C;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int k = t % DD;
+    const int64_t p = t / DD;
+    const int x = p % sh.W, y = (p / sh.W) % sh.H, b = p / (static_cast<int64_t>(sh.W) * sh.H);
+    const int yy = y + (k / D - D / 2) * s, xx = x + (k % D - D / 2) * s;
+    float acc = 0.f;
+    if (yy >= 0 && yy < sh.H && xx >= 0 && xx < sh.W) {
+      const T* a = f1 + p * sh.Cs;
+      const T* q = f2 + pixel(sh, b, yy, xx) * sh.Cs;
+      for (int c = 0; c < sh.Cs; c += V) {
+        float va[V], vb[V];
+        unpack<T>(*reinterpret_cast<const uint4*>(a + c), va);
+        unpack<T>(*reinterpret_cast<const uint4*>(q + c), vb);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc += va[e] * vb[e];
+      }
+    }
+    out[t] = from_f<T>(acc * inv);
+  }
+}
+
+// One thread per (pixel, channel vector), both input grads at once (g read once per use).
+template <typename T>
+__global__ void __launch_bounds__(GENERIC_THREADS)
+    backward_generic(Shape sh, int D, int s, const T* __restrict__ g, const T* __restrict__ f1,
+                     const T* __restrict__ f2, T* __restrict__ g1, T* __restrict__ g2) {
+  constexpr int V = Vec<T>::N;
+  const int DD = D * D, nv = sh.Cs / V;
+  const int64_t n = static_cast<int64_t>(sh.B) * sh.H * sh.W * nv;
+  const float inv = 1.f / sh.C;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int c = (t % nv) * V;
+    const int64_t p = t / nv;
+    const int x = p % sh.W, y = (p / sh.W) % sh.H, b = p / (static_cast<int64_t>(sh.W) * sh.H);
+    float a1[V] = {}, a2[V] = {}, v[V];
+    for (int k = 0; k < DD; ++k) {
+      const int dy = (k / D - D / 2) * s, dx = (k % D - D / 2) * s;
+      if (y + dy >= 0 && y + dy < sh.H && x + dx >= 0 && x + dx < sh.W) {
+        const float gk = to_f(g[p * DD + k]);
+        unpack<T>(*reinterpret_cast<const uint4*>(f2 + pixel(sh, b, y + dy, x + dx) * sh.Cs + c), v);
+#pragma unroll
+        for (int e = 0; e < V; ++e) a1[e] += gk * v[e];
+      }
+      if (y - dy >= 0 && y - dy < sh.H && x - dx >= 0 && x - dx < sh.W) {
+        const int64_t q = pixel(sh, b, y - dy, x - dx);
+        const float gk = to_f(g[q * DD + k]);
+        unpack<T>(*reinterpret_cast<const uint4*>(f1 + q * sh.Cs + c), v);
+#pragma unroll
+        for (int e = 0; e < V; ++e) a2[e] += gk * v[e];
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) a1[e] *= inv, a2[e] *= inv;
+    *reinterpret_cast<uint4*>(g1 + p * sh.Cs + c) = pack<T>(a1);
+    *reinterpret_cast<uint4*>(g2 + p * sh.Cs + c) = pack<T>(a2);
+  }
+}
+
+inline int generic_blocks(int64_t n) {
+  const int64_t blocks = (n + GENERIC_THREADS - 1) / GENERIC_THREADS;
+  return static_cast<int>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+}
 
 }  // namespace nhwc
 }  // namespace hcml

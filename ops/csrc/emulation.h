@@ -4,6 +4,7 @@
 // Blocks run one after another. Slow, but it executes the same index arithmetic, halos and synchronisation as
 // the GPU, which is what tests/test_cost_volume.py checks against a naive reference on machines with no GPU.
 #pragma once
+#include <algorithm>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
@@ -14,17 +15,23 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
+
+using std::min;
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
-struct uint4 {
+struct alignas(16) uint4 {
   unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
 };
 
 namespace hcml_emu {
 inline thread_local dim3 thread_idx, block_idx;
+inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
 inline float* block_smem = nullptr;
 inline float* shared_memory() { return block_smem; }
@@ -34,6 +41,7 @@ inline void sync() { block_barrier->arrive_and_wait(); }
 template <typename Kernel, typename... Args>
 void launch(dim3 grid, dim3 block, size_t smem, Kernel kernel, Args... args) {
   std::vector<float> buf(smem / sizeof(float) + 4);
+  block_dim = block, grid_dim = grid;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -55,6 +63,8 @@ void launch(dim3 grid, dim3 block, size_t smem, Kernel kernel, Args... args) {
 
 #define threadIdx (hcml_emu::thread_idx)
 #define blockIdx (hcml_emu::block_idx)
+#define blockDim (hcml_emu::block_dim)
+#define gridDim (hcml_emu::grid_dim)
 #define __syncthreads() hcml_emu::sync()
 
 // 16-bit floats with CUDA's conversion semantics (round to nearest even).
