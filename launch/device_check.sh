@@ -11,7 +11,8 @@
 #   4 model compare + profile (bench model --compare --profile)   5 pipeline compare and 6 a short training run
 #     (SyncBN with as many processes as GPUs): these need DALI, which comes in .dali_payload (two more calls,
 #     see ../shared/tools/dali_device_payload.sh and `stage` below); without it they are reported as skipped.
-# $OUT/report.json is rewritten after every stage and on exit (also when killed), so a call cut short still says
+# HCML_CHECK_ONLY=op stops after the op stages; HCML_CHECK_NCU=1 adds an Nsight Compute pass over the op's two
+# compile-time kernels ($OUT/ncu_op.txt). $OUT/report.json is rewritten after every stage and on exit (also when killed), so a call cut short still says
 # what ran. Make the payload here first:
 #   bash launch/device_check.sh payload PATH/TO/Pytorch-Correlation-extension   # copies its source (~100 KB)
 # Optional DALI staging (each a separate call carrying one part; /tmp survives while the machine is warm):
@@ -127,6 +128,22 @@ stage "op timing bf16 channels_last" 60 sh -c "hcml bench op --dtype bf16 --chan
 stage "op timing models' shapes" 45 sh -c "hcml bench op --sweep --dtype bf16 --channels-last --iters 10 --json > $OUT/bench_op_sweep.json"
 stage "op timing fp32 channels_last" 45 sh -c "hcml bench op --dtype fp32 --channels-last --iters 10 --json > $OUT/bench_op_fp32_cl.json"
 stage "op timing bf16 NCHW (copy path)" 45 sh -c "hcml bench op --dtype bf16 --iters 10 --json > $OUT/bench_op_bf16_nchw.json"
+
+if [ -n "${HCML_CHECK_NCU:-}" ] && command -v ncu >/dev/null; then  # where the op's time goes, per kernel
+  cat > /tmp/cv_once.py <<'PY'
+import torch
+from hcml.ops import cost_volume
+cl = torch.channels_last
+a, b = (torch.randn(128, 64, 56, 56, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
+        .requires_grad_() for _ in range(2))
+cost_volume(a, b).backward(torch.randn(128, 49, 56, 56, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl))
+torch.cuda.synchronize()
+PY
+  stage "op profile (ncu)" 90 sh -c "ncu --kernel-name regex:_fast --launch-count 2 --section SpeedOfLight \
+    --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+    python3 /tmp/cv_once.py > $OUT/ncu_op.txt 2>&1"
+fi
+if [ "${HCML_CHECK_ONLY:-}" = op ]; then echo "HCML_CHECK_ONLY=op: the op stages only"; exit 0; fi
 
 stage "model compare + profile" 240 sh -c "hcml bench model --arch r2d50 --frames 16 --compare --profile --iters 8 --json > $OUT/bench_model.json"
 

@@ -32,7 +32,7 @@ template <typename T, int D, int S>
 cudaError_t fast_backward(const Shape& sh, const T* g, const T* f1, const T* f2, T* g1, T* g2, cudaStream_t stream) {
   using K = nhwc::Fast<T, D, S>;
   if (!allow_smem(nhwc::backward_fast<T, D, S>, K::SMEM_BWD)) return cudaErrorInvalidConfiguration;
-  nhwc::backward_fast<T, D, S><<<nhwc::fast_grid<T, D, S>(sh), K::THREADS, K::SMEM_BWD, stream>>>(sh, g, f1, f2, g1,
+  nhwc::backward_fast<T, D, S><<<nhwc::fast_grid<T, D, S>(sh), K::THREADS_BWD, K::SMEM_BWD, stream>>>(sh, g, f1, f2, g1,
                                                                                                  g2);
   return cudaGetLastError();
 }

@@ -8,11 +8,12 @@
 //   sub-lattices ("classes": x = r + S u); along a class, the D horizontal displacements of neighbouring pixels
 //   overlap, so one thread owns P = 4 consecutive lattice pixels and one displacement row i and reads each row
 //   of the f2 window with three 16-byte shared loads for D * P = 28 FMAs (a plain per-pixel loop needs one load
-//   per FMA, which caps a kernel at ~25 % of FMA peak). Tiles are TH x TW pixels; channels in chunks of CC are
-//   staged as floats [channel][row][class][u], the next chunk fetched into registers while this one is used.
-//   The forward's output tile goes through shared memory so that it leaves as contiguous 16-byte stores.
-//   The backward is fused: one kernel reads g once per tile and writes dL/df1 and dL/df2, reducing the D row
-//   partials of each pixel through shared memory (no atomics: each element is written once).
+//   per FMA, which caps a kernel at ~25 % of FMA peak). Tiles are TH x TW pixels; channels in chunks of 32 bytes
+//   per pixel (one whole L2 sector) are staged as floats [channel][row][class][u], the next chunk of the f2
+//   window fetched into registers while this one is used. The forward's output tile goes through shared memory
+//   so that it leaves as contiguous 16-byte stores. The backward is fused: one kernel reads g once per tile and
+//   writes dL/df1 and dL/df2; the D row partials of a pixel meet in one warp and are summed with a shuffle
+//   reduce-scatter (no atomics, no reduction buffer: each element is written once).
 // - generic<T>: any (D, S) at run time, one thread per output element (forward) or per pixel and channel vector
 //   (backward), reading 16-byte vectors straight from global memory. Correct everywhere, not tuned.
 //
@@ -80,40 +81,42 @@ __device__ __forceinline__ int64_t pixel(const Shape& sh, int b, int y, int x) {
 template <typename T, int D_, int S_>
 struct Fast {
   static constexpr int D = D_, S = S_, HALF = D / 2, MD = HALF * S, DD = D * D;
-  static constexpr int TH = 8, TW = 16, P = 4, SUB = 2;  // tile, pixels per thread, reduction step
-  static constexpr int CC = Vec<T>::N;                  // channels per chunk: one 16-byte vector per pixel
+  static constexpr int TH = 8, TW = 16, P = 4;                   // tile, pixels per thread
   static constexpr int TWC = TW / S, G = TWC / P;                 // lattice pixels per class, thread groups
-  static constexpr int THREADS = D * TH * S * G;                  // one per (row i, tile row, class, group)
+  static constexpr int THREADS = D * TH * S * G;                  // forward: one per (row i, tile row, class, group)
+  static constexpr int THREADS_BWD = 32 * TH;                     // backward: one warp per tile row (lane = q + 4 i)
   static constexpr int SH = (HALF + 3) / 4 * 4;                   // staged slot of lattice u = 0 (vector aligned)
   static constexpr int U = TWC + 2 * SH;                          // staged slots per class
   static constexpr int RS = S * U + (40 - (S * U) % 32) % 32;     // row stride = 8 (mod 32): no bank conflicts
   static constexpr int HH = TH + 2 * MD, WH = TW + 2 * MD;        // staged window with its halo
-  static constexpr int V = Vec<T>::N, NV = CC / V > 0 ? CC / V : 1;
+  static constexpr int V = Vec<T>::N;
+  static constexpr int CC = 2 * V;   // forward chunk: 32 bytes of channels per pixel, one whole L2 sector
+  static constexpr int CCB = V;      // backward chunk: 16 bytes (two windows staged at once)
   static constexpr int VB = (SH - HALF) / 4 * 4;                  // first vector a thread reads in its row
   static constexpr int NL = (SH - HALF + P + D - 1 + 3) / 4 - VB / 4;  // 16-byte shared loads per row
   static constexpr int OFF = SH - HALF - VB;                      // first useful float among them
-  static_assert(TWC % P == 0 && CC % V == 0 && THREADS % 32 == 0, "tile geometry");
-  static_assert(SUB * 4 <= 16, "reduction vector");
+  static_assert(TWC % P == 0 && THREADS % 32 == 0, "tile geometry");
+  static_assert(S * G == 4 && D <= 8, "backward: a warp holds the 4 groups of a tile row x up to 8 rows i");
 
   static constexpr int PLANE_HALO = HH * RS, PLANE = TH * RS;  // floats per staged channel
   static constexpr int STAGE_FWD = CC * (PLANE_HALO + PLANE), OUT_TILE = TH * TW * DD;  // the output tile reuses it
   static constexpr int SMEM_FWD = 4 * (STAGE_FWD > OUT_TILE ? STAGE_FWD : OUT_TILE);
-  static constexpr int RED = D * 2 * TH * TW * SUB, OUTS = 2 * TH * TW * CC;
-  static constexpr int SMEM_BWD = 4 * (2 * CC * PLANE_HALO + RED + OUTS);
+  static constexpr int OUTS = 2 * TH * TW * CCB;                  // the backward chunk's grads of the tile
+  static constexpr int SMEM_BWD = 4 * (2 * CCB * PLANE_HALO + OUTS);
 
-  // Items (pixel, vector) of a staged window: rows x cols pixels, NV vectors each.
-  template <int ROWS, int COLS>
+  // Items (pixel, vector) of a staged window: rows x cols pixels, CCW channels (NV vectors) each, NT threads.
+  template <int ROWS, int COLS, int CCW, int NT>
   struct Window {
-    static constexpr int ITEMS = ROWS * COLS * NV, PER_THREAD = (ITEMS + THREADS - 1) / THREADS;
+    static constexpr int NV = CCW / V, ITEMS = ROWS * COLS * NV, PER_THREAD = (ITEMS + NT - 1) / NT;
     uint4 buf[PER_THREAD];
 
-    // Global → registers: channels [c0, c0 + CC) of the window whose top-left pixel is (y0 - halo, x0 - halo).
+    // Global → registers: channels [c0, c0 + CCW) of the window whose top-left pixel is (y0 - halo, x0 - halo).
     __device__ __forceinline__ void fetch(const T* __restrict__ src, const Shape& sh, int b, int y0, int x0,
                                           int c0) {
       constexpr int halo = (ROWS - TH) / 2;
 #pragma unroll
       for (int n = 0; n < PER_THREAD; ++n) {
-        const int item = threadIdx.x + n * THREADS;
+        const int item = threadIdx.x + n * NT;
         const int v = item % NV, pix = item / NV;
         const int y = y0 - halo + pix / COLS, x = x0 - halo + pix % COLS, c = c0 + v * V;
         buf[n] = make_zero();
@@ -127,7 +130,7 @@ struct Fast {
       constexpr int halo = (ROWS - TH) / 2;
 #pragma unroll
       for (int n = 0; n < PER_THREAD; ++n) {
-        const int item = threadIdx.x + n * THREADS;
+        const int item = threadIdx.x + n * NT;
         if (item >= ITEMS) break;
         const int v = item % NV, pix = item / NV;
         const int row = pix / COLS, xr = pix % COLS - halo;  // x relative to the tile's left edge
@@ -137,7 +140,7 @@ struct Fast {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           const int cc = v * V + e;
-          if (cc < CC) dst[(cc * ROWS + row) * RS + r * U + slot] = vals[e];
+          dst[(cc * ROWS + row) * RS + r * U + slot] = vals[e];
         }
       }
     }
@@ -180,25 +183,22 @@ __global__ void __launch_bounds__(Fast<T, D, S>::THREADS, 2)
   float* f1s = smem + K::CC * K::PLANE_HALO;     // [CC][TH][RS]
   const int b = blockIdx.z, y0 = blockIdx.y * K::TH, x0 = blockIdx.x * K::TW;
   const typename K::Thread th;
-  typename K::template Window<K::HH, K::WH> w2;
-  typename K::template Window<K::TH, K::TW> w1;
+  typename K::template Window<K::HH, K::WH, K::CC, K::THREADS> w2;
+  typename K::template Window<K::TH, K::TW, K::CC, K::THREADS> w1;
   float acc[D][K::P];
 #pragma unroll
   for (int j = 0; j < D; ++j)
 #pragma unroll
     for (int p = 0; p < K::P; ++p) acc[j][p] = 0.f;
   w2.fetch(f2, sh, b, y0, x0, 0);
-  w1.fetch(f1, sh, b, y0, x0, 0);
   for (int c0 = 0; c0 < sh.Cs; c0 += K::CC) {
     __syncthreads();  // the previous chunk is consumed
     w2.put(f2s);
+    w1.fetch(f1, sh, b, y0, x0, c0);  // the small f1 tile is not prefetched: its registers would spill
     w1.put(f1s);
     __syncthreads();
-    if (c0 + K::CC < sh.Cs) {  // the next chunk's loads fly while this one is used
-      w2.fetch(f2, sh, b, y0, x0, c0 + K::CC);
-      w1.fetch(f1, sh, b, y0, x0, c0 + K::CC);
-    }
-#pragma unroll 2
+    if (c0 + K::CC < sh.Cs) w2.fetch(f2, sh, b, y0, x0, c0 + K::CC);  // flies while this chunk is used
+#pragma unroll 1
     for (int cc = 0; cc < K::CC; ++cc) {
       const float4 a = *reinterpret_cast<const float4*>(f1s + (cc * K::TH + th.ty) * K::RS + th.r * K::U + K::SH +
                                                         K::P * th.g);
@@ -238,84 +238,99 @@ __global__ void __launch_bounds__(Fast<T, D, S>::THREADS, 2)
 }
 
 // Fused backward: g1[p, c] = 1/C sum_k g[p, k] f2[p + d_k, c] and g2[q, c] = 1/C sum_k g[q - d_k, k] f1[q - d_k, c].
-// A thread holds, for its row i and P pixels, the D grads of each pixel (ga) and the D grads that read it (gb).
+// One warp per tile row; lane q + 4 i holds, for displacement row i (i = 7: idle, zeros) and the 4 pixels of
+// group q, the D grads of each pixel (ga) and the D grads that read it (gb). Per channel, each lane forms 8 row
+// partials (4 pixels x {g1, g2}); a butterfly reduce-scatter over the 8 lanes of a group (7 shuffles) leaves lane
+// i with the full sum of partial i, which it writes to shared memory: no atomics, no reduction buffer, two
+// barriers per chunk.
 template <typename T, int D, int S>
-__global__ void __launch_bounds__(Fast<T, D, S>::THREADS, 2)
+__global__ void __launch_bounds__(Fast<T, D, S>::THREADS_BWD, 2)
     backward_fast(Shape sh, const T* __restrict__ g, const T* __restrict__ f1, const T* __restrict__ f2,
                   T* __restrict__ g1, T* __restrict__ g2) {
   using K = Fast<T, D, S>;
-  constexpr int P = K::P, SUB = K::SUB, HALF = K::HALF, NPX = K::TH * K::TW;
+  constexpr int P = K::P, HALF = K::HALF, NPX = K::TH * K::TW, CCB = K::CCB;
   HCML_DYNAMIC_SMEM(smem);
-  float* f2s = smem;                           // [CC][HH][RS]
-  float* f1s = smem + K::CC * K::PLANE_HALO;   // [CC][HH][RS]
-  float* red = f1s + K::CC * K::PLANE_HALO;    // [D][2][NPX][SUB]: each row's partial sums
-  float* outs = red + K::RED;                  // [2][NPX][CC]: the chunk's reduced grads
+  float* f2s = smem;                          // [CCB][HH][RS]
+  float* f1s = smem + CCB * K::PLANE_HALO;    // [CCB][HH][RS]
+  float* outs = f1s + CCB * K::PLANE_HALO;    // [2][NPX][CCB]: the chunk's grads
   const int b = blockIdx.z, y0 = blockIdx.y * K::TH, x0 = blockIdx.x * K::TW;
-  const typename K::Thread th;
+  const int lane = threadIdx.x % 32, ty = threadIdx.x / 32, q = lane % 4, i = lane / 4;
+  const int r = q / K::G, gq = q % K::G;  // class and group of lane's pixels
+  const bool active = i < D;
+  auto xr = [&](int p) { return r + S * (P * gq + p); };
   const float inv = 1.f / sh.C;
   float ga[D][P], gb[D][P];
-  const int y = y0 + th.ty;
+  const int y = y0 + ty;
 #pragma unroll
   for (int p = 0; p < P; ++p) {
-    const int x = x0 + th.xr(p);
-    const bool inside = y < sh.H && x < sh.W;
+    const int x = x0 + xr(p);
+    const bool inside = active && y < sh.H && x < sh.W;
 #pragma unroll
     for (int j = 0; j < D; ++j) {
-      const int k = th.i * D + j;
+      const int k = i * D + j;
       ga[j][p] = inside ? to_f(g[pixel(sh, b, y, x) * K::DD + k]) * inv : 0.f;
-      const int yy = y - (th.i - HALF) * S, xx = x - (j - HALF) * S;  // the pixel whose displacement k reads q
+      const int yy = y - (i - HALF) * S, xx = x - (j - HALF) * S;  // the pixel whose displacement k reads q
       const bool ok = inside && yy >= 0 && yy < sh.H && xx >= 0 && xx < sh.W;
       gb[j][p] = ok ? to_f(g[pixel(sh, b, yy, xx) * K::DD + k]) * inv : 0.f;
     }
   }
-  for (int c0 = 0; c0 < sh.Cs; c0 += K::CC) {
-    {  // no prefetch here: the 2 x D x P grads already hold the registers a second window would need
-      typename K::template Window<K::HH, K::WH> w;
-      w.fetch(f2, sh, b, y0, x0, c0);  // (the previous chunk's last barrier has passed: its tiles are consumed)
+  // my partial index (which * 4 + p) after the reduce-scatter is i; its pixel in the tile
+  const int mine_which = i / 4, mine_px = ty * K::TW + xr(i % 4);
+  for (int c0 = 0; c0 < sh.Cs; c0 += CCB) {
+    {
+      typename K::template Window<K::HH, K::WH, CCB, K::THREADS_BWD> w;
+      w.fetch(f2, sh, b, y0, x0, c0);  // the previous chunk's last barrier has passed: its tiles are consumed
       w.put(f2s);
       w.fetch(f1, sh, b, y0, x0, c0);
       w.put(f1s);
     }
     __syncthreads();
-    for (int s0 = 0; s0 < K::CC; s0 += SUB) {
+#pragma unroll 2
+    for (int cc = 0; cc < CCB; ++cc) {
+      float v[8];
 #pragma unroll
-      for (int cs = 0; cs < SUB; ++cs) {
-        const int cc = s0 + cs;
+      for (int n = 0; n < 8; ++n) v[n] = 0.f;
+      if (active) {
         float row2[4 * K::NL], row1[4 * K::NL];
-        K::read_row(f2s + (cc * K::HH + th.ty + th.i * S) * K::RS + th.r * K::U + K::VB + P * th.g, row2);
-        K::read_row(f1s + (cc * K::HH + th.ty + (D - 1 - th.i) * S) * K::RS + th.r * K::U + K::VB + P * th.g, row1);
+        K::read_row(f2s + (cc * K::HH + ty + i * S) * K::RS + r * K::U + K::VB + P * gq, row2);
+        K::read_row(f1s + (cc * K::HH + ty + (D - 1 - i) * S) * K::RS + r * K::U + K::VB + P * gq, row1);
 #pragma unroll
-        for (int p = 0; p < P; ++p) {
-          float s1 = 0.f, s2 = 0.f;
+        for (int p = 0; p < P; ++p)
 #pragma unroll
           for (int j = 0; j < D; ++j) {
-            s1 += ga[j][p] * row2[K::OFF + p + j];
-            s2 += gb[j][p] * row1[K::OFF + p + 2 * HALF - j];
+            v[p] += ga[j][p] * row2[K::OFF + p + j];
+            v[4 + p] += gb[j][p] * row1[K::OFF + p + 2 * HALF - j];
           }
-          red[((th.i * 2 + 0) * NPX + th.px(p)) * SUB + cs] = s1;
-          red[((th.i * 2 + 1) * NPX + th.px(p)) * SUB + cs] = s2;
-        }
       }
-      __syncthreads();
-      for (int job = threadIdx.x; job < 2 * NPX; job += K::THREADS) {  // (which, pixel): sum the D rows
-        float s[SUB] = {};
+      // reduce-scatter over lane bits 4, 3, 2 (i's bits 2, 1, 0): keep the half named by my bit, add the other's
 #pragma unroll
-        for (int i = 0; i < D; ++i)
-#pragma unroll
-          for (int cs = 0; cs < SUB; ++cs) s[cs] += red[((i * 2 + job / NPX) * NPX + job % NPX) * SUB + cs];
-#pragma unroll
-        for (int cs = 0; cs < SUB; ++cs) outs[job * K::CC + s0 + cs] = s[cs];
+      for (int n = 0; n < 4; ++n) {
+        const bool hi = i & 4;
+        const float sent = hi ? v[n] : v[n + 4];
+        const float got = __shfl_xor_sync(0xffffffffu, sent, 16);
+        v[n] = (hi ? v[n + 4] : v[n]) + got;
       }
-      __syncthreads();
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const bool hi = i & 2;
+        const float got = __shfl_xor_sync(0xffffffffu, hi ? v[n] : v[n + 2], 8);
+        v[n] = (hi ? v[n + 2] : v[n]) + got;
+      }
+      {
+        const bool hi = i & 1;
+        const float got = __shfl_xor_sync(0xffffffffu, hi ? v[0] : v[1], 4);
+        v[0] = (hi ? v[1] : v[0]) + got;
+      }
+      outs[(mine_which * NPX + mine_px) * CCB + cc] = v[0];
     }
-    // the chunk's CC channels of every pixel of the tile, 16 bytes at a time
-    constexpr int V = K::V;
-    for (int item = threadIdx.x; item < 2 * NPX * K::NV; item += K::THREADS) {
-      const int v = item % K::NV, job = item / K::NV, which = job / NPX, px = job % NPX;
-      const int yy = y0 + px / K::TW, xx = x0 + px % K::TW, c = c0 + v * V;
-      if (yy < sh.H && xx < sh.W && c < sh.Cs) {
+    __syncthreads();
+    // the chunk's CCB channels of every pixel of the tile: one 16-byte store each
+    for (int job = threadIdx.x; job < 2 * NPX; job += K::THREADS_BWD) {
+      const int which = job / NPX, px = job % NPX;
+      const int yy = y0 + px / K::TW, xx = x0 + px % K::TW;
+      if (yy < sh.H && xx < sh.W && c0 < sh.Cs) {
         T* dst = which ? g2 : g1;
-        *reinterpret_cast<uint4*>(dst + pixel(sh, b, yy, xx) * sh.Cs + c) = pack<T>(outs + job * K::CC + v * V);
+        *reinterpret_cast<uint4*>(dst + pixel(sh, b, yy, xx) * sh.Cs + c0) = pack<T>(outs + job * CCB);
       }
     }
   }

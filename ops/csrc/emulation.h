@@ -33,6 +33,7 @@ namespace hcml_emu {
 inline thread_local dim3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<float>* block_exchange = nullptr;  // one slot per thread, for warp shuffles
 inline float* block_smem = nullptr;
 inline float* shared_memory() { return block_smem; }
 inline void sync() { block_barrier->arrive_and_wait(); }
@@ -47,7 +48,9 @@ void launch(dim3 grid, dim3 block, size_t smem, Kernel kernel, Args... args) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         std::memset(buf.data(), 0xff, buf.size() * sizeof(float));  // NaN garbage: unstaged reads show up
         std::barrier<> bar(block.x);
+        std::vector<float> exchange(block.x);
         block_barrier = &bar;
+        block_exchange = &exchange;
         block_smem = buf.data();
         std::vector<std::thread> threads;
         for (unsigned t = 0; t < block.x; ++t)
@@ -66,6 +69,18 @@ void launch(dim3 grid, dim3 block, size_t smem, Kernel kernel, Args... args) {
 #define blockDim (hcml_emu::block_dim)
 #define gridDim (hcml_emu::grid_dim)
 #define __syncthreads() hcml_emu::sync()
+
+// A warp shuffle as every thread of the block exchanging through memory between two barriers: valid where, as in
+// these kernels, all threads of the block reach each shuffle together.
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  auto& ex = *hcml_emu::block_exchange;
+  const unsigned t = threadIdx.x;
+  ex[t] = v;
+  hcml_emu::sync();
+  const float got = ex[(t & ~31u) | ((t & 31u) ^ static_cast<unsigned>(lane_mask))];
+  hcml_emu::sync();
+  return got;
+}
 
 // 16-bit floats with CUDA's conversion semantics (round to nearest even).
 struct __half {

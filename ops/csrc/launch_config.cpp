@@ -11,7 +11,7 @@ template <typename T>
 void fast(const char* name) {
   using K = Fast<T, 7, 2>;
   std::printf("forward_fast<%s, 7, 2> %d %d\n", name, K::THREADS, K::SMEM_FWD);
-  std::printf("backward_fast<%s, 7, 2> %d %d\n", name, K::THREADS, K::SMEM_BWD);
+  std::printf("backward_fast<%s, 7, 2> %d %d\n", name, K::THREADS_BWD, K::SMEM_BWD);
   std::printf("forward_generic<%s> %d 0\n", name, GENERIC_THREADS);
   std::printf("backward_generic<%s> %d 0\n", name, GENERIC_THREADS);
 }

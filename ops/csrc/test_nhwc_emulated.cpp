@@ -41,9 +41,9 @@ static int run_case(const char* dtype, int B, int C, int H, int W, unsigned seed
   for (auto& v : g) v = from_f<T>(nd(rng));
   if constexpr (kind == 0) {
     using K = Fast<T, D, S>;
-    const dim3 grid = fast_grid<T, D, S>(sh), block{K::THREADS, 1, 1};
+    const dim3 grid = fast_grid<T, D, S>(sh), block{K::THREADS, 1, 1}, block_bwd{K::THREADS_BWD, 1, 1};
     hcml_emu::launch(grid, block, K::SMEM_FWD, forward_fast<T, D, S>, sh, f1.data(), f2.data(), out.data());
-    hcml_emu::launch(grid, block, K::SMEM_BWD, backward_fast<T, D, S>, sh, g.data(), f1.data(), f2.data(),
+    hcml_emu::launch(grid, block_bwd, K::SMEM_BWD, backward_fast<T, D, S>, sh, g.data(), f1.data(), f2.data(),
                      g1.data(), g2.data());
   } else {
     const dim3 block{GENERIC_THREADS, 1, 1};
