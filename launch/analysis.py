@@ -134,7 +134,8 @@ def _load_motion_model(checkpoint: str, config_path: str | None, overrides: list
 
 def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: int = 20, out: str | None = None,
             as_json: bool = False, random_init: bool = False) -> dict:
-    """``hcml knn``: features of train and val sets (centre crop, 1 clip), cosine KNN per level.
+    """``hcml knn``: features of the training set and of ``data.eval_split`` (val, or the held-out test split;
+    centre crop, 1 clip), cosine KNN per level.
     ``random_init``: the checkpoint's network at random initialisation (seed ``train.seed``) instead of its
     weights: the reference any self-supervised feature must beat."""
     cfg, ds, model = _load_motion_model(checkpoint, config_path, overrides)
@@ -149,12 +150,13 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
         calibrate_bn(model, components.eval_loader(cfg, ds, ds.train, whole, work / f"lists_calibrate{info.rank}",
                                                    single_view=True), info)
     model = model.to(info.device)
-    feats = {}
-    for split, samples in (("train", ds.train), ("val", ds.val)):
+    feats, query = {}, ds.split(cfg.data.eval_split)
+    for split, samples in (("train", ds.train), ("query", query)):
         loader = components.eval_loader(cfg, ds, samples, info, work / f"lists_{split}", single_view=True)
         feats[split] = extract_level_features(model, loader, info, len(samples))
-    table = knn_table(feats["train"], torch.tensor([s.label for s in ds.train]), feats["val"],
-                      torch.tensor([s.label for s in ds.val]), ds.classes, k, info)
+    table = knn_table(feats["train"], torch.tensor([s.label for s in ds.train]), feats["query"],
+                      torch.tensor([s.label for s in query]), ds.classes, k, info)
+    table["split"] = cfg.data.eval_split
     table["random_init_calibrated"] = random_init  # BN statistics of the random network set on training clips
     if info.main:
         work.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ def cmd_synth(args) -> int:
 
     classes = args.classes.split(",") if args.classes else None
     out = synth.generate(args.out, classes, args.per_class, args.val_per_class, args.size, args.frames, args.codec,
-                         args.seed, workers=args.workers, overwrite=args.overwrite)
+                         args.seed, workers=args.workers, overwrite=args.overwrite,
+                         test_per_class=args.test_per_class)
     print(f"wrote synthetic motion dataset to {Path(out).resolve()}")
     return 0
 
@@ -149,7 +150,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from hcml.launch.demo import run_demo
 
-    return run_demo(Path(args.out), nproc=args.nproc, quick=args.quick)
+    return run_demo(Path(args.out), nproc=args.nproc, quick=args.quick, seeds=args.seeds)
 
 
 def _bench_args_checked(args) -> None:
@@ -186,6 +187,8 @@ def add_synth(p) -> None:
     p.add_argument("--classes", default="", help="comma-separated subset of the synthetic classes")
     p.add_argument("--per-class", type=count(1), default=24)
     p.add_argument("--val-per-class", type=count(0), default=None)
+    p.add_argument("--test-per-class", type=count(0), default=0, help="a held-out test split (test.txt), its own "
+                   "random stream: for figures no setting was chosen on (data.eval_split=test)")
     p.add_argument("--size", type=count(16), default=64)
     p.add_argument("--frames", type=count(2), default=32)
     p.add_argument("--codec", choices=["vp9", "h264"], default="vp9")
@@ -222,6 +225,8 @@ def add_demo(p) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--nproc", type=count(1), default=2)
     p.add_argument("--quick", action="store_true", help="a much shorter run: a smoke test, no conclusion drawn")
+    p.add_argument("--seeds", type=count(1), default=1, help="run every arm over seeds 0..N-1 and report mean ± sd "
+                   "(and write the spread a single run is judged against)")
 
 
 def add_run_args(p, config_required: bool) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hcml.errors import CheckpointError, ConfigError
+from hcml.errors import CheckpointError, ConfigError, DatasetError
 from hcml.launch import config as C
 from hcml.launch.checkpoint import load_checkpoint
 from hcml.launch.distributed import DistInfo
@@ -133,20 +133,20 @@ def load_trained(checkpoint: str, config_path: str | None = None, overrides: lis
 def uses_nce(cfg: C.Config) -> bool:
     """Whether the phase's loss has contrastive terms: SSL always, joint unless lambda = 0, fine-tuning never.
     Without them the step skips computing them (predictors, sampling, scores)."""
-    return cfg.model.motion and (cfg.train.phase == "ssl" or (cfg.train.phase == "joint" and cfg.model.nce_lambda > 0))
+    return cfg.train.phase.has_nce(cfg.model.motion, cfg.model.nce_lambda)
 
 
 def forward_flags(cfg: C.Config) -> dict[str, bool]:
     """What a training step asks the model for: the contrastive terms (when the loss has them) and the logits
     (except in SSL, where the classifier is frozen and the stages only it needs are skipped)."""
-    return {"with_nce": uses_nce(cfg), "with_logits": cfg.train.phase != "ssl"}
+    return {"with_nce": uses_nce(cfg), "with_logits": cfg.train.phase.classifies}
 
 
 def freeze_unused(model: HCML, cfg: C.Config) -> None:
     """Parameters the phase's loss never reaches get no gradient (DDP would wait for them): in SSL the classifier,
     the stages after the last motion level and that level's fusion; without contrastive terms (fine-tuning, joint
     with lambda = 0) the future predictors."""
-    unused = list(model.unused_without_logits()) if cfg.train.phase == "ssl" else []
+    unused = [] if cfg.train.phase.classifies else list(model.unused_without_logits())
     if not uses_nce(cfg) and hasattr(model, "predictors"):
         unused.append(model.predictors)
     for module in unused:
@@ -251,6 +251,10 @@ def check_runnable(cfg: C.Config, world: int = 1) -> PreparedDataset:
     if cfg.data.flip == "swap" and not (cfg.data.flip_pairs or ds.flip_pairs):
         raise ConfigError(f"data.flip=swap needs the label pairs a horizontal flip swaps: set data.flip_pairs or "
                           f"record flip_pairs in {Path(cfg.data.root) / 'dataset.yaml'}")
+    try:
+        ds.split(cfg.data.eval_split)
+    except DatasetError as e:
+        raise ConfigError(f"data.eval_split={cfg.data.eval_split}: {e}") from None
     if cfg.model.num_classes and cfg.model.num_classes < ds.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} is smaller than the {ds.num_classes} classes "
                           f"of {Path(cfg.data.root) / 'classes.txt'}")

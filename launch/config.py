@@ -8,6 +8,7 @@ passed explicitly; nothing here is global.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from hcml.errors import ConfigError
-from hcml.model import ARCHS, HCMLSpec
+from hcml.model import ARCHS, HCMLSpec, Phase
 from hcml.model.contrastive import NEGATIVES, SAMPLING
 from hcml.ops import num_displacements
 from hcml.pipeline.loader import DataSpec
@@ -28,6 +29,7 @@ class DataConfig(DataSpec):
     """The pipeline's :class:`~hcml.pipeline.loader.DataSpec` (every field documented there) plus the dataset."""
 
     root: str = ""  # a prepared dataset directory (train.txt, val.txt, classes.txt, dataset.yaml)
+    eval_split: str = "val"  # the split a run's final evaluation reports: val (selection) | test (held out)
 
 
 @dataclass
@@ -55,7 +57,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    phase: str = "joint"  # ssl | joint | finetune
+    phase: Phase = Phase.JOINT  # ssl | joint | finetune (model.losses.Phase says what each one trains)
     max_steps: int = 0  # >0: stop after this many optimizer steps (checkpoint included)
     seed: int = 0
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16
@@ -98,13 +100,13 @@ class Config:
 
 _CHOICES = {
     "data.flip": ("none", "plain", "swap"),
+    "data.eval_split": ("val", "test"),
     "data.device": ("auto", "cpu", "gpu"),
     "data.dtype": ("auto", "float32", "float16"),
     "optim.name": ("sgd", "adamw"),
     "model.arch": tuple(sorted(ARCHS)),
     "model.nce_negatives": NEGATIVES,
     "model.nce_sampling": SAMPLING,
-    "train.phase": ("ssl", "joint", "finetune"),
     "train.amp": ("auto", "none", "bf16", "fp16"),
     "train.bn": ("global", "local"),
 }
@@ -145,6 +147,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{source}: key '{key}' must be one of {tuple(m.value for m in tp)}, got {value!r}") \
+                from None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -281,7 +289,7 @@ def validate(cfg: Config) -> None:
                           f"model.cv_stride={m.cv_stride} ({e})") from None
     if len(m.nce_weights) != 3:
         raise ConfigError(f"model.nce_weights needs 3 values (low, mid, high), got {m.nce_weights}")
-    if m.motion and cfg.train.phase != "finetune" and d.frames // 4 < 2:
+    if m.motion and cfg.train.phase.predicts_future and d.frames // 4 < 2:
         raise ConfigError(f"data.frames={d.frames}: the high motion level runs at T/4 frames and predicting the "
                           f"future needs at least 2 there, so data.frames must be >= 8 (or train.phase=finetune)")
     o, t = cfg.optim, cfg.train
@@ -301,7 +309,7 @@ def validate(cfg: Config) -> None:
             ("data.stride", d.stride, d.stride >= 1, ">= 1")):
         if not ok:
             raise ConfigError(f"{key} must be {need}, got {value}")
-    if cfg.train.phase == "ssl" and not m.motion:
+    if cfg.train.phase is Phase.SSL and not m.motion:
         raise ConfigError("train.phase=ssl needs model.motion=true (the SSL losses live in the motion module)")
 
 
@@ -313,7 +321,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain values only (enums as their names in YAML), for YAML and checkpoints."""
+    return dataclasses.asdict(cfg, dict_factory=lambda kv: {k: v.value if isinstance(v, enum.Enum) else v
+                                                            for k, v in kv})
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

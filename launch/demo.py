@@ -1,37 +1,67 @@
 """``hcml demo``: the paper's mechanism on a synthetic motion set, end to end on CPU in minutes.
 
 The synthetic set's classes differ only by motion (appearance is random per clip). From the same data and the
-same number of optimizer steps, four 2-process torchrun trainings (gloo on CPU, NCCL on a GPU machine):
+same number of optimizer steps, five arms, each a 2-process torchrun training (gloo on CPU, NCCL on a GPU):
 
-- ``baseline``       the backbone without the motion module;
-- ``motion_no_nce``  the motion module trained by classification only (lambda = 0);
-- ``ssl``            HCML's self-supervised phase (contrastive terms only), the first part of the steps;
-- ``hcml``           HCML's joint phase (Eq. 5) initialised from the SSL checkpoint, the rest of the steps.
+- ``baseline``         the backbone without the motion module;
+- ``motion_no_nce``    the motion module trained by classification only (lambda = 0);
+- ``joint_only``       classification + the contrastive terms from scratch (no self-supervised phase);
+- ``hcml``             a self-supervised phase (contrastive terms only), then the joint phase (Eq. 5) from it,
+                       with the demo's contrastive loss (temporal negatives, tau 0.3: docs/DEMO.md says why);
+- ``hcml_paper_loss``  the same two phases with the paper's own loss (all negatives, tau 0.1).
 
-Then the report: top-1, direction accuracy inside time-reversal pairs (an order-blind model scores 50 %), the
-per-level KNN of the SSL checkpoint beside the same network at random initialisation (the paper's Table 7 form)
-and a Grad-CAM++ strip. Written to ``report.txt`` and ``report.json`` in the output folder.
+Every figure is measured on a held-out test split (its own random stream; no setting was chosen on it; the
+validation split is for selection, docs/DEMO.md). The report: top-1, direction accuracy inside time-reversal
+pairs (an order-blind model scores 50 %), each SSL phase's final contrastive loss against chance (ln of its
+candidates), the per-level KNN of both SSL checkpoints beside the same network at random initialisation with
+calibrated BN statistics (the paper's Table 7 form), and a Grad-CAM++ strip. ``--seeds N`` repeats every arm over
+N seeds and reports mean ± sd; a single run judges a margin only against the spread documented in
+``configs/demo_spread.json`` (written by ``--seeds``). Output: ``report.txt`` and ``report.json``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from hcml.launch.config import load_config, resolve_recipe
+from hcml.launch.config import load_config, recipe_dir, resolve_recipe
 from hcml.launch.launcher import Launch, run
 from hcml.model import LEVELS
+from hcml.model.contrastive import num_candidates
 from hcml.pipeline import synth
 from hcml.pipeline.prepared import load_prepared
 
-MODELS = {  # report key → (label, recipe, extra overrides)
-    "baseline": ("baseline (no motion module)", "demo", ["model.motion=false"]),
-    "motion_no_nce": ("motion module, no contrastive terms (lambda = 0)", "demo", ["model.nce_lambda=0"]),
-    "hcml": ("HCML: self-supervised, then joint", "demo_joint", []),
+PAPER_LOSS = ["model.nce_negatives=all", "model.nce_temperature=0.1"]
+SSL_RUNS = {"ssl": [], "ssl_paper_loss": PAPER_LOSS}  # self-supervised phases: key → overrides of demo_ssl.yaml
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    recipe: str
+    overrides: list[str] = field(default_factory=list)
+    ssl: str | None = None  # the SSL run whose checkpoint initialises it
+
+
+ARMS = {
+    "baseline": Arm("baseline: no motion module", "demo", ["model.motion=false"]),
+    "motion_no_nce": Arm("motion module, lambda = 0 (no contrastive terms)", "demo", ["model.nce_lambda=0"]),
+    "joint_only": Arm("joint only: classification + contrastive from scratch", "demo"),
+    "hcml": Arm("SSL -> joint, the demo's loss (temporal neg., tau 0.3)", "demo_joint", ssl="ssl"),
+    "hcml_paper_loss": Arm("SSL -> joint, the paper's loss (all neg., tau 0.1)", "demo_joint", PAPER_LOSS,
+                           ssl="ssl_paper_loss"),
 }
+# The margins the report judges: (arm, control)
+MARGINS = (("hcml", "motion_no_nce"), ("joint_only", "motion_no_nce"), ("hcml", "joint_only"),
+           ("hcml_paper_loss", "motion_no_nce"))
+SPREAD_FILE = "demo_spread.json"
+NOISE_SDS = 2  # a margin counts only above this many standard deviations of its seed-to-seed spread
 
 
 def pair_direction_accuracy(labels: list[int], preds: list[int], pairs) -> tuple[float, int]:
@@ -56,125 +86,235 @@ def train(name: str, recipe: str, data: Path, run_dir: Path, nproc: int, overrid
     if rc != 0:
         raise SystemExit(f"[demo] training {name} failed with exit code {rc}")
     summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("stopped_by_signal") is not None:  # the run checkpointed and left: so does the demo
+        raise SystemExit(f"[demo] {name} stopped by signal {summary['stopped_by_signal']} at step {summary['step']}; "
+                         f"the demo stops too (its checkpoint is in {run_dir})")
     summary["seconds"] = time.time() - t0
     return summary
 
 
 def format_report(rep: dict, classes: list[str], pairs) -> str:
     chance = 100.0 / len(classes)
+    seeds = rep.get("seeds")
     lines = [f"HCML demo: synthetic motion set, {len(classes)} classes (chance {chance:.1f}%), appearance random "
-             f"per clip; every model {rep['steps']} optimizer steps on the same data",
-             f"{'model':<52}{'top-1':>7}   direction in time-reversal pairs (chance 50%)"]
+             f"per clip; every arm {rep['steps']} optimizer steps on the same data; figures on the held-out "
+             f"{rep['split']} split ({rep['test_videos']} videos)"
+             + (f", mean ± sd over {len(seeds)} seeds {seeds}" if seeds else f", seed {rep['seed']}"),
+             f"{'arm':<56}{'top-1':>14}   direction in time-reversal pairs (chance 50%)"]
     for key, r in rep["models"].items():
-        lines.append(f"{r['label']:<52}{r['top1']:>6.1f}%   {r['pair_direction']:5.1f}% "
-                     f"(of {r['pair_n']} videos predicted inside their pair)")
-    lines.append(f"(HCML: {rep['ssl_steps']} self-supervised steps, then {rep['steps'] - rep['ssl_steps']} joint; "
-                 f"{rep['bn_note']})")
-    lines.append("per-class top-1 on the time-reversal pairs (same frames, opposite order):")
-    for a, b in pairs:
-        row = "  " + f"{classes[a]} / {classes[b]}".ljust(26)
-        row += "".join(f"  {key}: {r['per_class'][a]:5.1f} / {r['per_class'][b]:5.1f}" for key, r in rep["models"].items())
-        lines.append(row)
+        top1 = f"{r['top1']:.1f} ± {r['top1_sd']:.1f}%" if seeds else f"{r['top1']:.1f}%"
+        dirn = f"{r['pair_direction']:.1f} ± {r['pair_direction_sd']:.1f}%" if seeds else f"{r['pair_direction']:.1f}%"
+        ref = rep.get("documented", {}).get("models", {}).get(key)
+        doc = f"   [documented over seeds: {ref['top1']:.1f} ± {ref['top1_sd']:.1f}%]" if ref and not seeds else ""
+        lines.append(f"{r['label']:<56}{top1:>14}   {dirn}{doc}")
+    lines.append(f"(SSL arms: {rep['ssl_steps']} self-supervised steps, then {rep['steps'] - rep['ssl_steps']} "
+                 f"joint; {rep['bn_note']})")
+    lines += ["", "contrastive loss at the end of each SSL phase vs chance ln(candidates) (per level):"]
+    for key, n in rep["nce"].items():
+        lines.append(f"  {key:<16}" + "  ".join(f"{lv} {n[lv]['final']:.2f} / {n[lv]['chance']:.2f}" for lv in LEVELS))
     k = rep["knn"]
-    lines += ["", f"KNN (k={k['k']}) on the motion features of each level (the paper's Table 7 form); random output "
-                  f"{chance:.1f}%",
-              f"{'level':<8}{'random init':>12}{'after SSL':>11}   classes with the largest gain after SSL"]
+    lines += ["", f"KNN (k={k['k']}) on each level's motion features, {rep['split']} split; random output "
+                  f"{chance:.1f}%; random init has BN statistics calibrated on training clips",
+              f"{'level':<8}{'random init':>12}" + "".join(f"{key:>16}" for key in k["ssl"])]
     for lv in LEVELS:
-        tops = ", ".join(f"\"{t['class']}\" ({t['from']:.0f} → {t['to']:.0f})" for t in k["ssl_top"][lv])
-        lines.append(f"{lv:<8}{k['random_init'][lv]:>11.1f}%{k['ssl'][lv]:>10.1f}%   {tops}")
+        lines.append(f"{lv:<8}{k['random_init'][lv]:>11.1f}%" + "".join(f"{v[lv]:>15.1f}%" for v in k["ssl"].values()))
     lines += ["", *verdict(rep)]
     return "\n".join(lines)
 
 
+def margins(models: dict) -> dict[str, dict]:
+    """Each judged margin (arm − control) in top-1 and direction points."""
+    return {f"{a}-{b}": {"top1": models[a]["top1"] - models[b]["top1"],
+                         "pair_direction": models[a]["pair_direction"] - models[b]["pair_direction"]}
+            for a, b in MARGINS if a in models and b in models}
+
+
+def judge(margin: float, sd: float | None) -> str:
+    """The noise rule: a margin "helped" only when it exceeds NOISE_SDS standard deviations of the same margin
+    across seeds (paired by seed); otherwise it is within the noise."""
+    if sd is None:
+        return "not judged: no seed spread documented"
+    if margin > NOISE_SDS * sd:
+        return f"helped (> {NOISE_SDS} sd = {NOISE_SDS * sd:.1f} points)"
+    if margin < -NOISE_SDS * sd:
+        return f"hurt (< -{NOISE_SDS} sd = {-NOISE_SDS * sd:.1f} points)"
+    return f"within the noise (|margin| <= {NOISE_SDS} sd = {NOISE_SDS * sd:.1f} points)"
+
+
 def verdict(rep: dict) -> list[str]:
-    """What the numbers say, in words, including when the contrastive terms did not help. A smoke test
-    (``--quick``) draws no conclusion: its models are trained far too briefly to differ from chance."""
+    """What the numbers say, in words, judged against the seed-to-seed spread. A smoke test (``--quick``) draws no
+    conclusion: its models are trained far too briefly to differ from chance."""
     if rep.get("smoke_test"):
         return ["SMOKE TEST (--quick): every model trained for a few steps only, so these figures sit at chance and "
                 "support no conclusion; run `hcml demo` without --quick for the comparison."]
-    k, m = rep["knn"], rep["models"]
-    beats = [lv for lv in LEVELS if k["ssl"][lv] > k["random_init"][lv]]
-    ordered = k["ssl"]["low"] < k["ssl"]["mid"] < k["ssl"]["high"]
-    out = [f"Self-supervised motion features beat random initialisation at {len(beats)} of 3 levels"
-           f"{' (' + ', '.join(beats) + ')' if beats and len(beats) < 3 else ''}; "
-           f"{'ordered' if ordered else 'NOT ordered'} low < mid < high as in Table 7."]
-    h, z, b = m["hcml"], m["motion_no_nce"], m["baseline"]
-    out.append(f"HCML vs the same network without contrastive terms: top-1 {h['top1'] - z['top1']:+.1f} points, "
-               f"direction {h['pair_direction'] - z['pair_direction']:+.1f} points"
-               + (" (the contrastive terms helped)." if h["top1"] > z["top1"] or h["pair_direction"] >
-                  z["pair_direction"] else " (the contrastive terms did NOT help here)."))
-    out.append(f"Without the motion module the backbone stays near chance: top-1 {b['top1']:.1f}% "
-               f"(chance {100 / len(rep['classes']):.1f}%); its direction figure rests on {b['pair_n']} videos.")
+    spread = rep.get("margin_spread") or rep.get("documented", {}).get("margin_spread") or {}
+    out = [f"Margins in top-1 points, judged against {NOISE_SDS} sd of the same margin across seeds "
+           f"({'this run' if rep.get('seeds') else 'configs/' + SPREAD_FILE}):"]
+    for name, m in rep["margins"].items():
+        sd = spread.get(name, {}).get("top1_sd")
+        out.append(f"  {name:<32} {m['top1']:+6.1f}   {judge(m['top1'], sd)}")
+    k = rep["knn"]
+    for key, v in k["ssl"].items():
+        beats = [lv for lv in LEVELS if v[lv] > k["random_init"][lv]]
+        out.append(f"KNN after {key}: above the calibrated random init at {len(beats)} of 3 levels "
+                   f"(one run; each video of the split is {100 / rep['test_videos']:.1f} points).")
     return out
 
 
-def knn_pair(ssl_ckpt: Path, out: Path, k: int) -> dict:
+def knn_reference(ssl_ckpts: dict[str, Path], out: Path, k: int, split: str) -> dict:
     from hcml.launch.analysis import run_knn
 
-    print("[demo] KNN on per-level motion features: the SSL checkpoint and the same network at random init",
+    print("[demo] KNN on per-level motion features: each SSL checkpoint and the same network at random init",
           flush=True)
-    trained = run_knn(None, str(ssl_ckpt), [], k=k, out=str(out / "knn_ssl"), as_json=None)
-    rand = run_knn(None, str(ssl_ckpt), [], k=k, out=str(out / "knn_random_init"), as_json=None, random_init=True)
-    lv = LEVELS
-    ssl_top = {}
-    for level in lv:  # classes with the largest gain of the SSL features over random init, per level
-        a, r = trained["levels"][level]["per_class"], rand["levels"][level]["per_class"]
-        order = sorted(range(len(a)), key=lambda c: -(a[c] - r[c]))[:3]
-        ssl_top[level] = [{"class": trained["classes"][c], "from": r[c], "to": a[c]} for c in order]
-    return {"k": k, "random_init_calibrated": rand["random_init_calibrated"],
-            "ssl": {x: trained["levels"][x]["accuracy"] for x in lv},
-            "random_init": {x: rand["levels"][x]["accuracy"] for x in lv}, "ssl_top": ssl_top}
+    ov = [f"data.eval_split={split}"]
+    first = next(iter(ssl_ckpts.values()))
+    rand = run_knn(None, str(first), ov, k=k, out=str(out / "knn_random_init"), as_json=None, random_init=True)
+    ssl = {key: run_knn(None, str(ck), ov, k=k, out=str(out / f"knn_{key}"), as_json=None)
+           for key, ck in ssl_ckpts.items()}
+    return {"k": k, "split": split, "random_init_calibrated": rand["random_init_calibrated"],
+            "ssl": {key: {lv: t["levels"][lv]["accuracy"] for lv in LEVELS} for key, t in ssl.items()},
+            "random_init": {lv: rand["levels"][lv]["accuracy"] for lv in LEVELS}}
 
 
-def run_demo(out: Path, nproc: int = 2, quick: bool = False) -> int:
+def nce_at_end(run_dir: Path, cfg) -> dict:
+    """The last logged contrastive loss per level of a run, beside chance: ln of the candidates each prediction
+    is scored against (a loss far below it with features that do not beat random init in KNN is solved by
+    something other than motion)."""
+    import hcml.launch.components as components
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r.get("kind") == "train"][-1]
+    model = components.model_from_config(cfg, 2).eval()
+    with torch.no_grad():
+        feats = model.motion_features(torch.zeros(1, 3, cfg.data.frames, cfg.data.crop, cfg.data.crop))
+    m = cfg.model
+    out = {}
+    for lv in LEVELS:
+        _, _, T, H, W = feats[lv].shape
+        n = num_candidates(m.nce_negatives, cfg.data.batch_size, min(m.nce_samples, H * W), T)
+        out[lv] = {"final": last[f"loss_nce_{lv}"], "chance": math.log(n), "candidates": n}
+    return out
+
+
+def dataset(out: Path, quick: bool):
+    """The synthetic set with a held-out test split (made once; remade if an older one lacks the split)."""
+    data = out / "data"
+    if not (data / "test.txt").is_file():
+        print(f"[demo] generating the synthetic motion dataset in {data}", flush=True)
+        synth.generate(data, per_class=6 if quick else 40, val_per_class=3 if quick else 16,
+                       test_per_class=3 if quick else 16, frames=32, size=48, seed=0, workers=2, overwrite=True)
+    return data, load_prepared(data)
+
+
+def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool) -> dict:
+    """Every arm once with ``train.seed=seed``: {models, nce, knn, steps, ...} for the report."""
+    from hcml.launch.checkpoint import list_checkpoints
+
+    split = "test"
+    common = [f"train.seed={seed}", f"data.eval_split={split}"]
+    quick_ov = ["optim.epochs=2", "optim.warmup_epochs=1"] if quick else []
+    ssl_quick = ["optim.epochs=1", "optim.warmup_epochs=0"] if quick else []
+    ssl_ckpts, nce, steps, summaries = {}, {}, {}, {}
+    for key, extra in SSL_RUNS.items():
+        ov = [*extra, *common, *ssl_quick]
+        s = train(key, "demo_ssl", data, out / key, nproc, ov)
+        ssl_ckpts[key] = list_checkpoints(out / key / "checkpoints")[-1]
+        nce[key] = nce_at_end(out / key, load_config(resolve_recipe("demo_ssl"), [f"data.root={data}", *ov]))
+        steps[key] = s["step"]
+    for key, arm in ARMS.items():
+        ov = [*arm.overrides, *common]
+        if arm.ssl:
+            ov += [f"model.init_from={ssl_ckpts[arm.ssl]}", *ssl_quick]
+        else:
+            ov += quick_ov
+        summaries[key] = train(key, arm.recipe, data, out / key, nproc, ov)
+    labels = [s.label for s in ds.split(split)]
+    pairs = [(a, b) for a, b in synth.TEMPORAL_ORDER_PAIRS if max(a, b) < ds.num_classes]
+    models = {}
+    for key, s in summaries.items():
+        ev, arm = s["eval"], ARMS[key]
+        d, n = pair_direction_accuracy(labels, ev["predictions"], pairs)
+        total = s["step"] + (steps[arm.ssl] if arm.ssl else 0)
+        models[key] = {"label": arm.label, "top1": ev["top1"], "top5": ev["top5"], "pair_direction": d,
+                       "pair_n": n, "per_class": ev["per_class"], "steps": total, "train_seconds": s["seconds"],
+                       "split": ev.get("split")}
+    if len({m["steps"] for m in models.values()}) != 1:
+        print(f"[demo] WARNING: the arms ran different step counts: { {k: m['steps'] for k, m in models.items()} }",
+              flush=True)
+    return {"seed": seed, "models": models, "nce": nce, "knn": knn_reference(ssl_ckpts, out, 10, split),
+            "steps": max(m["steps"] for m in models.values()), "ssl_steps": steps["ssl"],
+            "margins": margins(models)}
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean ± sd per arm and per margin over seeds (sample sd; paired margins per seed)."""
+    def sd(xs):
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    first = per_seed[0]
+    models = {}
+    for key, m in first["models"].items():
+        t = [r["models"][key]["top1"] for r in per_seed]
+        d = [r["models"][key]["pair_direction"] for r in per_seed]
+        models[key] = {**m, "top1": statistics.mean(t), "top1_sd": sd(t), "top1_all": t,
+                       "pair_direction": statistics.mean(d), "pair_direction_sd": sd(d)}
+    spread = {}
+    for name in first["margins"]:
+        t = [r["margins"][name]["top1"] for r in per_seed]
+        spread[name] = {"top1": statistics.mean(t), "top1_sd": sd(t), "top1_all": t}
+    knn = {**first["knn"],
+           "ssl": {key: {lv: statistics.mean(r["knn"]["ssl"][key][lv] for r in per_seed) for lv in LEVELS}
+                   for key in first["knn"]["ssl"]},
+           "random_init": {lv: statistics.mean(r["knn"]["random_init"][lv] for r in per_seed) for lv in LEVELS}}
+    nce = {key: {lv: {**v, "final": statistics.mean(r["nce"][key][lv]["final"] for r in per_seed)}
+                 for lv, v in n.items()} for key, n in first["nce"].items()}
+    return {"models": models, "margin_spread": spread, "knn": knn, "nce": nce,
+            "margins": {k: {"top1": v["top1"], "pair_direction": statistics.mean(
+                r["margins"][k]["pair_direction"] for r in per_seed)} for k, v in spread.items()},
+            "seeds": [r["seed"] for r in per_seed], "steps": first["steps"], "ssl_steps": first["ssl_steps"]}
+
+
+def documented_spread() -> dict:
+    path = recipe_dir() / SPREAD_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_demo(out: Path, nproc: int = 2, quick: bool = False, seeds: int = 1) -> int:
     from hcml.launch.analysis import run_gradcam
     from hcml.launch.checkpoint import list_checkpoints
 
     t0 = time.time()
     out = out.resolve()
-    data = out / "data"
-    if not (data / "dataset.yaml").is_file():
-        print(f"[demo] generating the synthetic motion dataset in {data}", flush=True)
-        synth.generate(data, per_class=6 if quick else 40, val_per_class=3 if quick else 16, frames=32, size=48,
-                       seed=0, workers=2)
-    ds = load_prepared(data)
+    data, ds = dataset(out, quick)
     pairs = [(a, b) for a, b in synth.TEMPORAL_ORDER_PAIRS if max(a, b) < ds.num_classes]
-    quick_ov = ["optim.epochs=2", "optim.warmup_epochs=1"] if quick else []
-    ssl_ov = ["optim.epochs=1", "optim.warmup_epochs=0"] if quick else []
-
-    ssl = train("ssl", "demo_ssl", data, out / "ssl", nproc, ssl_ov)
-    ssl_ckpt = list_checkpoints(out / "ssl" / "checkpoints")[-1]
-    runs = {}
-    for key, (label, recipe, extra) in MODELS.items():
-        ov = [*extra, *quick_ov] if key != "hcml" else [f"model.init_from={ssl_ckpt}", *(ssl_ov if quick else [])]
-        runs[key] = (label, train(key, recipe, data, out / key, nproc, ov))
-
-    labels = [s.label for s in ds.val]
-    steps = {key: s["step"] for key, (_, s) in runs.items()}
-    steps["hcml"] += ssl["step"]
-    models = {}
-    for key, (label, s) in runs.items():
-        ev = s["eval"]
-        d, n = pair_direction_accuracy(labels, ev["predictions"], pairs)
-        models[key] = {"label": label, "top1": ev["top1"], "top5": ev["top5"], "pair_direction": d, "pair_n": n,
-                       "per_class": ev["per_class"], "steps": steps[key], "train_seconds": s["seconds"]}
-    ssl_cfg = load_config(resolve_recipe("demo_ssl"), ssl_ov)
+    if seeds == 1:
+        rep = run_seed(out, data, ds, 0, nproc, quick)
+        rep["documented"] = documented_spread()
+        arm_dir = out
+    else:
+        per_seed = [run_seed(out / f"seed{s}", data, ds, s, nproc, quick) for s in range(seeds)]
+        rep = {**aggregate(per_seed), "per_seed": per_seed}
+        arm_dir = out / "seed0"
+        spread = {"command": f"hcml demo --seeds {seeds}", "seeds": rep["seeds"],
+                  "models": {k: {"top1": m["top1"], "top1_sd": m["top1_sd"], "pair_direction": m["pair_direction"],
+                                 "pair_direction_sd": m["pair_direction_sd"]} for k, m in rep["models"].items()},
+                  "margin_spread": rep["margin_spread"]}
+        (out / SPREAD_FILE).write_text(json.dumps(spread, indent=1))
+    ssl_cfg = load_config(resolve_recipe("demo_ssl"))
     bn_note = ("global BN across the processes, as in the paper" if ssl_cfg.train.bn == "global" and
                torch.cuda.is_available() else
                f"BN statistics per process over {ssl_cfg.data.batch_size} clips stand in for the paper's global BN: "
                f"SyncBatchNorm runs only on CUDA")
-    rep = {"models": models, "steps": max(steps.values()), "knn": knn_pair(ssl_ckpt, out, k=10),
-           "ssl_steps": ssl["step"], "classes": ds.classes, "bn_note": bn_note, "smoke_test": quick}
-    if len(set(steps.values())) != 1:
-        print(f"[demo] WARNING: the models ran different step counts: {steps}", flush=True)
-    video = next((s.path for s in ds.val if ds.classes[s.label] == "pan_left"), ds.val[0].path)
-    pngs = run_gradcam(None, str(list_checkpoints(out / "hcml" / "checkpoints")[-1]), [video], str(out / "gradcam"),
-                       baseline=str(list_checkpoints(out / "baseline" / "checkpoints")[-1]))
+    rep.update(split="test", test_videos=len(ds.test), classes=ds.classes, bn_note=bn_note, smoke_test=quick)
+    video = next((s.path for s in ds.test if ds.classes[s.label] == "pan_left"), ds.test[0].path)
+    pngs = run_gradcam(None, str(list_checkpoints(arm_dir / "hcml" / "checkpoints")[-1]), [video],
+                       str(out / "gradcam"), baseline=str(list_checkpoints(arm_dir / "baseline" / "checkpoints")[-1]))
     rep["seconds"] = time.time() - t0
     text = format_report(rep, ds.classes, pairs) + f"\nGrad-CAM++ (baseline above, HCML below): {pngs[0]}"
     (out / "report.txt").write_text(text + "\n")
     (out / "report.json").write_text(json.dumps(rep, indent=1))
     print("\n" + text)
+    extra = f"; the seed spread in {out / SPREAD_FILE} (copy it to configs/ to document it)" if seeds > 1 else ""
     print(f"\n[demo] done in {rep['seconds']:.0f}s. Runs (config, metrics.jsonl, curves.png, checkpoints) in {out}; "
-          f"numbers in {out / 'report.json'}", flush=True)
+          f"numbers in {out / 'report.json'}{extra}", flush=True)
     return 0

@@ -99,8 +99,10 @@ def run_eval(config_path: str | None, checkpoint: str, overrides: list[str], out
     prec = components.precision(cfg, info.device)
     model = components.to_device(model, info, prec)
     out_dir = Path(out) if out else Path(checkpoint).resolve().parent.parent / "eval"
-    loader = components.eval_loader(cfg, ds, ds.val, info, out_dir / "lists")
-    res = evaluate(model, loader, ds.val, components.num_classes(cfg, ds), info, prec, cfg.train.progress)
+    samples = ds.split(cfg.data.eval_split)  # data.eval_split=test: the held-out split
+    loader = components.eval_loader(cfg, ds, samples, info, out_dir / "lists")
+    res = evaluate(model, loader, samples, components.num_classes(cfg, ds), info, prec, cfg.train.progress)
+    res["split"] = cfg.data.eval_split
     if info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps({**res, "classes": ds.classes, "checkpoint": str(checkpoint)},

@@ -94,7 +94,7 @@ def train(cfg: C.Config, resume: str | None = None, overwrite: bool = False, sto
     run = setup(cfg, resume, overwrite)
     from tqdm import tqdm
 
-    bar = tqdm(total=run.max_steps, initial=run.step, desc=cfg.train.phase, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=run.max_steps, initial=run.step, desc=str(cfg.train.phase), unit="step", dynamic_ncols=True,
                disable=not (run.info.main and cfg.train.progress))
     try:
         while run.epoch < cfg.optim.epochs and run.step < run.max_steps and run.stopped_by is None:
@@ -260,7 +260,7 @@ def run_epoch(run: Run, stop: "_StopSignal", bar) -> None:
     if run.stopped_by is not None:
         run.log(f"[train] signal {run.stopped_by}: checkpoint written at step {run.step}, exiting")
     elif (cfg.train.eval_every and run.epoch % cfg.train.eval_every == 0 and run.step < run.max_steps
-          and cfg.train.phase != "ssl"):
+          and cfg.train.phase.classifies):
         evaluate_and_log(run)
 
 
@@ -308,11 +308,15 @@ def save(run: Run) -> None:
 
 def evaluate_and_log(run: Run) -> dict:
     cfg = run.cfg
-    loader = components.eval_loader(cfg, run.ds, run.ds.val, run.info, run.run_dir / "lists")
-    res = evaluate(run.model, loader, run.ds.val, components.num_classes(cfg, run.ds), run.info, run.prec,
+    samples = run.ds.split(cfg.data.eval_split)
+    loader = components.eval_loader(cfg, run.ds, samples, run.info, run.run_dir / "lists")
+    res = evaluate(run.model, loader, samples, components.num_classes(cfg, run.ds), run.info, run.prec,
                    cfg.train.progress, on_batch=lambda: run.watchdog.beat(run.step, "eval"))
-    run.metrics.write(kind="eval", step=run.step, epoch=run.epoch, top1=res["top1"], top5=res["top5"])
-    run.log(f"[eval] epoch {run.epoch} step {run.step}: top-1 {res['top1']:.1f}%  top-5 {res['top5']:.1f}% "
+    res["split"] = cfg.data.eval_split
+    run.metrics.write(kind="eval", step=run.step, epoch=run.epoch, top1=res["top1"], top5=res["top5"],
+                      split=cfg.data.eval_split)
+    run.log(f"[eval {cfg.data.eval_split}] epoch {run.epoch} step {run.step}: top-1 {res['top1']:.1f}%  "
+            f"top-5 {res['top5']:.1f}% "
             f"({res['videos']} videos × {cfg.data.eval_clips} clips × {cfg.data.eval_crops} crops)")
     return res
 
@@ -322,7 +326,7 @@ def finish(run: Run) -> dict:
     summary.json; releases the process group."""
     summary = {"step": run.step, "epoch": run.epoch, "resumed_from": run.resumed_from,
                "stopped_by_signal": run.stopped_by, "samples_skipped": run.samples_skipped}
-    if run.stopped_by is None and run.ds.val and run.cfg.train.phase != "ssl":
+    if run.stopped_by is None and run.ds.val and run.cfg.train.phase.classifies:
         summary["eval"] = evaluate_and_log(run)
     if run.info.main:
         plot_run(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")

@@ -87,6 +87,14 @@ def info_nce(pred: Tensor, target: Tensor, temperature: float, negatives: str = 
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
+def num_candidates(negatives: str, B: int, N: int, T: int) -> int:
+    """How many targets each prediction is scored against (its positive included) for B videos, N positions and
+    T time steps: chance level of the loss is ln of this."""
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    return {"all": B * N * T, "video": N * T, "temporal": T}[negatives]
+
+
 def future_prediction_loss(pred: Tensor, target: Tensor, num_samples: int, temperature: float,
                            generator: torch.Generator | None = None, negatives: str = "all",
                            sampling: str = "uniform") -> Tensor:

@@ -13,7 +13,7 @@ opening the file; DALI's own file_list is generated from it per epoch (see ``pip
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -36,6 +36,16 @@ class PreparedDataset:
     meta: dict
     train: list[Sample]
     val: list[Sample]
+    test: list[Sample] = field(default_factory=list)  # a held-out split (test.txt), when the dataset has one
+
+    def split(self, name: str) -> list[Sample]:
+        """The evaluation split ``name`` (``val`` or ``test``), with an error naming what is missing."""
+        if name == "test" and not self.test:
+            raise DatasetError(f"{self.root}: no test split (test.txt); data.eval_split=test needs a dataset made "
+                               "with one (hcml synth --test-per-class N)")
+        if name not in ("val", "test"):
+            raise DatasetError(f"evaluation split {name!r}: expected val or test")
+        return self.test if name == "test" else self.val
 
     @property
     def num_classes(self) -> int:
@@ -75,11 +85,14 @@ def write_split(path: Path, rows: list[tuple[str, int, int]]) -> None:
     atomic_write_text(path, "".join(f"{p} {lab} {n}\n" for p, lab, n in rows))
 
 
-def write_prepared(root: str | Path, classes: list[str], train, val, meta: dict) -> None:
-    """Write a prepared dataset directory. ``train``/``val``: rows (relative path, label, num_frames)."""
+def write_prepared(root: str | Path, classes: list[str], train, val, meta: dict, test=None) -> None:
+    """Write a prepared dataset directory. ``train``/``val``/``test``: rows (relative path, label, num_frames);
+    ``test`` (a held-out split) is optional."""
     root = Path(root)
     write_split(root / "train.txt", train)
     write_split(root / "val.txt", val)
+    if test:
+        write_split(root / "test.txt", test)
     atomic_write_text(root / "classes.txt", "".join(c + "\n" for c in classes))
     atomic_write_text(root / "dataset.yaml", yaml.safe_dump({**meta, "num_classes": len(classes)}, sort_keys=False))
 
@@ -119,5 +132,6 @@ def load_prepared(root: str | Path) -> PreparedDataset:
     classes = [c for c in cls_path.read_text().splitlines() if c.strip()]
     meta_path = root / "dataset.yaml"
     meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else {}
+    test = _read_split(root, "test.txt", len(classes)) if (root / "test.txt").is_file() else []
     return PreparedDataset(root, classes, meta or {}, _read_split(root, "train.txt", len(classes)),
-                           _read_split(root, "val.txt", len(classes)))
+                           _read_split(root, "val.txt", len(classes)), test)

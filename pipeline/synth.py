@@ -121,16 +121,20 @@ def encode(frames: np.ndarray, path: str | Path, codec: str = "vp9", fps: int = 
     encode_video(frames, path, codec, fps, gop)
 
 
+SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}  # each split draws from its own random stream
+
+
 def clip_seed(seed: int, split: str, label: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, 0 if split == "train" else 1, label, index])
+    return np.random.default_rng([seed, SPLIT_STREAM[split], label, index])
 
 
 def generate(out: str | Path, classes: list[str] | None = None, per_class: int = 24, val_per_class: int | None = None,
              size: int = 64, frames: int = 32, codec: str = "vp9", seed: int = 0, fps: int = 25, workers: int = 2,
-             progress: bool = True, overwrite: bool = False) -> Path:
+             progress: bool = True, overwrite: bool = False, test_per_class: int = 0) -> Path:
     """Write the synthetic set as a prepared dataset directory (see ``hcml.pipeline.prepared``) into a new or
     empty folder, or continue an interrupted synth with the same settings (``overwrite``: replace an earlier synth
-    with other settings)."""
+    with other settings). ``test_per_class``: a held-out test split (``test.txt``) of that many clips per class,
+    drawn from its own random stream, for figures that no setting was chosen on."""
     import json
 
     out = Path(out)
@@ -141,13 +145,15 @@ def generate(out: str | Path, classes: list[str] | None = None, per_class: int =
                            f"{', '.join(CLASSES)}")
     val_per_class = per_class // 3 if val_per_class is None else val_per_class
     settings = json.dumps({"classes": list(names), "per_class": per_class, "val_per_class": val_per_class,
-                           "size": size, "frames": frames, "codec": codec, "seed": seed, "fps": fps})
-    claim_folder(out, ".hcml-synth.json", settings, ("train", "val", "train.txt", "val.txt", "classes.txt",
+                           "size": size, "frames": frames, "codec": codec, "seed": seed, "fps": fps,
+                           **({"test_per_class": test_per_class} if test_per_class else {})})
+    claim_folder(out, ".hcml-synth.json", settings, ("train", "val", "test", "train.txt", "val.txt", "test.txt",
+                                                     "classes.txt",
                                                      "dataset.yaml", ".hcml-synth.json"), overwrite, "synth")
     ext = "webm" if codec == "vp9" else "mp4"
     jobs = []
-    rows: dict[str, list] = {"train": [], "val": []}
-    for split, n in (("train", per_class), ("val", val_per_class)):
+    rows: dict[str, list] = {"train": [], "val": [], "test": []}
+    for split, n in (("train", per_class), ("val", val_per_class), ("test", test_per_class)):
         for new_label, name in enumerate(names):
             orig = CLASSES.index(name)
             for i in range(n):
@@ -171,5 +177,5 @@ def generate(out: str | Path, classes: list[str] | None = None, per_class: int =
                   if CLASSES[a] in names and CLASSES[b] in names]
     write_prepared(out, list(names), rows["train"], rows["val"],
                    {"name": "synthetic-motion", "codec": codec, "frames": frames, "size": size, "fps": fps,
-                    "seed": seed, "flip_pairs": flip_pairs})
+                    "seed": seed, "flip_pairs": flip_pairs}, test=rows["test"])
     return out

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
 
 from tests.conftest import PY, run_env
+from tests.helpers import SMALL_DATA
 
 
 def hcml(*args: str, timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:
@@ -53,8 +55,6 @@ def test_bench_model_cpu_compare_and_profile():
     assert res["profile"]["variant"] == names[2] and top and sum(k["share"] for k in top) <= 1.0 + 1e-9
 
 
-SMALL_DATA = ["model.arch=tiny", "data.frames=8", "data.crop=32", "data.short_side=[36,40]", "data.batch_size=2",
-              "data.threads=1", "data.device=cpu"]
 
 
 def test_bench_train_steady_state_cpu(tiny_dataset):
@@ -118,32 +118,107 @@ def test_bench_op_sweep_reads_the_shapes_off_the_models():
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    """The whole demo at a few steps: SSL, then joint from the SSL checkpoint (init_from), the two controls, the
-    report (text and JSON) with every model at the same step count, the KNN pair and a Grad-CAM++ strip."""
+    """The whole demo at a few steps: both SSL phases, the five arms (two from an SSL checkpoint via init_from),
+    the report (text and JSON) on the held-out test split with every arm at the same step count, each SSL loss
+    beside ln(candidates), the KNN of both SSL checkpoints beside the calibrated random init, a Grad-CAM++ strip."""
     r = hcml("demo", "--out", str(tmp_path / "demo"), "--quick", timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     out = tmp_path / "demo"
     report = (out / "report.txt").read_text()
-    assert "HCML: self-supervised, then joint" in report and "random init" in report and "KNN" in report
+    assert "held-out test split" in report
+    assert "the paper's loss (all neg., tau 0.1)" in report
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["models"]) == {"baseline", "motion_no_nce", "hcml"}
+    assert rep["split"] == "test"
+    assert set(rep["models"]) == {"baseline", "motion_no_nce", "joint_only", "hcml", "hcml_paper_loss"}
     for m in rep["models"].values():
-        assert 0 <= m["top1"] <= 100 and "pair_direction" in m
-    assert len({m["steps"] for m in rep["models"].values()}) == 1  # the same number of steps for every model
-    assert rep["ssl_steps"] > 0 and rep["models"]["hcml"]["steps"] > rep["ssl_steps"]
-    for kind in ("ssl", "random_init"):
-        assert set(rep["knn"][kind]) == {"low", "mid", "high"}
-    assert "[init] loaded" in r.stdout  # the joint phase started from the SSL weights
+        assert 0 <= m["top1"] <= 100
+        assert "pair_direction" in m
+        assert m["split"] == "test"  # each training's final evaluation ran on the test split
+    assert len({m["steps"] for m in rep["models"].values()}) == 1  # the same number of steps for every arm
+    assert rep["ssl_steps"] > 0
+    assert rep["models"]["hcml"]["steps"] > rep["ssl_steps"]
+    assert rep["test_videos"] == 12 * 3
+    # chance of the SSL losses: temporal negatives, T time steps per level → ln T; all negatives → ln(B·N·T)
+    assert rep["nce"]["ssl"]["low"]["candidates"] == 16
+    assert rep["nce"]["ssl_paper_loss"]["low"]["candidates"] == 8 * 8 * 16
+    assert set(rep["knn"]["ssl"]) == {"ssl", "ssl_paper_loss"}
+    assert set(rep["knn"]["random_init"]) == {"low", "mid", "high"}
+    assert rep["knn"]["split"] == "test"
+    assert r.stdout.count("[init] loaded") == 2  # both joint phases started from their SSL weights
     assert list((out / "gradcam").glob("*.png"))
-    for run in ("ssl", "hcml", "motion_no_nce", "baseline"):
+    for run in ("ssl", "ssl_paper_loss", "baseline", "motion_no_nce", "joint_only", "hcml", "hcml_paper_loss"):
         d = out / run
-        assert (d / "curves.png").is_file() and (d / "metrics.jsonl").is_file() and list(d.glob("checkpoints/*.pt"))
+        assert (d / "curves.png").is_file(), run
+        assert list(d.glob("checkpoints/*.pt")), run
     assert not json.loads((out / "ssl" / "summary.json").read_text()).get("eval")  # SSL: no classifier to score
-    assert "SMOKE TEST (--quick)" in report and "helped" not in report  # no conclusion from a few steps
-    assert rep["smoke_test"] and rep["knn"]["random_init_calibrated"]
+    assert "SMOKE TEST (--quick)" in report
+    assert "helped" not in report  # no conclusion from a few steps
+    assert rep["smoke_test"]
+    assert rep["knn"]["random_init_calibrated"]
     # a second demo into the same folder replaces its own runs (the run dirs refuse a fresh start otherwise)
     again = hcml("demo", "--out", str(out), "--quick", timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_demo_not_just_its_current_training(tmp_path):
+    """Ctrl-C (SIGINT to the demo, the process the user started) checkpoints the training in progress and ends
+    the demo with a message and a non-zero exit: it must not go on to the next arm."""
+    import signal
+    import time
+
+    from tests.helpers import wait_for_step
+
+    out = tmp_path / "demo"
+    log = tmp_path / "demo.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([PY, "-m", "hcml.launch.cli", "demo", "--quick", "--out", str(out)], env=run_env(),
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_step(out / "ssl", 1, proc, log, timeout=600)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert proc.returncode != 0, text[-2000:]
+    assert "ssl stopped by signal 2" in text, text[-2000:]
+    assert "[demo] ssl_paper_loss:" not in text  # no further arm started
+    time.sleep(0.5)
+    assert not (out / "report.json").exists()
+
+
+def test_demo_noise_rule_and_seed_aggregation():
+    """The rule a single run's margins are judged by (> 2 sd of the same margin across seeds), and mean ± sd over
+    seeds with paired margins, against hand-computed figures."""
+    from hcml.launch.demo import aggregate, judge, margins
+
+    assert judge(5.0, 2.0).startswith("helped")
+    assert judge(3.9, 2.0).startswith("within the noise")
+    assert judge(-4.1, 2.0).startswith("hurt")
+    assert judge(9.0, None).startswith("not judged")
+
+    def seed(s, top1s):
+        models = {k: {"label": k, "top1": t, "pair_direction": 50.0 + t} for k, t in top1s.items()}
+        return {"seed": s, "models": models, "margins": margins(models), "steps": 10, "ssl_steps": 5,
+                "knn": {"k": 1, "ssl": {"ssl": {lv: 10.0 * s for lv in ("low", "mid", "high")}},
+                        "random_init": {lv: 1.0 for lv in ("low", "mid", "high")}},
+                "nce": {"ssl": {lv: {"final": float(s), "chance": 1.0} for lv in ("low", "mid", "high")}}}
+
+    names = ("baseline", "motion_no_nce", "joint_only", "hcml", "hcml_paper_loss")
+    runs = [seed(0, dict(zip(names, (10, 20, 30, 40, 15)))), seed(1, dict(zip(names, (12, 24, 30, 44, 15)))),
+            seed(2, dict(zip(names, (14, 22, 30, 42, 15))))]
+    agg = aggregate(runs)
+    assert agg["models"]["hcml"]["top1"] == 42.0
+    assert agg["models"]["hcml"]["top1_sd"] == pytest.approx(2.0)  # sample sd of 40, 44, 42
+    assert agg["models"]["joint_only"]["top1_sd"] == 0.0
+    # hcml − motion_no_nce per seed: 20, 20, 20 → sd 0; joint_only − motion_no_nce: 10, 6, 8 → mean 8, sd 2
+    assert agg["margin_spread"]["hcml-motion_no_nce"]["top1_sd"] == 0.0
+    assert agg["margin_spread"]["joint_only-motion_no_nce"]["top1"] == 8.0
+    assert agg["margin_spread"]["joint_only-motion_no_nce"]["top1_sd"] == pytest.approx(2.0)
+    assert agg["knn"]["ssl"]["ssl"]["low"] == 10.0
+    assert agg["seeds"] == [0, 1, 2]
 
 
 def test_demo_recipes_split_the_same_step_total():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PY, run_env
-from tests.test_train import SMALL
+from tests.helpers import SMALL
 
 
 @pytest.fixture(scope="module")

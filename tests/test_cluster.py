@@ -19,7 +19,7 @@ import pytest
 
 from hcml.launch.checkpoint import list_checkpoints, step_of
 from tests.conftest import PY, run_env
-from tests.test_train import SMALL, losses
+from tests.helpers import SMALL, losses, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +32,6 @@ def hcml_train(data: Path, run: Path, *extra: str) -> list[str]:
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     out = open(log, "w")
     return subprocess.Popen(cmd, env=run_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not ((run / "metrics.jsonl").is_file() and max(losses(run), default=0) >= step):
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.time() < deadline, f"no step {step} in {timeout} s"
-        time.sleep(0.05)
 
 
 def processes_of(run: Path) -> list[int]:

@@ -95,3 +95,25 @@ def test_cli_rejects_bad_config_before_any_process_starts(tmp_path):
     assert res.returncode == 2
     assert "unknown key 'data.frams'" in res.stderr
     assert "torch.distributed" not in res.stderr and "rank" not in res.stdout.lower()
+
+
+def test_phase_is_a_typed_value(tmp_path):
+    """train.phase is a Phase: what each phase's loss holds is asked of it (one place), it round-trips through
+    YAML and checkpoints as its plain name, and a wrong name is refused with the choices."""
+    from hcml.launch.config import dump_config, load_config, to_dict
+    from hcml.model import Phase
+
+    cfg = load_config(None, ["train.phase=ssl", "model.motion=true"])
+    assert cfg.train.phase is Phase.SSL
+    assert not cfg.train.phase.classifies
+    assert Phase.JOINT.has_nce(True, 0.1)
+    assert not Phase.JOINT.has_nce(True, 0.0)  # lambda = 0: the motion module trains by classification only
+    assert not Phase.FINETUNE.has_nce(True, 15.0)
+    assert Phase.SSL.has_nce(True, 0.0)
+    assert not Phase.SSL.has_nce(False, 1.0)
+    assert to_dict(cfg)["train"]["phase"] == "ssl"
+    assert f"{cfg.train.phase}" == "ssl"
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(str(tmp_path / "c.yaml")).train.phase is Phase.SSL
+    with pytest.raises(ConfigError, match=r"train.phase' must be one of \('ssl', 'joint', 'finetune'\), got 'pretrain'"):
+        load_config(None, ["train.phase=pretrain"])

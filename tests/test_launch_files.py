@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -54,17 +53,14 @@ def test_slurm_preemption_path_checkpoints_and_requeues(tiny_dataset, tmp_path):
     """The script as Slurm runs it (srun/scontrol/scancel replaced by shims): USR1 to the batch shell, as
     --signal=B:USR1 sends it, ends in a checkpoint, every process gone, exit 0 and a requeue; and the Prometheus
     targets file lists every local rank."""
-    from tests.test_train import SMALL, losses
+    from tests.helpers import SMALL, wait_for_step
 
     env = slurm_shims(tmp_path / "shim")
     run = tmp_path / "run"
     proc = subprocess.Popen(["bash", str(LAUNCH / "slurm" / "train.sbatch"), "demo", f"data.root={tiny_dataset}",
                              f"run_dir={run}", *SMALL, "optim.epochs=50", "metrics.port=0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while not ((run / "metrics.jsonl").is_file() and max(losses(run), default=0) >= 2):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
+    wait_for_step(run, 2, proc)
     os.kill(proc.pid, signal.SIGUSR1)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import PY, run_env
-from tests.test_train import SMALL
+from tests.helpers import SMALL
 
 PROMETHEUS = shutil.which("prometheus")
 

@@ -127,6 +127,13 @@ def test_negative_counts_match_the_paper():
     assert torch.all(per_row["easy"] == (B - 1) * N * T)
     total = sum(v.int() for v in m.values())
     assert torch.all(total == 1)  # a partition of all B·N·T candidates
+    # the candidate counts the demo compares the loss with (chance = ln of them), from the masks
+    from hcml.model.contrastive import num_candidates
+
+    same_video = m["positive"] | m["spatial"] | m["temporal"]
+    assert num_candidates("all", B, N, T) == m["positive"].shape[1]
+    assert num_candidates("video", B, N, T) == int(same_video[0].sum())
+    assert num_candidates("temporal", B, N, T) == int((m["positive"] | m["temporal"])[0].sum())
 
 
 def test_negative_types_on_a_hand_built_batch():

@@ -115,6 +115,31 @@ def test_generated_directory_layout(tiny_dataset):
     assert lines[0].split()[0] == "train/move_left/move_left_0000.webm"  # relative to the directory
 
 
+def test_held_out_test_split(tmp_path, tiny_dataset):
+    """``test_per_class`` writes test.txt from its own random stream (no clip equals a train or val clip of the
+    same class and index); a dataset without one says so when a run asks for data.eval_split=test."""
+    from hcml.errors import ConfigError
+    from hcml.launch import components
+    from hcml.launch.config import load_config, resolve_recipe
+
+    out = synth.generate(tmp_path / "s", classes=["move_left", "appear"], per_class=2, val_per_class=1,
+                         test_per_class=2, seed=1, workers=2, progress=False)
+    ds = load_prepared(out)
+    assert len(ds.test) == 4
+    assert ds.split("test") == ds.test
+    assert (out / "test.txt").read_text().splitlines()[0].split()[0] == "test/move_left/move_left_0000.webm"
+    for split in ("train", "val"):
+        a = synth.render_clip(0, synth.clip_seed(1, "test", 0, 0))
+        assert not np.array_equal(a, synth.render_clip(0, synth.clip_seed(1, split, 0, 0))), split
+    assert load_prepared(tiny_dataset).test == []
+    cfg = load_config(resolve_recipe("demo"), [f"data.root={tiny_dataset}", "data.eval_split=test"])
+    with pytest.raises(ConfigError, match="data.eval_split=test.*no test split"):
+        components.check_runnable(cfg)
+    cfg = load_config(resolve_recipe("demo"), [f"data.root={out}", "data.eval_split=test", "data.batch_size=2",
+                                               "data.flip=plain"])
+    assert components.check_runnable(cfg).test
+
+
 def test_malformed_list_is_reported_with_file_and_line(tmp_path, tiny_dataset):
     import shutil
 

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,7 @@ import torch
 from hcml.errors import CheckpointError
 from hcml.launch.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
 from tests.conftest import PY, run_env
-
-SMALL = ["model.arch=tiny", "data.frames=8", "data.stride=2", "data.crop=32", "data.short_side=[36,40]",
-         "data.eval_short_side=36", "data.eval_clips=1", "data.eval_crops=1", "data.batch_size=2", "data.threads=1",
-         "data.device=cpu", "data.flip=plain", "optim.epochs=2", "optim.warmup_epochs=1", "optim.lr_per_gpu=0.01",
-         "train.bn=local", "train.log_every=1", "train.progress=false", "model.nce_samples=4", "checkpoint.keep=3"]
+from tests.helpers import SMALL, losses, wait_for_step
 
 
 def train_cmd(data: Path, run_dir: Path, *extra: str, nproc: int = 2, resume: bool = False) -> list[str]:
@@ -33,11 +28,6 @@ def train_cmd(data: Path, run_dir: Path, *extra: str, nproc: int = 2, resume: bo
     if resume:
         cmd += ["--resume", "auto"]
     return cmd
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
 @pytest.mark.slow
@@ -70,11 +60,8 @@ def test_kill9_mid_epoch_then_resume_reproduces_the_uninterrupted_losses(tiny_da
     run = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(tiny_dataset, run, *det), env=run_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
     # kill after the step-4 line is logged, i.e. mid-epoch 1, with the step-3 checkpoint on disk
-    while time.time() < deadline and not (run / "metrics.jsonl").is_file() or 4 not in losses(run):
-        time.sleep(0.05)
-        assert time.time() < deadline, "the run never reached step 4"
+    wait_for_step(run, 4, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] in ("ckpt_00000003.pt", "ckpt_00000006.pt")
@@ -93,10 +80,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_dataset, tmp_path):
     proc = subprocess.Popen([PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset),
                              "--run-dir", str(run), *SMALL, "optim.epochs=50"], env=run_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not ((run / "metrics.jsonl").is_file() and 2 in losses(run)):
-        time.sleep(0.05)
-        assert time.time() < deadline and proc.poll() is None, "training did not start"
+    wait_for_step(run, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -157,10 +141,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_dataset, tmp_path)
     run = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(tiny_dataset, run, "optim.epochs=50"), env=run_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not ((run / "metrics.jsonl").is_file() and 2 in losses(run)):
-        time.sleep(0.05)
-        assert time.time() < deadline and proc.poll() is None, "training did not start"
+    wait_for_step(run, 2, proc)
     # the workers, by command line (torchrun may have other children, e.g. multiprocessing's resource tracker)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "hcml.launch.cli"], capture_output=True,
                              text=True).stdout.split()

@@ -1,0 +1,33 @@
+"""What several test files share: the tiny training recipe, the loss log of a run, and waiting for a step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+# The data part of the tiny recipe (tiny network, 8 frames of 32 px, CPU DALI): enough for benches and loaders.
+SMALL_DATA = ["model.arch=tiny", "data.frames=8", "data.stride=2", "data.crop=32", "data.short_side=[36,40]",
+              "data.batch_size=2", "data.threads=1", "data.device=cpu"]
+# The whole tiny training recipe on top of configs/demo.yaml: seconds per run on 2 CPU cores.
+SMALL = [*SMALL_DATA, "data.eval_short_side=36", "data.eval_clips=1", "data.eval_crops=1", "data.flip=plain",
+         "optim.epochs=2", "optim.warmup_epochs=1", "optim.lr_per_gpu=0.01", "train.bn=local", "train.log_every=1",
+         "train.progress=false", "model.nce_samples=4", "checkpoint.keep=3"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """{step: loss} of every logged training step of a run."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen | None = None, log: Path | None = None,
+                  timeout: float = 300) -> None:
+    """Until the run has logged ``step``; fails at once if ``proc`` ends first (its log's tail in the message)."""
+    deadline = time.time() + timeout
+    while not ((run / "metrics.jsonl").is_file() and max(losses(run), default=0) >= step):
+        if proc is not None:
+            assert proc.poll() is None, log.read_text()[-3000:] if log else f"exited {proc.returncode}"
+        assert time.time() < deadline, f"no step {step} in {timeout} s"
+        time.sleep(0.05)
