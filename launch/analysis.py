@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hcml.errors import ConfigError, DatasetError
 from hcml.launch import components
 from hcml.launch.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
+from hcml.launch.evaluate import per_class_accuracy, per_video
 from hcml.model import LEVELS
 from hcml.pipeline.loader import EvalLoader, check_decodable
 
@@ -63,8 +64,7 @@ def knn_table(feats_train: dict[str, torch.Tensor], y_train: torch.Tensor, feats
         dev = info.device
         mine = knn_predict(feats_train[lv].to(dev), y_train, feats_val[lv][shard].to(dev), k, n)
         pred = torch.cat(all_gather_objects(mine, info))
-        per = [float((pred[y_val == c] == c).float().mean() * 100) if (y_val == c).any() else float("nan")
-               for c in range(n)]
+        per = per_class_accuracy(pred, y_val, n)
         valid = [c for c in range(n) if not np.isnan(per[c])]
         if prev is None:
             top = sorted(valid, key=lambda c: -per[c])[:3]
@@ -99,15 +99,8 @@ def extract_level_features(model, loader: EvalLoader, info: DistInfo, n_videos: 
         for lv in LEVELS:
             feats[lv].append(F.normalize(f[lv].float().mean(dim=(2, 3, 4)), dim=1).view(B, V, -1).mean(1).cpu())
         rows.append(r.cpu())
-    local = (torch.cat(rows), {lv: torch.cat(v) for lv, v in feats.items()})
-    K = loader.spec.eval_clips
-    out = {}
-    for r, fd in all_gather_objects(local, info):
-        for lv, v in fd.items():
-            if lv not in out:
-                out[lv] = torch.zeros(n_videos, v.shape[1])
-            out[lv].index_add_(0, r // K, v)
-    return {lv: F.normalize(v, dim=1) for lv, v in out.items()}
+    sums, _ = per_video(rows, feats, n_videos, loader.spec.eval_clips, info)
+    return {lv: F.normalize(v, dim=1) for lv, v in sums.items()}
 
 
 @torch.no_grad()

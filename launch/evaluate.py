@@ -15,6 +15,32 @@ from hcml.pipeline.loader import EvalLoader
 
 
 @torch.no_grad()
+def per_video(rows: list[torch.Tensor], values: dict[str, list[torch.Tensor]], n_videos: int, views: int,
+              info: DistInfo) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every rank's eval batches gathered: ``rows`` are view indices (video = row // views), ``values`` per-view
+    tensors by name. Returns each value summed per video and how many views of each video came. A view that came
+    twice is a sharding error (raised: it would bias the averages)."""
+    local = (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long),
+             {k: torch.cat(v) for k, v in values.items() if v})
+    sums: dict[str, torch.Tensor] = {}
+    seen = torch.zeros(n_videos * views, dtype=torch.long)
+    for r, vals in all_gather_objects(local, info):
+        seen.index_add_(0, r, torch.ones_like(r))
+        for k, v in vals.items():
+            if k not in sums:
+                sums[k] = torch.zeros(n_videos, *v.shape[1:])
+            sums[k].index_add_(0, r // views, v)
+    if seen.numel() and seen.max() > 1:
+        raise RuntimeError(f"eval sharding error: a view seen {seen.max()} times (expected once)")
+    return sums, seen.view(n_videos, views).sum(1)
+
+
+def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Top-1 % per class (NaN for a class with no video)."""
+    return [float((pred[labels == c] == c).float().mean() * 100) if (labels == c).any() else float("nan")
+            for c in range(num_classes)]
+
+
 def evaluate(model: nn.Module, loader: EvalLoader, samples, num_classes: int, info: DistInfo,
              prec: components.Precision, progress: bool = False, on_batch=None) -> dict:
     """Multi-view testing: softmax averaged over K clips × crops per video, every view at most once over all ranks
@@ -35,23 +61,13 @@ def evaluate(model: nn.Module, loader: EvalLoader, samples, num_classes: int, in
         if on_batch:
             on_batch()  # progress for the stall watchdog
     model.train(was_training)
-    local = (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long),
-             torch.cat(scores) if scores else torch.zeros(0, num_classes))
-    K = loader.spec.eval_clips
-    video_scores = torch.zeros(len(samples), num_classes)
-    seen = torch.zeros(len(samples) * K, dtype=torch.long)
-    for r, s in all_gather_objects(local, info):
-        seen.index_add_(0, r, torch.ones_like(r))
-        video_scores.index_add_(0, r // K, s)
-    if seen.max() > 1:
-        raise RuntimeError(f"eval sharding error: a view seen {seen.max()} times (expected once)")
-    present = seen.view(len(samples), K).sum(1) > 0
+    sums, views = per_video(rows, {"scores": scores}, len(samples), loader.spec.eval_clips, info)
+    present = views > 0
     labels = torch.tensor([s.label for s in samples])[present]
-    video_scores = video_scores[present]
+    video_scores = sums.get("scores", torch.zeros(len(samples), num_classes))[present]
     top5 = video_scores.topk(min(5, num_classes), dim=1).indices
     pred = top5[:, 0]
-    per_class = [float((pred[labels == c] == c).float().mean() * 100) if (labels == c).any() else float("nan")
-                 for c in range(num_classes)]
+    per_class = per_class_accuracy(pred, labels, num_classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
     return {"top1": float((pred == labels).float().mean() * 100),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +14,82 @@ from hcml.errors import ConfigError
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+CKPT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A Grafana panel over one metric: its PromQL, unit and legend."""
+
+    title: str
+    expr: str
+    unit: str = "none"
+    legend: str = "rank {{rank}}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One exported metric. The exporter creates it, the dashboard draws its panel: adding a metric is one entry
+    in METRICS (plus the line that updates it) and `python -m hcml.launch.metrics --dashboard` to redraw."""
+
+    key: str    # how the exporter refers to it
+    name: str   # the Prometheus name
+    kind: str   # gauge | counter | histogram
+    help: str
+    buckets: tuple = ()
+    extra_labels: tuple = ()
+    panel: Panel | None = None
+
+
+METRICS = (
+    Metric("clips", "hcml_clips_per_second", "gauge", "training clips/s of this rank",
+           panel=Panel("Global clips/s", "sum(hcml_clips_per_second)", legend="all ranks")),
+    Metric("frames", "hcml_frames_per_second", "gauge", "decoded frames/s consumed by this rank",
+           panel=Panel("Frames/s per rank", "hcml_frames_per_second")),
+    Metric("global_clips", "hcml_global_clips_per_second", "gauge", "clips/s over all ranks (estimate)"),
+    Metric("global_frames", "hcml_global_frames_per_second", "gauge", "frames/s over all ranks (estimate)"),
+    Metric("step_time", "hcml_step_seconds", "histogram", "optimizer step wall time", STEP_BUCKETS,
+           panel=Panel("Step time p95", "histogram_quantile(0.95, sum by (le, rank) "
+                       "(rate(hcml_step_seconds_bucket[5m])))", "s")),
+    Metric("data_wait", "hcml_data_wait_seconds", "histogram", "time blocked on the input pipeline per step",
+           WAIT_BUCKETS),
+    Metric("wait_frac", "hcml_data_wait_ratio", "gauge", "fraction of step time spent waiting for data",
+           panel=Panel("Data-wait share of step time", "hcml_data_wait_ratio", "percentunit")),
+    Metric("loss", "hcml_loss", "gauge", "loss terms (total, ce, nce_low, nce_mid, nce_high)",
+           extra_labels=("term",), panel=Panel("Loss terms", 'hcml_loss{rank="0"}', legend="{{term}}")),
+    Metric("lr", "hcml_learning_rate", "gauge", "learning rate",
+           panel=Panel("Learning rate", 'hcml_learning_rate{rank="0"}')),
+    Metric("epoch", "hcml_epoch", "gauge", "current epoch"),
+    Metric("step", "hcml_step", "gauge", "optimizer steps done"),
+    Metric("mem_alloc", "hcml_gpu_memory_allocated_bytes", "gauge", "torch.cuda.memory_allocated",
+           panel=Panel("GPU memory allocated", "hcml_gpu_memory_allocated_bytes", "bytes")),
+    Metric("mem_reserved", "hcml_gpu_memory_reserved_bytes", "gauge", "torch.cuda.memory_reserved"),
+    Metric("samples", "hcml_samples_seen", "counter", "training clips consumed by this rank"),
+    Metric("skipped", "hcml_samples_skipped", "counter", "training videos DALI could not read (dropped from their "
+           "epoch; counted by rank 0)", panel=Panel("Unreadable videos skipped", "hcml_samples_skipped_total")),
+    Metric("ckpt_time", "hcml_checkpoint_save_seconds", "histogram", "checkpoint save duration", CKPT_BUCKETS,
+           panel=Panel("Checkpoint save time (p95)", "histogram_quantile(0.95, sum by (le) "
+                       "(rate(hcml_checkpoint_save_seconds_bucket[1h])))", "s", "p95")),
+    Metric("since_step", "hcml_seconds_since_step", "gauge", "seconds since this rank's last optimizer step (a stall "
+           "shows here before train.stall_timeout_s ends the job)",
+           panel=Panel("Seconds since the last step", "hcml_seconds_since_step", "s")),
+)
+
+
+def dashboard() -> dict:
+    """The Grafana dashboard (launch/grafana/hcml_dashboard.json): one panel per metric that has one, two per row."""
+    panels = []
+    for i, m in enumerate(p for p in METRICS if p.panel):
+        pn = m.panel
+        panels.append({"type": "timeseries", "title": pn.title,
+                       "gridPos": {"x": 12 * (i % 2), "y": 8 * (i // 2), "w": 12, "h": 8},
+                       "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                       "fieldConfig": {"defaults": {"unit": pn.unit}, "overrides": []},
+                       "targets": [{"expr": pn.expr, "legendFormat": pn.legend, "refId": "A"}]})
+    return {"title": "hcml training", "uid": "hcml-training", "schemaVersion": 39,
+            "time": {"from": "now-6h", "to": "now"},
+            "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]},
+            "panels": panels}
 
 
 def _port_free(port: int) -> bool:
@@ -25,7 +102,7 @@ def _port_free(port: int) -> bool:
 
 
 class PrometheusExporter:
-    """Serves ``hcml_*`` metrics with a ``rank`` label on ``port`` (next free port if taken and allowed)."""
+    """Serves the METRICS with a ``rank`` label on ``port`` (next free port if taken and allowed)."""
 
     def __init__(self, port: int, rank: int, next_free: bool = True, log=print):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -41,62 +118,48 @@ class PrometheusExporter:
         if chosen != port:
             log(f"[metrics] rank {rank}: port {port} in use, serving Prometheus metrics on {chosen}")
         self.port = chosen
-        r = self.registry = CollectorRegistry()
-        lab = ["rank"]
-        self.clips = Gauge("hcml_clips_per_second", "training clips/s of this rank", lab, registry=r)
-        self.frames = Gauge("hcml_frames_per_second", "decoded frames/s consumed by this rank", lab, registry=r)
-        self.global_clips = Gauge("hcml_global_clips_per_second", "clips/s over all ranks (estimate)", lab, registry=r)
-        self.global_frames = Gauge("hcml_global_frames_per_second", "frames/s over all ranks (estimate)", lab,
-                                   registry=r)
-        self.step_time = Histogram("hcml_step_seconds", "optimizer step wall time", lab, buckets=STEP_BUCKETS,
-                                   registry=r)
-        self.data_wait = Histogram("hcml_data_wait_seconds", "time blocked on the input pipeline per step", lab,
-                                   buckets=WAIT_BUCKETS, registry=r)
-        self.wait_frac = Gauge("hcml_data_wait_ratio", "fraction of step time spent waiting for data", lab,
-                               registry=r)
-        self.loss = Gauge("hcml_loss", "loss terms (total, ce, nce_low, nce_mid, nce_high)", lab + ["term"],
-                          registry=r)
-        self.lr = Gauge("hcml_learning_rate", "learning rate", lab, registry=r)
-        self.epoch = Gauge("hcml_epoch", "current epoch", lab, registry=r)
-        self.step = Gauge("hcml_step", "optimizer steps done", lab, registry=r)
-        self.mem_alloc = Gauge("hcml_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", lab, registry=r)
-        self.mem_reserved = Gauge("hcml_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", lab, registry=r)
-        self.samples = Counter("hcml_samples_seen", "training clips consumed by this rank", lab, registry=r)
-        self.skipped = Counter("hcml_samples_skipped", "training videos DALI could not read (dropped from their "
-                               "epoch; counted by rank 0)", lab, registry=r)
-        self.ckpt_time = Histogram("hcml_checkpoint_save_seconds", "checkpoint save duration", lab,
-                                   buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60), registry=r)
-        self.since_step = Gauge("hcml_seconds_since_step", "seconds since this rank's last optimizer step (a stall "
-                                "shows here before train.stall_timeout_s ends the job)", lab, registry=r)
-        self.rank = str(rank)
-        self._server = start_http_server(chosen, registry=r)
+        self.registry = CollectorRegistry()
+        kinds = {"gauge": Gauge, "counter": Counter, "histogram": Histogram}
+        self.m, self.rank = {}, str(rank)
+        for spec in METRICS:
+            kw = {"buckets": spec.buckets} if spec.kind == "histogram" else {}
+            self.m[spec.key] = kinds[spec.kind](spec.name, spec.help, ["rank", *spec.extra_labels],
+                                                registry=self.registry, **kw)
+            if not spec.extra_labels:  # every series exists (at 0) from the first scrape, not from its first event
+                self.m[spec.key].labels(self.rank)
+        self._server = start_http_server(chosen, registry=self.registry)
+
+    def _of(self, key: str, *labels: str):
+        return self.m[key].labels(self.rank, *labels)
 
     def observe_step(self, *, step: int, epoch: int, step_s: float, wait_s: float, clips: int, frames_per_clip: int,
                      world: int, lr: float, losses: dict[str, float]) -> None:
-        rk = self.rank
         rate = clips / max(step_s, 1e-9)
-        self.clips.labels(rk).set(rate)
-        self.frames.labels(rk).set(rate * frames_per_clip)
-        self.global_clips.labels(rk).set(rate * world)
-        self.global_frames.labels(rk).set(rate * frames_per_clip * world)
-        self.step_time.labels(rk).observe(step_s)
-        self.data_wait.labels(rk).observe(wait_s)
-        self.wait_frac.labels(rk).set(wait_s / max(step_s, 1e-9))
+        self._of("clips").set(rate)
+        self._of("frames").set(rate * frames_per_clip)
+        self._of("global_clips").set(rate * world)
+        self._of("global_frames").set(rate * frames_per_clip * world)
+        self._of("step_time").observe(step_s)
+        self._of("data_wait").observe(wait_s)
+        self._of("wait_frac").set(wait_s / max(step_s, 1e-9))
         for k, v in losses.items():
-            self.loss.labels(rk, k).set(v)
-        self.lr.labels(rk).set(lr)
-        self.epoch.labels(rk).set(epoch)
-        self.step.labels(rk).set(step)
-        self.samples.labels(rk).inc(clips)
+            self._of("loss", k).set(v)
+        self._of("lr").set(lr)
+        self._of("epoch").set(epoch)
+        self._of("step").set(step)
+        self._of("samples").inc(clips)
         if torch.cuda.is_available():
-            self.mem_alloc.labels(rk).set(torch.cuda.memory_allocated())
-            self.mem_reserved.labels(rk).set(torch.cuda.memory_reserved())
+            self._of("mem_alloc").set(torch.cuda.memory_allocated())
+            self._of("mem_reserved").set(torch.cuda.memory_reserved())
 
     def observe_checkpoint(self, seconds: float) -> None:
-        self.ckpt_time.labels(self.rank).observe(seconds)
+        self._of("ckpt_time").observe(seconds)
+
+    def observe_skipped(self, count: int) -> None:
+        self._of("skipped").inc(count)
 
     def idle(self, seconds: float) -> None:
-        self.since_step.labels(self.rank).set(seconds)
+        self._of("since_step").set(seconds)
 
     def close(self) -> None:
         server = self._server[0] if isinstance(self._server, tuple) else None
@@ -169,3 +232,11 @@ def plot_run(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
     return Path(out_png)
+
+
+if __name__ == "__main__":  # python -m hcml.launch.metrics --dashboard > launch/grafana/hcml_dashboard.json
+    import sys
+
+    if sys.argv[1:] != ["--dashboard"]:
+        raise SystemExit("usage: python -m hcml.launch.metrics --dashboard")
+    print(json.dumps(dashboard(), indent=1))

@@ -78,7 +78,7 @@ class Run:
         named = self.samples_skipped > 0
         self.samples_skipped += count
         if self.exporter and self.info.main:
-            self.exporter.skipped.labels(self.exporter.rank).inc(count)
+            self.exporter.observe_skipped(count)
         if not named:
             shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
             self.log(f"[data] epoch {epoch}: {count} training video(s) cannot be read and are skipped "

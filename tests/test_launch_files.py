@@ -18,8 +18,21 @@ LAUNCH = REPO / "launch"
 
 
 def exported_metric_names() -> set[str]:
-    src = (LAUNCH / "metrics.py").read_text()
-    return set(re.findall(r'"(hcml_[a-z_]+)"', src))
+    """Every name the exporter serves (counters also as ``_total``), read off a live exporter's scrape."""
+    import urllib.request
+
+    from hcml.launch.metrics import PrometheusExporter
+    from tests.test_metrics import free_port
+
+    exp = PrometheusExporter(free_port(), 0)
+    try:
+        exp.observe_step(step=1, epoch=0, step_s=0.1, wait_s=0.01, clips=2, frames_per_clip=8, world=1, lr=0.1,
+                         losses={"total": 1.0})
+        with urllib.request.urlopen(f"http://127.0.0.1:{exp.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    finally:
+        exp.close()
+    return {re.sub(r"_(bucket|sum|count|created)$", "", m) for m in re.findall(r"^(hcml_[a-z_]+)", text, re.M)}
 
 
 def test_slurm_script_is_valid_bash_and_requeues():
@@ -87,8 +100,14 @@ def test_pytorchjob_manifest():
     assert pod["terminationGracePeriodSeconds"] >= 120
 
 
-def test_grafana_dashboard_uses_only_exported_metrics():
+def test_grafana_dashboard_is_drawn_from_the_metric_registry_and_uses_only_exported_metrics():
+    """One registry (launch/metrics.METRICS) makes the exporter and the dashboard: the committed JSON is what it
+    draws (redraw: python -m hcml.launch.metrics --dashboard), and every panel queries a metric a scrape serves."""
+    from hcml.launch.metrics import METRICS, dashboard
+
     dash = json.loads((LAUNCH / "grafana" / "hcml_dashboard.json").read_text())
+    assert dash == dashboard()
+    assert len(dash["panels"]) == sum(m.panel is not None for m in METRICS)
     names = exported_metric_names()
     used = set()
     for p in dash["panels"]:

@@ -56,7 +56,7 @@ def test_skipped_videos_and_the_time_since_the_last_step_are_exported():
 
     exp = PrometheusExporter(free_port(), 3)
     try:
-        exp.skipped.labels(exp.rank).inc(2)
+        exp.observe_skipped(2)
         exp.idle(42.5)
         with urllib.request.urlopen(f"http://127.0.0.1:{exp.port}/metrics", timeout=5) as r:
             text = r.read().decode()
