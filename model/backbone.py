@@ -12,10 +12,37 @@ so that the motion feature at t never sees t + 1, the future its contrastive los
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Union
 
 import torch
 from torch import nn
+
+
+class BackboneLike(Protocol):
+    """What HCML needs of a backbone, any family (not only the ResNet-shaped specs below):
+
+    - ``stem``: (B, 3, T, H, W) clips → the first feature map;
+    - ``stages``: an ``nn.ModuleDict`` run in order after the stem, ``stage_names`` their order; HCML runs its
+      motion levels between them, so each stage maps (B, C, T, H, W) → (B, C', T', H', W');
+    - ``level_stages``: which stage each motion level ("low", "mid", "high") follows, in order;
+    - ``stage_channels(name)``: a stage's output channels; ``out_channels``: the last stage's (the classifier's
+      input);
+    - built with ``causal_stages``: stages whose temporal convolutions must see no later frame (the stages that
+      feed the motion levels: their features must not see the future the contrastive loss predicts).
+
+    A new family is a builder ``(causal_stages) -> BackboneLike`` registered in ``ARCHS``.
+    """
+
+    stem: nn.Module
+    stages: nn.ModuleDict
+    level_stages: dict[str, str]
+    out_channels: int
+
+    @property
+    def stage_names(self) -> list[str]: ...
+
+    def stage_channels(self, name: str) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -34,6 +61,8 @@ class BackboneSpec:
     stem: int
     stem_pool: bool
     stages: tuple[StageSpec, ...]
+    # motion level → the stage it follows (res2, res3, res4: the paper's low, mid, high)
+    level_stages: dict[str, str] = field(default_factory=lambda: {"low": "res2", "mid": "res3", "high": "res4"})
 
 
 def _stages(blocks, widths, temporal) -> tuple[StageSpec, ...]:
@@ -42,7 +71,8 @@ def _stages(blocks, widths, temporal) -> tuple[StageSpec, ...]:
                  for i, (b, w, ts, ss, tc) in enumerate(zip(blocks, widths, t_strides, s_strides, temporal)))
 
 
-ARCHS: dict[str, BackboneSpec] = {
+# The registry: a ResNet-shaped family is a BackboneSpec; any other family a builder (causal_stages) -> BackboneLike.
+ARCHS: dict[str, Union[BackboneSpec, Callable[[tuple[str, ...]], BackboneLike]]] = {
     "r2d50": BackboneSpec(64, True, _stages((3, 4, 6, 3), (64, 128, 256, 512), (False,) * 4)),
     "r2plus1d101": BackboneSpec(64, True, _stages((3, 4, 23, 3), (64, 128, 256, 512), (False, False, True, True))),
     # For CPU work and tests: R2D topology (no temporal convs), 1 block per stage, 1/8 width, no stem max-pool.
@@ -99,6 +129,7 @@ class Backbone(nn.Module):
     def __init__(self, spec: BackboneSpec, causal_stages: tuple[str, ...] = ()):
         super().__init__()
         self.spec = spec
+        self.level_stages = dict(spec.level_stages)
         stem = [conv_bn(3, spec.stem, (1, 7, 7), (1, 2, 2), (0, 3, 3))]
         if spec.stem_pool:
             stem.append(nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)))
@@ -121,7 +152,14 @@ class Backbone(nn.Module):
         return next(s.out for s in self.spec.stages if s.name == name)
 
 
-def build_backbone(arch: str, causal_stages: tuple[str, ...] = ()) -> Backbone:
+def build_backbone(arch: str, causal_stages: tuple[str, ...] = ()) -> BackboneLike:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
-    return Backbone(ARCHS[arch], causal_stages)
+    entry = ARCHS[arch]
+    return Backbone(entry, causal_stages) if isinstance(entry, BackboneSpec) else entry(causal_stages)
+
+
+def level_stages(arch: str) -> dict[str, str]:
+    """The stages an architecture's motion levels follow (without building it when it is a spec)."""
+    entry = ARCHS[arch]
+    return dict(entry.level_stages) if isinstance(entry, BackboneSpec) else entry(()).level_stages

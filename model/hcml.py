@@ -7,13 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from hcml.model.backbone import build_backbone
+from hcml.model.backbone import build_backbone, level_stages
 from hcml.model.contrastive import future_prediction_loss
 from hcml.model.motion import Fusion, MotionLevel, PrimeMotionBlock, Predictor, resample
 
 LEVELS = ("low", "mid", "high")
-# Motion level → backbone stage it follows.
-LEVEL_STAGE = {"low": "res2", "mid": "res3", "high": "res4"}
 
 
 @dataclass
@@ -45,10 +43,12 @@ class HCML(nn.Module):
         super().__init__()
         self.spec = spec
         # the stages feeding the motion levels see no future frame (supplementary: predict the future)
-        self.backbone = build_backbone(spec.arch, tuple(LEVEL_STAGE.values()) if spec.motion else ())
+        # motion level → the backbone stage it follows (the backbone says; res2/res3/res4 for the paper's nets)
+        self.level_stage = level_stages(spec.arch)
+        self.backbone = build_backbone(spec.arch, tuple(self.level_stage.values()) if spec.motion else ())
         self.motion_enabled = spec.motion
         if spec.motion:
-            chans = {lv: self.backbone.stage_channels(LEVEL_STAGE[lv]) for lv in LEVELS}
+            chans = {lv: self.backbone.stage_channels(self.level_stage[lv]) for lv in LEVELS}
             cm = spec.motion_channels or [max(16, chans[lv] // 4) for lv in LEVELS]
             if len(cm) != 3:
                 raise ValueError(f"motion_channels needs 3 values (low, mid, high), got {cm}")
@@ -75,7 +75,7 @@ class HCML(nn.Module):
             h = bb.stages[name](h)
             if not self.motion_enabled:
                 continue
-            level = next((lv for lv, st in LEVEL_STAGE.items() if st == name), None)
+            level = next((lv for lv, st in self.level_stage.items() if st == name), None)
             if level is None:
                 continue
             if level == "low":
@@ -104,7 +104,7 @@ class HCML(nn.Module):
         if not with_logits:
             if not (with_nce and self.motion_enabled):
                 raise ValueError("nothing to compute: with_logits=False needs the motion module's NCE terms")
-            return self._run(x, True, until=LEVEL_STAGE[LEVELS[-1]])[2]
+            return self._run(x, True, until=self.level_stage[LEVELS[-1]])[2]
         h, _, nce = self._run(x, with_nce and self.motion_enabled)
         pooled = h.mean(dim=(2, 3, 4))
         return {"logits": self.fc(self.dropout(pooled)), **nce}
@@ -112,7 +112,7 @@ class HCML(nn.Module):
     def unused_without_logits(self) -> list[nn.Module]:
         """What the contrastive terms alone cannot reach (frozen in the SSL phase, where DDP would otherwise wait
         for their gradients): the classifier, the stages after the last motion level, and that level's fusion."""
-        last = LEVEL_STAGE[LEVELS[-1]]
+        last = self.level_stage[LEVELS[-1]]
         later = self.backbone.stage_names[self.backbone.stage_names.index(last) + 1:]
         return [self.fc, *(self.backbone.stages[n] for n in later)] + ([self.fusion[LEVELS[-1]]]
                                                                        if self.motion_enabled else [])

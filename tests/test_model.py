@@ -248,3 +248,46 @@ def test_motion_sampling_draws_where_the_target_changes():
     assert (motion == 4).float().mean() > 0.85 and (uniform == 4).float().mean() < 0.35
     both = sample_positions(64, 9, 3, "cpu", g, w)  # without replacement: distinct, position 4 always among them
     assert all(len(set(r)) == 3 for r in both.tolist()) and (both == 4).any(1).float().mean() > 0.95
+
+
+def test_a_backbone_family_that_is_not_a_resnet_spec_plugs_in(monkeypatch):
+    """The written-down interface (model/backbone.BackboneLike) is all HCML needs: a family registered in ARCHS as
+    a builder, with its own stage names and level attachment, trains the full model (logits and the three NCE
+    terms, gradients reaching the stem), and the stages it was asked to make causal are the ones its levels
+    follow."""
+    from torch import nn
+
+    from hcml.model import backbone as bb
+    from hcml.model import build_model
+
+    asked = {}
+
+    class Plain(nn.Module):
+        def __init__(self, causal_stages):
+            super().__init__()
+            asked["causal"] = tuple(causal_stages)
+            self.stem = nn.Conv3d(3, 8, (1, 3, 3), (1, 2, 2), (0, 1, 1))
+            widths = {"s1": 8, "s2": 16, "s3": 16, "s4": 24}
+            self.stages, cin = nn.ModuleDict(), 8
+            for i, (name, w) in enumerate(widths.items()):
+                stride = (1, 1, 1) if i == 0 else (2, 2, 2)
+                self.stages[name] = nn.Sequential(nn.Conv3d(cin, w, (1, 3, 3), stride, (0, 1, 1)), nn.ReLU())
+                cin = w
+            self.widths, self.out_channels = widths, cin
+            self.level_stages = {"low": "s1", "mid": "s2", "high": "s3"}
+
+        @property
+        def stage_names(self):
+            return list(self.stages)
+
+        def stage_channels(self, name):
+            return self.widths[name]
+
+    monkeypatch.setitem(bb.ARCHS, "plain", Plain)
+    model = build_model("plain", 5, max_displacement=2, nce_samples=4)
+    assert asked["causal"] == ("s1", "s2", "s3")
+    out = model(torch.randn(2, 3, 8, 32, 32))
+    assert out["logits"].shape == (2, 5)
+    assert set(out) == {"logits", "nce_low", "nce_mid", "nce_high"}
+    sum(v.sum() for v in out.values()).backward()
+    assert model.backbone.stem.weight.grad.abs().sum() > 0
