@@ -56,7 +56,8 @@ def test_causal_padding_is_only_for_models_with_the_motion_module():
 
     with_motion, without = build_model("r2plus1d101", 5), build_model("r2plus1d101", 5, motion=False)
     causal = [n for n, mod in with_motion.backbone.named_modules() if isinstance(mod, CausalTimeConv3d)]
-    assert causal and all(n.startswith("stages.res4") for n in causal)
+    assert causal
+    assert all(n.startswith("stages.res4") for n in causal)
     assert not any(isinstance(mod, CausalTimeConv3d) for mod in without.backbone.modules())
     assert {k: v.shape for k, v in with_motion.backbone.state_dict().items()} == \
         {k: v.shape for k, v in without.backbone.state_dict().items()}

@@ -26,16 +26,19 @@ def test_help_lists_the_subcommands():
 def test_info_json_and_text():
     r = hcml("info", "--arch", "r2d50", "--frames", "16", "--json")
     s = json.loads(r.stdout)
-    assert s["stages"]["res5"] == [2048, 4, 7, 7] and s["params"]["total"] > 25e6
+    assert s["stages"]["res5"] == [2048, 4, 7, 7]
+    assert s["params"]["total"] > 25e6
     t = hcml("info", "--arch", "tiny", "--frames", "8", "--classes", "12", "--no-motion").stdout
-    assert "GMACs per clip" in t and "motion 0" in t
+    assert "GMACs per clip" in t
+    assert "motion 0" in t
 
 
 def test_bench_op_cpu_reports_all_implementations():
     r = hcml("bench", "op", "--shape", "2,8,12,12", "--iters", "2", "--device", "cpu", "--json")
     res = json.loads(r.stdout)
     assert {"hcml", "reference"} <= set(res["impls"])
-    assert res["impls"]["hcml"]["forward"]["median_s"] > 0 and "speedup_fwd_bwd_vs_reference" in res
+    assert res["impls"]["hcml"]["forward"]["median_s"] > 0
+    assert "speedup_fwd_bwd_vs_reference" in res
 
 
 def test_bench_model_cpu_compare_and_profile():
@@ -48,11 +51,14 @@ def test_bench_model_cpu_compare_and_profile():
     names = [v["name"] for v in res["runs"]]
     assert names == ["HCML eager fp32", "HCML eager bf16 channels_last", "HCML compiled bf16 channels_last",
                      "backbone only, compiled bf16 channels_last"]
-    assert all(v["clips_per_s"] > 0 for v in res["runs"]) and not res["runs"][3]["motion"]
+    assert all(v["clips_per_s"] > 0 for v in res["runs"])
+    assert not res["runs"][3]["motion"]
     rate = {v["name"]: v["clips_per_s"] for v in res["runs"]}
     assert res["ratios"]["hcml_vs_backbone_only"] == pytest.approx(rate[names[2]] / rate[names[3]])
     top = res["profile"]["top"]
-    assert res["profile"]["variant"] == names[2] and top and sum(k["share"] for k in top) <= 1.0 + 1e-9
+    assert res["profile"]["variant"] == names[2]
+    assert top
+    assert sum(k["share"] for k in top) <= 1.0 + 1e-9
 
 
 
@@ -61,8 +67,10 @@ def test_bench_train_steady_state_cpu(tiny_dataset):
     r = hcml("bench", "train", "--data", str(tiny_dataset), "--config", "demo", "--steps", "4", "--json", *SMALL_DATA)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
-    assert res["mode"] == "overlapped steady state" and "stages" not in res
-    assert res["clips_per_s"] == pytest.approx(2 * 4 / res["wall_s"]) and 0 <= res["data_wait_fraction"] <= 1
+    assert res["mode"] == "overlapped steady state"
+    assert "stages" not in res
+    assert res["clips_per_s"] == pytest.approx(2 * 4 / res["wall_s"])
+    assert 0 <= res["data_wait_fraction"] <= 1
 
 
 def test_bench_train_breakdown_cpu(tiny_dataset, tmp_path):
@@ -72,9 +80,11 @@ def test_bench_train_breakdown_cpu(tiny_dataset, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert set(res["stages_median_s"]) == {"data_wait", "forward", "backward", "optimizer"}
-    assert res["bottleneck"] in res["stages_median_s"] and 0 <= res["data_wait_fraction"] <= 1
+    assert res["bottleneck"] in res["stages_median_s"]
+    assert 0 <= res["data_wait_fraction"] <= 1
     f = res["stages"]["forward"]
-    assert f["min_s"] <= f["median_s"] <= f["max_s"] and f["iters"] >= 1
+    assert f["min_s"] <= f["median_s"] <= f["max_s"]
+    assert f["iters"] >= 1
     events = json.loads(trace.read_text())["traceEvents"]
     assert any("convolution" in e.get("name", "") for e in events)
 
@@ -90,22 +100,29 @@ def test_bench_pipeline_dali_vs_pyav_cpu(tiny_dataset):
     assert {"dali", "pyav", "file+decoder", "experimental x2"} <= set(loaders)
     for name in ("dali", "pyav", "experimental x2"):
         r_ = loaders[name]
-        assert r_["timed_batches"] == 15 and r_["clips"] == 30 and r_["batch"]["iters"] == 15, name
+        assert r_["timed_batches"] == 15, name
+        assert r_["clips"] == 30, name
+        assert r_["batch"]["iters"] == 15, name
         assert r_["clips_per_s"] == pytest.approx(r_["clips"] / r_["seconds"])
     assert res["speedup_dali_vs_pyav"] == pytest.approx(loaders["dali"]["clips_per_s"] / loaders["pyav"]["clips_per_s"])
 
 
 def test_bench_pipeline_refuses_too_few_batches_and_oversized_batches(tiny_dataset):
     r = hcml("bench", "pipeline", "--data", str(tiny_dataset), "--config", "demo", "--batches", "2", *SMALL_DATA)
-    assert r.returncode == 2 and "at least 10" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2
+    assert "at least 10" in r.stderr
+    assert "Traceback" not in r.stderr
     r = hcml("bench", "pipeline", "--data", str(tiny_dataset), "--config", "demo", *SMALL_DATA, "data.batch_size=64")
-    assert r.returncode == 2 and "data.batch_size=64" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2
+    assert "data.batch_size=64" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_bench_op_default_shape_fits_the_cpu():
     r = hcml("bench", "op", "--device", "cpu", "--iters", "1", "--json")
     res = json.loads(r.stdout)
-    assert res["shape"] == [8, 64, 28, 28] and "hcml" in res["impls"]
+    assert res["shape"] == [8, 64, 28, 28]
+    assert "hcml" in res["impls"]
 
 
 def test_bench_op_sweep_reads_the_shapes_off_the_models():
@@ -227,5 +244,7 @@ def test_demo_recipes_split_the_same_step_total():
 
     demo, ssl, joint = (load_config(resolve_recipe(n)) for n in ("demo", "demo_ssl", "demo_joint"))
     assert ssl.optim.epochs + joint.optim.epochs == demo.optim.epochs
-    assert ssl.train.phase == "ssl" and joint.train.phase == "joint" == demo.train.phase
-    assert ssl.data == demo.data == joint.data and ssl.model == demo.model == joint.model
+    assert ssl.train.phase == "ssl"
+    assert joint.train.phase == "joint" == demo.train.phase
+    assert ssl.data == demo.data == joint.data
+    assert ssl.model == demo.model == joint.model

@@ -89,8 +89,10 @@ def test_a_mistake_is_one_line_exit_2_and_leaves_nothing(world, tmp_path, capfd,
     err = capfd.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 2, (rc, err[-2000:])
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    assert re.match(r"hcml( [a-z]+)*: error: ", lines[0]) and re.search(expect, lines[0]), lines[0]
+    assert len(lines) == 1, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert re.match(r"hcml( [a-z]+)*: error: ", lines[0]), lines[0]
+    assert re.search(expect, lines[0]), lines[0]
     if absent:
         assert not Path(absent.format(**values)).exists()
 
@@ -100,7 +102,8 @@ def test_the_installed_entry_point_prints_one_line_too(world, tmp_path):
     for argv in (["synth", "--out", str(tmp_path / "s"), "--per-class", "0"],
                  ["eval", "--checkpoint", str(world["run"] / "checkpoints")]):
         res = subprocess.run([PY, "-m", "hcml", *argv], env=run_env(), capture_output=True, text=True, timeout=120)
-        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
 
 
 def test_version_and_bare_command_print_usage():
@@ -109,9 +112,12 @@ def test_version_and_bare_command_print_usage():
     for argv, out in ((["--version"], f"hcml {__version__}"), ([], "usage: hcml"), (["bench"], None)):
         res = subprocess.run([PY, "-m", "hcml", *argv], capture_output=True, text=True, timeout=60)
         if out is None:  # a command group without its target: one line naming the choices
-            assert res.returncode == 2 and "required: what" in res.stderr and len(res.stderr.splitlines()) == 1
+            assert res.returncode == 2
+            assert "required: what" in res.stderr
+            assert len(res.stderr.splitlines()) == 1
         else:
-            assert res.returncode == 0 and out in res.stdout, res
+            assert res.returncode == 0, res
+            assert out in res.stdout, res
 
 
 def test_a_quick_demo_says_it_is_a_smoke_test():
@@ -155,8 +161,10 @@ def test_files_honour_the_umask_and_a_second_user_reads_them(tiny_dataset):
         finally:
             os.umask(old)
         files = [p for p in shared.rglob("*") if p.is_file() and not p.name.startswith(".hcml-lock")]
-        assert any(p.suffix == ".pt" for p in files) and any(p.name == "train.txt" for p in files)
-        assert (shared / "prepared/report.json").is_file() and list((shared / "prepared/videos").rglob("*.webm"))
+        assert any(p.suffix == ".pt" for p in files)
+        assert any(p.name == "train.txt" for p in files)
+        assert (shared / "prepared/report.json").is_file()
+        assert list((shared / "prepared/videos").rglob("*.webm"))
         dirs = {str(p): oct(p.stat().st_mode & 0o777) for p in shared.rglob("*") if p.is_dir()
                 and p.stat().st_mode & 0o777 != 0o755}
         assert not dirs, dirs

@@ -23,9 +23,13 @@ def test_defaults_recipe_and_overrides(tmp_path):
     cfg = load_config(child, ["train.max_steps=5", "data.short_side=[300, 330]", "optim.lr_per_gpu=1",
                               "optim.weight_decay=1e-5"])
     assert cfg.optim.weight_decay == 1e-5
-    assert cfg.model.arch == "tiny" and cfg.data.frames == 8 and cfg.data.batch_size == 4
-    assert cfg.train.max_steps == 5 and cfg.data.short_side == [300, 330]
-    assert cfg.optim.lr_per_gpu == 1.0 and isinstance(cfg.optim.lr_per_gpu, float)
+    assert cfg.model.arch == "tiny"
+    assert cfg.data.frames == 8
+    assert cfg.data.batch_size == 4
+    assert cfg.train.max_steps == 5
+    assert cfg.data.short_side == [300, 330]
+    assert cfg.optim.lr_per_gpu == 1.0
+    assert isinstance(cfg.optim.lr_per_gpu, float)
     assert cfg.optim.momentum == 0.9  # untouched default
 
 
@@ -68,7 +72,8 @@ def test_all_shipped_recipes_load():
     from hcml.launch.config import recipe_dir, resolve_recipe
 
     recipes = sorted((REPO / "configs").glob("*.yaml"))
-    assert len(recipes) >= 8 and recipe_dir().samefile(REPO / "configs")
+    assert len(recipes) >= 8
+    assert recipe_dir().samefile(REPO / "configs")
     blanks = {"ucf101_r2d50_finetune": ["model.init_from=/runs/k400/ckpt_00000001.pt"]}  # left for the user
     for r in recipes:
         ov = blanks.get(r.stem, [])
@@ -94,7 +99,8 @@ def test_cli_rejects_bad_config_before_any_process_starts(tmp_path):
                           "data.frams=8"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 2
     assert "unknown key 'data.frams'" in res.stderr
-    assert "torch.distributed" not in res.stderr and "rank" not in res.stdout.lower()
+    assert "torch.distributed" not in res.stderr
+    assert "rank" not in res.stdout.lower()
 
 
 def test_phase_is_a_typed_value(tmp_path):

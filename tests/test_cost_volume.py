@@ -144,7 +144,8 @@ def test_compile_fullgraph_zero_graph_breaks():
     m = M()
     a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     explanation = torch._dynamo.explain(m)(a, b)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
     graphs = []
 
     def backend(gm, example_inputs):
@@ -178,12 +179,15 @@ def test_static_kernel_report_every_kernel_within_budget():
         names = {r["name"].split("(")[0].removeprefix("void hcml::nhwc::") for r in rows if r["arch"] == arch}
         assert names == set(launch_configs()), names  # what is compiled is what the launches know
     for r in rows:
-        assert r["sass"] is not None and r["sass"]["FFMA"] > 0, r["name"]  # real SASS was read
+        assert r["sass"] is not None, r["name"]
+        assert r["sass"]["FFMA"] > 0, r["name"]  # real SASS was read
         assert r["spill_bytes"] == 0, (r["name"], r["arch"], r["spill_bytes"])
         assert r["blocks_per_sm"] >= 2, (r["name"], r["arch"], r["registers"], r["smem_bytes"])
         if "_fast<" in r["name"]:
-            assert r["sass"]["LDG.E.128"] > 0 and r["sass"]["STG.E.128"] > 0, r["name"]
-            assert r["sass"]["LDL"] == 0 and r["sass"]["STL"] == 0, r["name"]
+            assert r["sass"]["LDG.E.128"] > 0, r["name"]
+            assert r["sass"]["STG.E.128"] > 0, r["name"]
+            assert r["sass"]["LDL"] == 0, r["name"]
+            assert r["sass"]["STL"] == 0, r["name"]
     assert all(r["within_budget"] for r in rows)
     # launch shared memory by hand, bf16 at D = 7, s = 2. Forward: 16-channel chunks (32 bytes) of the f2 window
     # (8 + 12 rows of 40 floats) and the f1 tile (8 rows of 40 floats). Backward: 8-channel chunks of both windows
@@ -201,10 +205,12 @@ def test_static_kernel_report_every_kernel_within_budget():
     # the roofline of the example: (128, 64, 56, 56) bf16, D = 7: (2·N·64 + 49·N)·2 bytes, 98·N·64 flops
     r = roofline((128, 64, 56, 56), 7, 2)
     n = 128 * 56 * 56
-    assert r["bytes"] == (2 * n * 64 + 49 * n) * 2 and r["flops"] == 98 * n * 64
+    assert r["bytes"] == (2 * n * 64 + 49 * n) * 2
+    assert r["flops"] == 98 * n * 64
     assert r["cards"]["H100"]["memory_us"] == pytest.approx(r["bytes"] / 3350e9 * 1e6)
     text = show(rep)
-    assert "0 of 24 kernel builds over the budget" in text and "roofline bf16 forward" in text
+    assert "0 of 24 kernel builds over the budget" in text
+    assert "roofline bf16 forward" in text
 
 
 def test_kernel_buffers_in_place_or_one_padded_copy():
@@ -233,7 +239,8 @@ def test_kernel_buffers_in_place_or_one_padded_copy():
         assert _cuda.COPIES["f1"] == int(copied), name
         v = 16 // t.element_size()
         B, C, H, W = t.shape
-        assert buf.shape == (B, H, W, -(-C // v) * v) and buf.is_contiguous(), name
+        assert buf.shape == (B, H, W, -(-C // v) * v), name
+        assert buf.is_contiguous(), name
         assert buf.data_ptr() % 16 == 0, name
         for b in range(B):  # the same values, pixel by pixel, and zeros in the padding
             for y in range(H):
@@ -299,7 +306,8 @@ def test_nhwc_cuda_kernels_run_correctly_in_cpu_emulation(tmp_path):
         pytest.skip(f"this g++ lacks C++20 <barrier>: {res.stderr[-300:]}")
     assert res.returncode == 0, res.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:]
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert "all passed" in run.stdout, run.stdout[-4000:]
     assert run.stdout.count(" ok\n") == 24
     assert "fast " in run.stdout
     assert "generic " in run.stdout

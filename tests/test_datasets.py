@@ -46,10 +46,13 @@ def test_k400_from_the_cvdf_downloader_uses_replacement_clips(tmp_path):
     root = k400_cvdf(tmp_path / "k400")
     report = prepare("k400", root, tmp_path / "out", reencode_to="vp9", frames=4, stride=2, workers=2,
                      progress=False)
-    assert report["usable"] == {"train": 5, "val": 1} and report["excluded"] == []
-    assert report["replaced"] == 2 and "2 from published replacements" in (tmp_path / "out/report.txt").read_text()
+    assert report["usable"] == {"train": 5, "val": 1}
+    assert report["excluded"] == []
+    assert report["replaced"] == 2
+    assert "2 from published replacements" in (tmp_path / "out/report.txt").read_text()
     ds = load_prepared(tmp_path / "out")
-    assert ds.classes == ["abseiling", "bowling"] and [s.label for s in ds.train] == [0, 1, 1, 0, 1]
+    assert ds.classes == ["abseiling", "bowling"]
+    assert [s.label for s in ds.train] == [0, 1, 1, 0, 1]
     for s in ds.train + ds.val:
         assert decoded_indices(Path(s.path)) == list(range(24))  # the B-frame MP4s, frame for frame
     assert "test" not in (tmp_path / "out/train.txt").read_text()
@@ -65,7 +68,8 @@ def test_k400_as_mmaction2_and_opendatalab_copies_with_validate_csv(tmp_path):
     write("webm", root / "videos_train/bowling/bbb_000000_000010.webm", 20)
     write("webm", root / "videos_val/bowling/ccc_000003_000013.webm", 20)
     ds = load_source("k400", root)
-    assert [Path(p).parent.name for p, _ in ds.train] == ["abseiling", "bowling"] and ds.val[0][1] == 1
+    assert [Path(p).parent.name for p, _ in ds.train] == ["abseiling", "bowling"]
+    assert ds.val[0][1] == 1
     assert ds.missing == []
 
 
@@ -95,7 +99,8 @@ def test_lists_as_pyslowfast_and_mmaction2_read_them(tmp_path):
     report = prepare("lists", root, tmp_path / "out", opts=opts, reencode_to="vp9", frames=4, progress=False)
     assert report["usable"] == {"train": 2, "val": 1}
     ds = load_prepared(tmp_path / "out")
-    assert ds.classes == ["pushing left", "pushing right"] and ds.flip_pairs == [[0, 1]]
+    assert ds.classes == ["pushing left", "pushing right"]
+    assert ds.flip_pairs == [[0, 1]]
     assert all(Path(s.path).is_file() and Path(s.path).is_relative_to(tmp_path / "out") for s in ds.train)
     (root / "bad.txt").write_text("videos/a.webm zero\n")
     with pytest.raises(DatasetError, match=r"bad.txt:1: expected 'path label'"):
@@ -122,7 +127,9 @@ def test_ssv2_under_the_20bn_file_names(tmp_path, where):
     for i in ("1", "2"):
         write("webm", tmp_path / f"20bn-something-something-v2/{i}.webm", 20)
     ds = load_source("ssv2", tmp_path)
-    assert [lab for _, lab in ds.train] == [0] and [lab for _, lab in ds.val] == [1] and ds.flip_pairs == [[0, 1]]
+    assert [lab for _, lab in ds.train] == [0]
+    assert [lab for _, lab in ds.val] == [1]
+    assert ds.flip_pairs == [[0, 1]]
 
 
 def test_ssv2_missing_labels_names_every_accepted_name(tmp_path):
@@ -144,7 +151,8 @@ def test_relative_root_tilde_and_symlinked_split_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "home")
     out = prepare("k400", "k400", "prepared", frames=4, progress=False)  # relative, kept as is
     ds = load_prepared(tmp_path / "home/prepared")
-    assert out["usable"] == {"train": 2, "val": 1} and all(Path(s.path).is_file() for s in ds.train)
+    assert out["usable"] == {"train": 2, "val": 1}
+    assert all(Path(s.path).is_file() for s in ds.train)
     assert all(Path(line.split()[0]).is_absolute() for line in (tmp_path / "home/prepared/train.txt").read_text()
                .splitlines())
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -214,7 +222,8 @@ def test_killed_prepare_continues_and_equals_an_uninterrupted_run(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("v*.webm")}
-    assert 3 <= len(done) < 10 and not (tmp_path / "a/train.txt").exists()
+    assert 3 <= len(done) < 10
+    assert not (tmp_path / "a/train.txt").exists()
     assert subprocess.run([*cmd, "--out", str(tmp_path / "a")], env=run_env(), capture_output=True).returncode == 0
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished videos were not redone
     assert not list((tmp_path / "a").rglob(".tmp-*"))  # the killed half-file is gone or replaced

@@ -126,5 +126,7 @@ def test_probe_rejects_timestamps_a_frame_indexed_reader_cannot_use(tmp_path):
         for pkt in st.encode():
             out.mux(pkt)
     pr = probe_video(path)
-    assert not pr.ok and pr.reason == "bad timestamps" and "share a timestamp" in pr.detail
+    assert not pr.ok
+    assert pr.reason == "bad timestamps"
+    assert "share a timestamp" in pr.detail
     assert probe_video(path, timestamps="any").ok  # as a source to re-encode it is fine (decode order is kept)

@@ -45,6 +45,8 @@ def test_a_built_wheel_in_a_fresh_virtualenv_finds_the_recipes(tmp_path):
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     pkg, recipe, summary, sources = r.stdout.strip().splitlines()
-    assert pkg.startswith(site) and recipe.startswith(site) and recipe.endswith("k400_r2d50_joint.yaml")
+    assert pkg.startswith(site)
+    assert recipe.startswith(site)
+    assert recipe.endswith("k400_r2d50_joint.yaml")
     assert summary == "r2d50 joint 16"  # base: inheritance resolved inside the installed package
     assert sources == "True"

@@ -39,8 +39,12 @@ def test_slurm_script_is_valid_bash_and_requeues():
     script = LAUNCH / "slurm" / "train.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    assert "#SBATCH --requeue" in text and "--signal=B:USR1" in text and "--resume auto" in text
-    assert "hcml train" in text and "--rdzv-endpoint" in text and "torchrun" not in text.split("set -euo")[1]
+    assert "#SBATCH --requeue" in text
+    assert "--signal=B:USR1" in text
+    assert "--resume auto" in text
+    assert "hcml train" in text
+    assert "--rdzv-endpoint" in text
+    assert "torchrun" not in text.split("set -euo")[1]
     assert "#SBATCH --output=hcml-" in text  # no folder that would have to exist before the job starts
 
 
@@ -77,7 +81,8 @@ def test_slurm_preemption_path_checkpoints_and_requeues(tiny_dataset, tmp_path):
     os.kill(proc.pid, signal.SIGUSR1)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]
-    assert "checkpoint written at step" in out and (tmp_path / "shim/requeued").read_text() == "requeue 4242\n"
+    assert "checkpoint written at step" in out
+    assert (tmp_path / "shim/requeued").read_text() == "requeue 4242\n"
     assert json.loads((run / "summary.json").read_text())["stopped_by_signal"] == signal.SIGUSR1
     targets = json.loads((run / "prometheus_targets.json").read_text())
     assert targets[0]["targets"] == ["127.0.0.1:9400", "127.0.0.1:9401"]
@@ -88,7 +93,9 @@ def test_pytorchjob_manifest():
     job = next(d for d in docs if d["kind"] == "PyTorchJob")
     pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     cmd = " ".join(pod["containers"][0]["command"])
-    assert "exec hcml train" in cmd and "--resume auto" in cmd and "--nproc-per-node 8" in cmd
+    assert "exec hcml train" in cmd
+    assert "--resume auto" in cmd
+    assert "--nproc-per-node 8" in cmd
     cfg = cmd.split("--config ")[1].split()[0]
     assert (REPO / "configs" / f"{cfg}.yaml").is_file()
     # every local rank's exporter is declared and scraped
@@ -113,7 +120,8 @@ def test_grafana_dashboard_is_drawn_from_the_metric_registry_and_uses_only_expor
     for p in dash["panels"]:
         for t in p["targets"]:
             used |= {m.removesuffix("_bucket") for m in re.findall(r"hcml_[a-z_]+", t["expr"])}
-    assert used and used <= names, used - names
+    assert used, used - names
+    assert used <= names, used - names
 
 
 def test_device_check_is_valid_bash_and_stages_payload_parts(tmp_path):
@@ -125,4 +133,5 @@ def test_device_check_is_valid_bash_and_stages_payload_parts(tmp_path):
     (part / "dali.tar.xz.part00").write_bytes(b"x")
     env = {**os.environ, "HCML_PARTS": str(tmp_path / "parts")}
     r = subprocess.run(["bash", str(script), "stage", str(part)], capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and (tmp_path / "parts" / "dali.tar.xz.part00").is_file()
+    assert r.returncode == 0
+    assert (tmp_path / "parts" / "dali.tar.xz.part00").is_file()

@@ -44,7 +44,8 @@ def test_exporter_port_in_use_is_reported_or_skipped():
         msgs = []
         exp = PrometheusExporter(taken, 0, next_free=True, log=msgs.append)
         try:
-            assert exp.port != taken and f"serving Prometheus metrics on {exp.port}" in msgs[0]
+            assert exp.port != taken
+            assert f"serving Prometheus metrics on {exp.port}" in msgs[0]
         finally:
             exp.close()
 

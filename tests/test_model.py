@@ -92,7 +92,8 @@ def test_forward_outputs_and_baseline_switch():
     base = build_model("tiny", 5, motion=False)
     assert set(base(x)) == {"logits"}
     feats = build_model("tiny", 5).motion_features(x)
-    assert set(feats) == {"low", "mid", "high"} and feats["low"].shape[2] == 8
+    assert set(feats) == {"low", "mid", "high"}
+    assert feats["low"].shape[2] == 8
 
 
 def test_untrained_motion_module_is_identity_on_the_backbone():
@@ -162,7 +163,9 @@ def naive_info_nce(pred, target, tau, negatives="all"):
                 easy = [target[c, m, s] for c in range(B) if c != b for m in range(N) for s in range(Tg)]
                 negs = {"all": spatial + temporal + easy, "video": spatial + temporal, "temporal": temporal}[negatives]
                 # the paper's counts (supplementary §3.3) at a level with Tg time steps
-                assert len(spatial) == (N - 1) * Tg and len(temporal) == Tg - 1 and len(easy) == (B - 1) * N * Tg
+                assert len(spatial) == (N - 1) * Tg
+                assert len(temporal) == Tg - 1
+                assert len(easy) == (B - 1) * N * Tg
                 logits = torch.stack([p @ pos] + [p @ F.normalize(x, dim=0) for x in negs]) / tau
                 losses.append(-torch.log_softmax(logits, 0)[0])
     return torch.stack(losses).mean()
@@ -186,7 +189,8 @@ def test_future_prediction_aligns_t_with_t_plus_1():
     lagging = target  # pred[t] = target[t]
     lp = future_prediction_loss(perfect, target, 8, 0.1, torch.Generator().manual_seed(1))
     ll = future_prediction_loss(lagging, target, 8, 0.1, torch.Generator().manual_seed(1))
-    assert lp < 0.1 and ll > 5.0  # the present (what a lagging predictor outputs) is a negative
+    assert lp < 0.1
+    assert ll > 5.0  # the present (what a lagging predictor outputs) is a negative
 
 
 def test_gather_positions_layout():
@@ -245,9 +249,11 @@ def test_motion_sampling_draws_where_the_target_changes():
     g = torch.Generator().manual_seed(0)
     motion = sample_positions(64, 9, 1, "cpu", g, w)
     uniform = sample_positions(64, 9, 1, "cpu", g)
-    assert (motion == 4).float().mean() > 0.85 and (uniform == 4).float().mean() < 0.35
+    assert (motion == 4).float().mean() > 0.85
+    assert (uniform == 4).float().mean() < 0.35
     both = sample_positions(64, 9, 3, "cpu", g, w)  # without replacement: distinct, position 4 always among them
-    assert all(len(set(r)) == 3 for r in both.tolist()) and (both == 4).any(1).float().mean() > 0.95
+    assert all(len(set(r)) == 3 for r in both.tolist())
+    assert (both == 4).any(1).float().mean() > 0.95
 
 
 def test_a_backbone_family_that_is_not_a_resnet_spec_plugs_in(monkeypatch):

@@ -29,10 +29,14 @@ def test_train_clip_shape_dtype_and_range(tiny_dataset, tmp_path):
     batches = list(tl.epoch(0))
     assert len(batches) == tl.steps_per_epoch
     x, y = batches[0]
-    assert x.shape == (4, 3, 8, 48, 48) and x.dtype == torch.float32
+    assert x.shape == (4, 3, 8, 48, 48)
+    assert x.dtype == torch.float32
     # normalised with mean .5, std .25: pixel range [0, 255] maps to [-2, 2]
-    assert x.min() >= -2.01 and x.max() <= 2.01 and x.std() > 0.1
-    assert y.dtype == torch.long and set(y.tolist()) <= {0, 1, 2, 3}
+    assert x.min() >= -2.01
+    assert x.max() <= 2.01
+    assert x.std() > 0.1
+    assert y.dtype == torch.long
+    assert set(y.tolist()) <= {0, 1, 2, 3}
 
 
 def test_same_random_crop_for_all_frames_of_a_clip(tmp_path):
@@ -87,7 +91,9 @@ def test_shard_rows_partition():
 
 def test_temporal_jitter_is_seeded_and_in_range():
     starts = [clip_start(0, 1, i, 100, 15) for i in range(200)]
-    assert min(starts) >= 0 and max(starts) <= 85 and len(set(starts)) > 30
+    assert min(starts) >= 0
+    assert max(starts) <= 85
+    assert len(set(starts)) > 30
     assert starts == [clip_start(0, 1, i, 100, 15) for i in range(200)]
     assert clip_start(0, 1, 0, 10, 15) == 0  # shorter than the span: start at 0, edge-padded
 
@@ -98,7 +104,8 @@ def test_train_list_is_the_same_on_every_rank_and_differs_per_epoch(tmp_path):
     write_train_list(tmp_path / "b", samples, SPEC, seed=0, epoch=0)
     write_train_list(tmp_path / "c", samples, SPEC, seed=0, epoch=1)
     a = (tmp_path / "a").read_text()
-    assert a == (tmp_path / "b").read_text() and a != (tmp_path / "c").read_text()
+    assert a == (tmp_path / "b").read_text()
+    assert a != (tmp_path / "c").read_text()
     for line in a.splitlines():
         _, _, s, e = line.split()
         assert int(e) - int(s) == SPEC.span  # [start, end): DALI reads the end as exclusive
@@ -106,7 +113,8 @@ def test_train_list_is_the_same_on_every_rank_and_differs_per_epoch(tmp_path):
 
 def test_eval_views_uniform_and_multiview_count(tiny_dataset, tmp_path):
     views = eval_views(100, spec(eval_clips=4))
-    assert [v[0] for v in views] == [0, 28, 57, 85] and all(e - s == 15 for s, e in views)
+    assert [v[0] for v in views] == [0, 28, 57, 85]
+    assert all(e - s == 15 for s, e in views)
     ds = load_prepared(tiny_dataset)
     rows = []
     for rank in range(2):
@@ -142,7 +150,8 @@ def test_mid_epoch_resume_is_bit_exact(tiny_dataset, tmp_path):
     for _ in range(2):
         next(it)
     state = tl.state()
-    assert state["position"] == 2 and state["dali"]
+    assert state["position"] == 2
+    assert state["dali"]
     tl2 = TrainLoader(ds.train, SPEC, work_dir=tmp_path / "c", seed=5)
     rest = [x for x, _ in tl2.epoch(0, state)]
     assert len(rest) == len(ref_batches) - 2
@@ -160,7 +169,8 @@ def test_gpu_pipeline_decodes_h264_on_the_gpu(tmp_path):
     ds = load_prepared(d)
     tl = TrainLoader(ds.train, spec(device="gpu", threads=2), work_dir=tmp_path / "w", device_id=0)
     x, y = next(iter(tl.epoch(0)))
-    assert x.is_cuda and x.shape == (4, 3, 8, 48, 48)
+    assert x.is_cuda
+    assert x.shape == (4, 3, 8, 48, 48)
 
 
 def test_crops_are_exact_windows_when_no_scaling_is_needed(tmp_path):
@@ -185,7 +195,8 @@ def test_crops_are_exact_windows_when_no_scaling_is_needed(tmp_path):
     for crop, x0 in zip(crops, (0, 28, 56)):
         err = {dx: np.median(np.abs(crop - src[4:44, x0 + dx:x0 + dx + 40])) for dx in (-8, 0, 8)
                if 0 <= x0 + dx <= 56}
-        assert err[0] <= 4 and all(e > 20 for dx, e in err.items() if dx), (x0, err)
+        assert err[0] <= 4, (x0, err)
+        assert all(e > 20 for dx, e in err.items() if dx), (x0, err)
 
 
 def test_flip_swap_takes_the_pairs_from_the_prepared_dataset(tiny_dataset, tmp_path):
@@ -204,7 +215,8 @@ def test_flip_swap_takes_the_pairs_from_the_prepared_dataset(tiny_dataset, tmp_p
     x, y = next(tl.epoch(0))
     order = epoch_order(len(ds.train), 0, 0)
     true = torch.tensor([ds.train[i].label for i in order[:24]])
-    assert (y != true).any() and torch.all((y != true) <= ((true == 0) | (true == 1)))
+    assert (y != true).any()
+    assert torch.all((y != true) <= ((true == 0) | (true == 1)))
 
 
 def test_several_reader_pipelines_keep_exact_once_and_bit_exact_resume(tiny_dataset, tmp_path):
@@ -225,9 +237,11 @@ def test_several_reader_pipelines_keep_exact_once_and_bit_exact_resume(tiny_data
     for _ in range(3):  # an odd count: the next batch comes from the second pipeline
         next(it)
     state = tl.state()
-    assert state["position"] == 3 and len(state["dali"]) == 2
+    assert state["position"] == 3
+    assert len(state["dali"]) == 2
     rest = [x for x, _ in TrainLoader(ds.train, two, work_dir=tmp_path / "c", seed=5).epoch(0, state)]
-    assert len(rest) == len(ref) - 3 and all(torch.equal(a, b) for a, b in zip(rest, ref[3:]))
+    assert len(rest) == len(ref) - 3
+    assert all(torch.equal(a, b) for a, b in zip(rest, ref[3:]))
     with pytest.raises(Exception, match="data.readers"):
         next(TrainLoader(ds.train, SPEC, work_dir=tmp_path / "d", seed=5).epoch(0, state))
 
@@ -259,11 +273,14 @@ def test_unreadable_videos_are_skipped_exact_once_on_every_rank(broken_dataset, 
         tl = TrainLoader(broken_dataset, SPEC, work_dir=tmp_path / str(rank), rank=rank, world=2,
                          on_skip=lambda *a: reports.append(a))
         batches = [y.tolist() for _, y in tl.epoch(0)]
-        assert len(batches) == 2 and tl.finished
+        assert len(batches) == 2
+        assert tl.finished
         seen += [v for b in batches for v in b]
-    assert len(seen) == len(set(seen)) == 16 and not {5, 17} & set(seen)
+    assert len(seen) == len(set(seen)) == 16
+    assert not {5, 17} & set(seen)
     assert [(e, n) for e, n, _ in reports] == [(0, 2), (0, 2)]
-    assert any(p.endswith("05.webm") for p in reports[0][2]) and any(p.endswith("17.webm") for p in reports[0][2])
+    assert any(p.endswith("05.webm") for p in reports[0][2])
+    assert any(p.endswith("17.webm") for p in reports[0][2])
 
 
 def test_resume_with_an_unreadable_video_is_bit_exact(broken_dataset, tmp_path):
@@ -275,7 +292,8 @@ def test_resume_with_an_unreadable_video_is_bit_exact(broken_dataset, tmp_path):
     for _ in range(4):
         next(it)
     rest = [x for x, _ in TrainLoader(broken_dataset, one, work_dir=tmp_path / "c", seed=5).epoch(0, tl.state())]
-    assert len(rest) == 3 and all(torch.equal(a, b) for a, b in zip(rest, ref[4:]))
+    assert len(rest) == 3
+    assert all(torch.equal(a, b) for a, b in zip(rest, ref[4:]))
 
 
 def test_eval_leaves_out_unreadable_videos_and_counts_them(broken_dataset, tmp_path):
@@ -290,4 +308,6 @@ def test_eval_leaves_out_unreadable_videos_and_counts_them(broken_dataset, tmp_p
     samples = broken_dataset[:8]
     el = EvalLoader(samples, spec(eval_clips=2, eval_crops=1), work_dir=tmp_path)
     res = evaluate(Constant(), el, samples, 24, DistInfo(), Precision(None, False, False))
-    assert res["videos"] == 7 and res["skipped"] == 1 and el.dropped[0].endswith("05.webm")
+    assert res["videos"] == 7
+    assert res["skipped"] == 1
+    assert el.dropped[0].endswith("05.webm")

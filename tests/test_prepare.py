@@ -62,7 +62,8 @@ def test_ssv2_adapter_and_flip_pairs(tmp_path):
     for i in (1, 2, 3):
         clip(tmp_path / f"20bn-something-something-v2/{i}.webm")
     ds = load_source("ssv2", tmp_path)
-    assert [lab for _, lab in ds.train] == [0, 2] and [lab for _, lab in ds.val] == [1]
+    assert [lab for _, lab in ds.train] == [0, 2]
+    assert [lab for _, lab in ds.val] == [1]
     assert ds.flip_pairs == [[0, 1]]
 
 
@@ -76,7 +77,8 @@ def test_ssv1_adapter_reads_frame_folders(tmp_path):
         for t, frame in enumerate(render_clip(0, np.random.default_rng(int(vid)), 20, 48), 1):
             imsave(d / f"{t:05d}.jpg", frame)
     ds = load_source("ssv1", tmp_path)
-    assert [lab for _, lab in ds.train] == [0, 1] and Path(ds.train[0][0]).is_dir()
+    assert [lab for _, lab in ds.train] == [0, 1]
+    assert Path(ds.train[0][0]).is_dir()
     (tmp_path / "something-something-v1-validation.csv").write_text("102;Unknown class\n")
     with pytest.raises(DatasetError, match=r"validation\.csv:1: label 'Unknown class'"):
         load_source("ssv1", tmp_path)
@@ -103,18 +105,22 @@ def make_ucf(root: Path) -> Path:
 def test_ucf101_adapter(tmp_path):
     ds = load_source("ucf101", make_ucf(tmp_path))
     assert ds.classes == ["ApplyEyeMakeup", "Archery"]
-    assert [lab for _, lab in ds.train] == [0, 1, 1, 1] and [lab for _, lab in ds.val] == [0, 1]
+    assert [lab for _, lab in ds.train] == [0, 1, 1, 1]
+    assert [lab for _, lab in ds.val] == [0, 1]
     with pytest.raises(DatasetError, match="splits 1, 2, 3"):
         load_source("ucf101", tmp_path, SourceOptions(split=4))
 
 
 def test_probe_reports_truncated_and_zero_length(tmp_path):
     good = clip(tmp_path / "good.webm")
-    assert probe_video(good).ok and probe_video(good).frames == 20 and probe_video(good).codec == "vp9"
+    assert probe_video(good).ok
+    assert probe_video(good).frames == 20
+    assert probe_video(good).codec == "vp9"
     bad = tmp_path / "bad.webm"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
     pr = probe_video(bad)
-    assert not pr.ok and pr.reason in ("truncated", "undecodable")
+    assert not pr.ok
+    assert pr.reason in ("truncated", "undecodable")
     (tmp_path / "empty.webm").write_bytes(b"")
     assert probe_video(tmp_path / "empty.webm").reason == "zero-length"
     assert probe_video(tmp_path / "nope.webm").reason == "missing"
@@ -174,7 +180,8 @@ def test_prepare_without_reencode_rejects_mpeg4_and_fails_naming_the_fix(tmp_pat
 
 
 def test_gop_from_clip_span():
-    assert gop_for(16, 2) == 31 and gop_for(32, 1) == 32
+    assert gop_for(16, 2) == 31
+    assert gop_for(32, 1) == 32
 
 
 def test_left_right_pairs():

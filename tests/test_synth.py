@@ -72,7 +72,9 @@ def test_camera_pan_moves_the_whole_scene_the_named_way():
     for name, sign in (("pan_left", 1), ("pan_right", -1)):
         clip = synth.render_clip(synth.CLASSES.index(name), np.random.default_rng(3), frames=32, size=64)
         dy, dx = shift_between(clip[10], clip[20])
-        assert dy == 0 and np.sign(dx) == sign and abs(dx) >= 3, (name, dy, dx)
+        assert dy == 0, (name, dy, dx)
+        assert np.sign(dx) == sign, (name, dy, dx)
+        assert abs(dx) >= 3, (name, dy, dx)
 
 
 def object_centroid(clip: np.ndarray) -> np.ndarray:
@@ -101,16 +103,21 @@ def test_appear_raises_and_disappear_lowers_the_object_contrast():
 def test_render_is_deterministic():
     a = synth.render_clip(3, synth.clip_seed(7, "train", 3, 2))
     b = synth.render_clip(3, synth.clip_seed(7, "train", 3, 2))
-    assert np.array_equal(a, b) and a.shape == (32, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert a.shape == (32, 64, 64, 3)
+    assert a.dtype == np.uint8
 
 
 def test_generated_directory_layout(tiny_dataset):
     ds = load_prepared(tiny_dataset)
     assert ds.classes == ["move_left", "move_right", "appear", "disappear"]
-    assert len(ds.train) == 4 * 6 and len(ds.val) == 4 * 3
+    assert len(ds.train) == 4 * 6
+    assert len(ds.val) == 4 * 3
     assert sorted({s.label for s in ds.train}) == [0, 1, 2, 3]
     assert all(s.num_frames == 32 and s.path.endswith(".webm") for s in ds.train)
-    assert ds.meta["codec"] == "vp9" and ds.meta["num_classes"] == 4 and ds.meta["flip_pairs"] == [[0, 1]]
+    assert ds.meta["codec"] == "vp9"
+    assert ds.meta["num_classes"] == 4
+    assert ds.meta["flip_pairs"] == [[0, 1]]
     lines = (tiny_dataset / "train.txt").read_text().splitlines()
     assert lines[0].split()[0] == "train/move_left/move_left_0000.webm"  # relative to the directory
 

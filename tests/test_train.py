@@ -36,13 +36,18 @@ def test_two_process_run_writes_the_run_directory(tiny_dataset, tmp_path):
     res = subprocess.run(train_cmd(tiny_dataset, run, "train.max_steps=4", "checkpoint.every_steps=2"),
                          capture_output=True, text=True, env=run_env(), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file() and (run / "curves.png").is_file()
+    assert (run / "config.yaml").is_file()
+    assert (run / "metrics.jsonl").is_file()
+    assert (run / "curves.png").is_file()
     ck = list_checkpoints(run / "checkpoints")
     assert [p.name for p in ck] == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
     state = load_checkpoint(ck[-1])
-    assert state["step"] == 4 and len(state["per_rank"]) == 2 and state["config"]["model"]["arch"] == "tiny"
+    assert state["step"] == 4
+    assert len(state["per_rank"]) == 2
+    assert state["config"]["model"]["arch"] == "tiny"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["eval"]["videos"] == 12 and 0 <= summary["eval"]["top1"] <= 100
+    assert summary["eval"]["videos"] == 12
+    assert 0 <= summary["eval"]["top1"] <= 100
     assert "world=2" in res.stdout
 
 
@@ -86,7 +91,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_dataset, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "signal 15: checkpoint written" in out
     found = latest_valid(run / "checkpoints")
-    assert found is not None and found[1]["step"] >= 2
+    assert found is not None
+    assert found[1]["step"] >= 2
     assert not json.loads((run / "summary.json").read_text()).get("eval")
 
 
@@ -97,7 +103,8 @@ def test_non_finite_loss_stops_with_step_and_term(tiny_dataset, tmp_path):
                           "--run-dir", str(run), *SMALL, "optim.lr_per_gpu=1e30", "optim.warmup_epochs=0",
                           "optim.name=sgd"], capture_output=True, text=True, env=run_env(), timeout=600)
     assert res.returncode == 3, res.stderr[-2000:]
-    assert "non-finite loss at step" in res.stderr and "last good checkpoint" in res.stderr
+    assert "non-finite loss at step" in res.stderr
+    assert "last good checkpoint" in res.stderr
 
 
 def test_checkpoints_are_atomic_rotating_and_validated(tmp_path):
@@ -112,7 +119,8 @@ def test_checkpoints_are_atomic_rotating_and_validated(tmp_path):
         load_checkpoint(newest)
     with pytest.warns(UserWarning, match="skipping checkpoint"):
         path, state = latest_valid(d)
-    assert path.name == "ckpt_00000003.pt" and state["step"] == 3
+    assert path.name == "ckpt_00000003.pt"
+    assert state["step"] == 3
     (d / "ckpt_00000009.pt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="ckpt_00000009.pt"):
         load_checkpoint(d / "ckpt_00000009.pt")
@@ -123,7 +131,8 @@ def test_eval_cli_rejects_a_corrupted_checkpoint(tmp_path):
     bad.write_bytes(b"\x80\x02garbage")
     res = subprocess.run([PY, "-m", "hcml.launch.cli", "eval", "--checkpoint", str(bad)], capture_output=True,
                          text=True, timeout=120)
-    assert res.returncode != 0 and "corrupted or truncated" in res.stderr
+    assert res.returncode != 0
+    assert "corrupted or truncated" in res.stderr
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -151,7 +160,8 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_dataset, tmp_path)
     assert proc.returncode == 0, err[-3000:]
     assert "checkpoint written" in out
     found = latest_valid(run / "checkpoints")
-    assert found is not None and len(found[1]["per_rank"]) == 2
+    assert found is not None
+    assert len(found[1]["per_rank"]) == 2
 
 
 @pytest.mark.slow
@@ -186,7 +196,8 @@ def test_a_restart_of_the_same_job_resumes_and_a_new_job_never_overwrites_the_ru
         "continue it, --overwrite to delete it and start fresh, or choose another --run-dir"]
     assert before == files()
     fresh = train(2, "job-2", "--overwrite").stdout
-    assert "[resume]" not in fresh and [p.name for p in list_checkpoints(run / "checkpoints")] == ["ckpt_00000002.pt"]
+    assert "[resume]" not in fresh
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["ckpt_00000002.pt"]
 
 
 @pytest.mark.slow
@@ -274,9 +285,12 @@ def test_a_video_that_broke_after_prepare_costs_its_clip_not_the_run(tiny_datase
     res = subprocess.run(train_cmd(data, run, "train.max_steps=8"), capture_output=True, text=True, env=run_env(),
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("cannot be read and are skipped") == 1 and broken.name in res.stdout
+    assert res.stdout.count("cannot be read and are skipped") == 1
+    assert broken.name in res.stdout
     summary = json.loads((run / "summary.json").read_text())
     # 23 readable / 2 ranks / batch 2 → 5 steps in epoch 0 (6 with all 24), then 3 of epoch 1 up to step 8
-    assert summary["step"] == 8 and summary["epoch"] == 1 and summary["samples_skipped"] == 2
+    assert summary["step"] == 8
+    assert summary["epoch"] == 1
+    assert summary["samples_skipped"] == 2
     assert [r["samples_skipped"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"] == [1] * 5 + [2] * 3
