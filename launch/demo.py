@@ -156,8 +156,9 @@ def verdict(rep: dict) -> list[str]:
     k = rep["knn"]
     for key, v in k["ssl"].items():
         beats = [lv for lv in LEVELS if v[lv] > k["random_init"][lv]]
+        runs = f"mean of {len(rep['seeds'])} seeds" if rep.get("seeds") else "one run"
         out.append(f"KNN after {key}: above the calibrated random init at {len(beats)} of 3 levels "
-                   f"(one run; each video of the split is {100 / rep['test_videos']:.1f} points).")
+                   f"({runs}; each video of the split is {100 / rep['test_videos']:.1f} points).")
     return out
 
 
@@ -295,7 +296,8 @@ def run_demo(out: Path, nproc: int = 2, quick: bool = False, seeds: int = 1) -> 
         per_seed = [run_seed(out / f"seed{s}", data, ds, s, nproc, quick) for s in range(seeds)]
         rep = {**aggregate(per_seed), "per_seed": per_seed}
         arm_dir = out / "seed0"
-        spread = {"command": f"hcml demo --seeds {seeds}", "seeds": rep["seeds"],
+        spread = {"command": f"hcml demo --seeds {seeds}", "measured": time.strftime("%Y-%m-%d"),
+                  "seeds": rep["seeds"],
                   "models": {k: {"top1": m["top1"], "top1_sd": m["top1_sd"], "pair_direction": m["pair_direction"],
                                  "pair_direction_sd": m["pair_direction_sd"]} for k, m in rep["models"].items()},
                   "margin_spread": rep["margin_spread"]}
