@@ -73,19 +73,34 @@ def cmd_train(args) -> int:
     from hcml.launch.launcher import Launch, run
     from hcml.launch.rundir import preflight
 
-    cfg_path = resolve_config(args.config)
-    # Reject a bad config, dataset, batch or run dir before any process starts (raises: one line, exit 2).
-    cfg = load_config(cfg_path, _overrides(args))
     worker = "LOCAL_RANK" in os.environ
-    if not worker:
-        check_runnable(cfg, (args.nproc_per_node or 1) * _min_nodes(args.nnodes))
-        preflight(Path(cfg.run_dir), args.resume, args.overwrite)
+    world = (args.nproc_per_node or 1) * _min_nodes(args.nnodes)
+    if args.plan:
+        from hcml.launch.plan import load_plan
+
+        clash = [f for f, v in (("--config", args.config), ("--data", args.data), ("--run-dir", args.run_dir),
+                                ("--resume", args.resume), ("--overwrite", args.overwrite),
+                                ("key=value", args.overrides)) if v]
+        if clash:
+            raise HCMLError(f"--plan takes each run's recipe, overrides and run dir from the plan file; drop "
+                            f"{', '.join(clash)}")
+        entries = load_plan(args.plan)
+        runs = [(resolve_config(e.config), e.overrides, None, e.overwrite) for e in entries]
+    elif args.config:
+        runs = [(resolve_config(args.config), _overrides(args), args.resume, args.overwrite)]
+    else:
+        raise HCMLError("hcml train needs --config RECIPE (one training) or --plan FILE (several, in order)")
+    if not worker:  # reject a bad config, dataset, batch or run dir before any process starts (one line, exit 2)
+        for cfg_path, overrides, resume, overwrite in runs:
+            cfg = load_config(cfg_path, overrides)
+            check_runnable(cfg, world)
+            preflight(Path(cfg.run_dir), resume, overwrite)
     if args.nproc_per_node and not worker:
         launch = Launch(args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.max_restarts)
         return run(launch, worker_argv(args.argv))
-    from hcml.launch.train import main_from_args
+    from hcml.launch.train import main_from_args, main_from_plan
 
-    return main_from_args(cfg_path, _overrides(args), args.resume, args.overwrite)
+    return main_from_plan(args.plan) if args.plan else main_from_args(*runs[0])
 
 
 def _min_nodes(nnodes: str) -> int:
@@ -238,7 +253,9 @@ def add_run_args(p, config_required: bool) -> None:
 
 
 def add_train(p) -> None:
-    add_run_args(p, True)
+    add_run_args(p, False)
+    p.add_argument("--plan", default=None, help="a JSON plan of several trainings run in order in one process "
+                   "group (instead of --config; see hcml/launch/plan.py)")
     p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in the run dir) or a path")
     p.add_argument("--overwrite", action="store_true", help="start fresh in a run dir that holds another "
                    "run's checkpoints, deleting them (without it that is refused)")

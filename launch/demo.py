@@ -1,7 +1,8 @@
 """``hcml demo``: the paper's mechanism on a synthetic motion set, end to end on CPU in minutes.
 
 The synthetic set's classes differ only by motion (appearance is random per clip). From the same data and the
-same number of optimizer steps, five arms, each a 2-process torchrun training (gloo on CPU, NCCL on a GPU):
+same number of optimizer steps, five arms, trained (with the two SSL phases) in one 2-process torchrun plan (gloo on
+CPU, NCCL on a GPU; ``hcml train --plan``):
 
 - ``baseline``         the backbone without the motion module;
 - ``motion_no_nce``    the motion module trained by classification only (lambda = 0);
@@ -32,6 +33,7 @@ import torch
 
 from hcml.launch.config import load_config, recipe_dir, resolve_recipe
 from hcml.launch.launcher import Launch, run
+from hcml.launch.plan import PlanEntry, run_dir_of, write_plan
 from hcml.model import LEVELS
 from hcml.model.contrastive import num_candidates
 from hcml.pipeline import synth
@@ -77,20 +79,29 @@ def pair_direction_accuracy(labels: list[int], preds: list[int], pairs) -> tuple
     return (100.0 * hit / tot if tot else float("nan")), tot
 
 
-def train(name: str, recipe: str, data: Path, run_dir: Path, nproc: int, overrides: list[str]) -> dict:
-    argv = ["train", "--config", resolve_recipe(recipe), "--data", str(data), "--run-dir", str(run_dir),
-            "--overwrite", *overrides]  # a demo rerun replaces its own earlier runs
-    print(f"[demo] {name}: torchrun --nproc_per_node={nproc} hcml {' '.join(argv)}", flush=True)
-    t0 = time.time()
+def train_all(entries: list[PlanEntry], out: Path, nproc: int) -> dict[str, dict]:
+    """Every training of one seed as one ``hcml train --plan`` (one torchrun, one process group: the imports, the
+    group and its teardown once instead of per run); {entry name: its summary.json}."""
+    for e in entries:  # a summary left by an earlier demo must not stand in for a run that did not happen
+        (Path(run_dir_of(e)) / "summary.json").unlink(missing_ok=True)
+    plan = write_plan(out / "plan.json", entries)
+    argv = ["train", "--plan", str(plan)]
+    print(f"[demo] {len(entries)} trainings ({', '.join(e.name for e in entries)}): "
+          f"torchrun --nproc_per_node={nproc} hcml {' '.join(argv)}", flush=True)
     rc = run(Launch(nproc), argv)
+    summaries = {}
+    for e in entries:
+        path = Path(run_dir_of(e)) / "summary.json"
+        if not path.is_file():
+            raise SystemExit(f"[demo] training {e.name} did not finish (exit code {rc}); see the log above")
+        summary = json.loads(path.read_text())
+        if summary.get("stopped_by_signal") is not None:  # the run checkpointed and left: so does the demo
+            raise SystemExit(f"[demo] {e.name} stopped by signal {summary['stopped_by_signal']} at step "
+                             f"{summary['step']}; the demo stops too (its checkpoint is in {run_dir_of(e)})")
+        summaries[e.name] = summary
     if rc != 0:
-        raise SystemExit(f"[demo] training {name} failed with exit code {rc}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    if summary.get("stopped_by_signal") is not None:  # the run checkpointed and left: so does the demo
-        raise SystemExit(f"[demo] {name} stopped by signal {summary['stopped_by_signal']} at step {summary['step']}; "
-                         f"the demo stops too (its checkpoint is in {run_dir})")
-    summary["seconds"] = time.time() - t0
-    return summary
+        raise SystemExit(f"[demo] the trainings failed with exit code {rc}")
+    return summaries
 
 
 def format_report(rep: dict, classes: list[str]) -> str:
@@ -215,20 +226,21 @@ def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool) -> d
     common = [f"train.seed={seed}", f"data.eval_split={split}"]
     quick_ov = ["optim.epochs=2", "optim.warmup_epochs=1"] if quick else []
     ssl_quick = ["optim.epochs=1", "optim.warmup_epochs=0"] if quick else []
-    ssl_ckpts, nce, steps, summaries = {}, {}, {}, {}
-    for key, extra in SSL_RUNS.items():
-        ov = [*extra, *common, *ssl_quick]
-        s = train(key, "demo_ssl", data, out / key, nproc, ov)
-        ssl_ckpts[key] = list_checkpoints(out / key / "checkpoints")[-1]
-        nce[key] = nce_at_end(out / key, load_config(resolve_recipe("demo_ssl"), [f"data.root={data}", *ov]))
-        steps[key] = s["step"]
+    data_ov = [f"data.root={data}"]
+    entries = [PlanEntry(key, resolve_recipe("demo_ssl"), [*data_ov, f"run_dir={out / key}", *extra, *common,
+                                                         *ssl_quick], overwrite=True)
+               for key, extra in SSL_RUNS.items()]
     for key, arm in ARMS.items():
-        ov = [*arm.overrides, *common]
-        if arm.ssl:
-            ov += [f"model.init_from={ssl_ckpts[arm.ssl]}", *ssl_quick]
-        else:
-            ov += quick_ov
-        summaries[key] = train(key, arm.recipe, data, out / key, nproc, ov)
+        tail = ssl_quick if arm.ssl else quick_ov
+        entries.append(PlanEntry(key, resolve_recipe(arm.recipe), [*data_ov, f"run_dir={out / key}",
+                                                                   *arm.overrides, *common, *tail],
+                                 overwrite=True, init_from_run=str(out / arm.ssl) if arm.ssl else None))
+    done = train_all(entries, out, nproc)
+    ssl_ckpts = {key: list_checkpoints(out / key / "checkpoints")[-1] for key in SSL_RUNS}
+    steps = {key: done[key]["step"] for key in SSL_RUNS}
+    nce = {e.name: nce_at_end(out / e.name, load_config(e.config, e.overrides)) for e in entries
+           if e.name in SSL_RUNS}
+    summaries = {key: done[key] for key in ARMS}
     labels = [s.label for s in ds.split(split)]
     pairs = [(a, b) for a, b in synth.TEMPORAL_ORDER_PAIRS if max(a, b) < ds.num_classes]
     models = {}

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -90,6 +91,7 @@ def train(cfg: C.Config, resume: str | None = None, overwrite: bool = False, sto
           ) -> dict:
     """Train (and finally evaluate) per ``cfg``; returns the final summary (rank 0 has the full one).
     ``resume``: None (fresh, or ``auto`` when torchrun restarts this job), ``auto`` or a checkpoint path."""
+    t0 = time.time()
     stop = stop or _StopSignal()
     run = setup(cfg, resume, overwrite)
     from tqdm import tqdm
@@ -101,7 +103,7 @@ def train(cfg: C.Config, resume: str | None = None, overwrite: bool = False, sto
             run_epoch(run, stop, bar)
     finally:
         bar.close()
-    return finish(run)
+    return finish(run, t0)
 
 
 def setup(cfg: C.Config, resume: str | None, overwrite: bool = False) -> Run:
@@ -321,13 +323,15 @@ def evaluate_and_log(run: Run) -> dict:
     return res
 
 
-def finish(run: Run) -> dict:
+def finish(run: Run, t0: float) -> dict:
     """Final evaluation (unless stopped by a signal, or self-supervised: its classifier is untrained), curves,
-    summary.json; releases the process group."""
+    summary.json (with the wall seconds since ``t0``); releases the run dir (the process group stays: the entry
+    point ends it, after the last run of a plan)."""
     summary = {"step": run.step, "epoch": run.epoch, "resumed_from": run.resumed_from,
                "stopped_by_signal": run.stopped_by, "samples_skipped": run.samples_skipped}
     if run.stopped_by is None and run.ds.val and run.cfg.train.phase.classifies:
         summary["eval"] = evaluate_and_log(run)
+    summary["seconds"] = time.time() - t0
     if run.info.main:
         plot_run(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -337,7 +341,6 @@ def finish(run: Run) -> dict:
     barrier(run.info)
     if run.lock:
         run.lock.release()
-    cleanup()
     return summary
 
 
@@ -382,10 +385,38 @@ def main_from_args(config_path: str | None, overrides: list[str], resume: str | 
     """A worker's entry: exit 0 (also after a stop signal's checkpoint), 2 on bad input, 3 on NaN, 4 on a stall.
     Workers that torchrun restarts resume by themselves (see :func:`restore`)."""
     stop = _StopSignal()
-    cfg = C.load_config(config_path, overrides)
+    return _run_in_order(stop, [("", lambda: C.load_config(config_path, overrides), resume, overwrite)])
+
+
+def main_from_plan(plan_path: str) -> int:
+    """A worker's entry for ``hcml train --plan`` (:mod:`hcml.launch.plan`): the entries in order in this one
+    process group. Exit codes as for one run."""
+    from hcml.launch.plan import load_plan
+
+    stop = _StopSignal()
+    runs = [(e.name, lambda e=e: C.load_config(C.resolve_recipe(e.config), e.resolved_overrides()), None,
+             e.overwrite) for e in load_plan(plan_path)]
+    return _run_in_order(stop, runs)
+
+
+def _run_in_order(stop: _StopSignal, runs: list[tuple[str, Callable[[], C.Config], str | None, bool]]) -> int:
+    """Each (name, config maker, resume, overwrite) in turn; stops after a run a signal ended (its checkpoint
+    written). The process group ends after the last run (not on an error: a rank that raised leaves, and its
+    peers' collectives fail or the watchdog ends them)."""
+    main = os.environ.get("RANK", "0") == "0"
     try:
-        train(cfg, resume, overwrite, stop)
+        for i, (name, make_cfg, resume, overwrite) in enumerate(runs):
+            cfg = make_cfg()  # an entry's config is read when it starts (init_from_run exists by then)
+            if name and main:
+                print(f"[plan] {i + 1}/{len(runs)} {name}: run_dir={cfg.run_dir}", flush=True)
+            summary = train(cfg, resume, overwrite, stop)
+            if summary["stopped_by_signal"] is not None:
+                if i + 1 < len(runs) and main:
+                    print(f"[plan] stopped by signal {summary['stopped_by_signal']} in {name}: "
+                          f"{len(runs) - i - 1} run(s) not started", flush=True)
+                break
     except NonFiniteLoss as e:
         print(f"[train] ERROR: {e}", file=sys.stderr, flush=True)
         return 3
+    cleanup()
     return 0

@@ -201,7 +201,8 @@ def test_ctrl_c_stops_the_demo_not_just_its_current_training(tmp_path):
     text = log.read_text()
     assert proc.returncode != 0, text[-2000:]
     assert "ssl stopped by signal 2" in text, text[-2000:]
-    assert "[demo] ssl_paper_loss:" not in text  # no further arm started
+    assert "[plan] stopped by signal 2 in ssl: 6 run(s) not started" in text, text[-2000:]
+    assert "[plan] 2/7" not in text  # no further training started
     time.sleep(0.5)
     assert not (out / "report.json").exists()
 

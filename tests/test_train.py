@@ -294,3 +294,67 @@ def test_a_video_that_broke_after_prepare_costs_its_clip_not_the_run(tiny_datase
     assert summary["samples_skipped"] == 2
     assert [r["samples_skipped"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"] == [1] * 5 + [2] * 3
+
+
+@pytest.mark.slow
+def test_a_plan_runs_each_training_exactly_as_hcml_train_alone(tiny_dataset, tmp_path):
+    """`hcml train --plan` (SSL, then joint from its newest checkpoint, in one process group) gives the joint run
+    the same losses and evaluation, bit for bit, as `hcml train` run alone from that checkpoint: sharing the
+    process group changes no seed, no data order, no step."""
+    from hcml.launch.plan import PlanEntry, write_plan
+
+    common = [f"data.root={tiny_dataset}", *SMALL, "train.max_steps=3"]
+    ssl, joint = tmp_path / "plan" / "ssl", tmp_path / "plan" / "joint"
+    plan = write_plan(tmp_path / "plan.json", [
+        PlanEntry("ssl", "demo", [*common, f"run_dir={ssl}", "train.phase=ssl"]),
+        PlanEntry("joint", "demo", [*common, f"run_dir={joint}"], init_from_run=str(ssl))])
+    r = subprocess.run([PY, "-m", "hcml.launch.cli", "train", "--plan", str(plan), "--nproc-per-node", "2"],
+                       capture_output=True, text=True, env=run_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[plan] 1/2 ssl" in r.stdout and "[plan] 2/2 joint" in r.stdout
+    init = list_checkpoints(ssl / "checkpoints")[-1]
+    assert "[init] loaded" in r.stdout and str(init) in r.stdout  # the joint run started from the SSL weights
+    alone = tmp_path / "alone"
+    a = subprocess.run(train_cmd(tiny_dataset, alone, "train.max_steps=3", f"model.init_from={init}"),
+                       capture_output=True, text=True, env=run_env(), timeout=600)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert len(losses(joint)) == 3
+    assert losses(joint) == losses(alone)
+    planned, single = (json.loads((d / "summary.json").read_text()) for d in (joint, alone))
+    assert planned["eval"]["predictions"] == single["eval"]["predictions"]
+    assert planned["seconds"] > 0
+
+
+def test_a_malformed_plan_is_one_clear_error(tmp_path):
+    from hcml.errors import ConfigError
+    from hcml.launch.plan import load_plan
+
+    def err(doc) -> str:
+        p = tmp_path / "plan.json"
+        p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        with pytest.raises(ConfigError) as e:
+            load_plan(p)
+        return str(e.value)
+
+    one = {"name": "a", "config": "demo", "overrides": [f"run_dir={tmp_path / 'a'}"]}
+    assert "not valid JSON" in err("{runs: [")
+    assert "at least one entry" in err({"runs": []})
+    assert "unknown key(s) ['resume']" in err({"runs": [{**one, "resume": "auto"}]})
+    assert "entry 0: missing ['config']" in err({"runs": [{"name": "a"}]})
+    assert "list of key=value strings" in err({"runs": [{**one, "overrides": "x=1"}]})
+    assert "entry 1 (b): init_from_run" in err({"runs": [one, {**one, "name": "b", "init_from_run": str(tmp_path / "c"),
+                                                                 "overrides": [f"run_dir={tmp_path / 'b'}"]}]})
+    assert "is an earlier entry's too" in err({"runs": [one, {**one, "name": "b"}]})
+    with pytest.raises(ConfigError, match="plan not found"):
+        load_plan(tmp_path / "missing.json")
+
+
+def test_plan_and_config_flags_do_not_mix(tmp_path):
+    r = subprocess.run([PY, "-m", "hcml.launch.cli", "train", "--plan", str(tmp_path / "p.json"), "--config", "demo"],
+                       capture_output=True, text=True, env=run_env(), timeout=120)
+    assert r.returncode == 2
+    assert "drop --config" in r.stderr
+    r = subprocess.run([PY, "-m", "hcml.launch.cli", "train"], capture_output=True, text=True, env=run_env(),
+                       timeout=120)
+    assert r.returncode == 2
+    assert "needs --config RECIPE" in r.stderr
