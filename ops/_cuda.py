@@ -9,6 +9,7 @@ misaligned view) is copied once into that layout, zero-padded, rather than serve
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections import Counter
@@ -29,6 +30,13 @@ def ext_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def extension():
+    """The loaded extension (once per process), with the tensor-core switch applied."""
+    mod = _load()
+    mod.set_tensor_cores(_TENSOR_CORES[0])
+    return mod
+
+
+def _load():
     """Import ``hcml_cost_volume_cuda`` if prebuilt, else JIT-build it into ``$HCML_EXT_DIR`` (cached)."""
     try:
         import hcml_cost_volume_cuda  # built by `python -m hcml.ops.build` (the Dockerfile does this)
@@ -57,11 +65,37 @@ def extension():
 VECTOR_BYTES = 16
 # (max displacement, stride) with compile-time kernels: the paper's 6 and 2 (cost_volume_kernels.cu, is_fast).
 FAST = frozenset({(6, 2)})
+# Element types the tensor-core kernels take (mma.sync m16n8k16, sm_80 and later); fp32 stays on CUDA cores.
+TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 COPIES: Counter = Counter()  # inputs copied into the kernels' layout, by argument name
+_TENSOR_CORES = [True]  # the switch (bench op times both families); mirrored into the extension
 
 
-def kernel_for(max_displacement: int, stride: int) -> str:
-    return "fast" if (max_displacement, stride) in FAST else "generic"
+def kernel_for(max_displacement: int, stride: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | None = None) -> str:
+    """The kernel family a call takes: ``tensor_core`` (bf16/fp16, the compile-time (D, S), sm_80+; a CPU tensor
+    is planned as on such a GPU), ``fast`` (the compile-time CUDA-core kernels) or ``generic``."""
+    if (max_displacement, stride) not in FAST:
+        return "generic"
+    capable = device is None or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
+    return "tensor_core" if dtype in TENSOR_CORE_DTYPES and _TENSOR_CORES[0] and capable else "fast"
+
+
+@contextlib.contextmanager
+def tensor_cores(enabled: bool):
+    """Within the block, bf16/fp16 calls take the tensor-core kernels (True, the default) or the CUDA-core ones."""
+    old = _TENSOR_CORES[0]
+    _set_tensor_cores(enabled)
+    try:
+        yield
+    finally:
+        _set_tensor_cores(old)
+
+
+def _set_tensor_cores(enabled: bool) -> None:
+    _TENSOR_CORES[0] = enabled
+    if extension.cache_info().currsize:
+        extension().set_tensor_cores(enabled)
 
 
 def in_place(t: torch.Tensor) -> bool:
@@ -74,7 +108,7 @@ def in_place(t: torch.Tensor) -> bool:
 def plan(f1: torch.Tensor, f2: torch.Tensor, max_displacement: int, stride: int) -> dict:
     """How a call will run, decided from metadata only (also on CPU tensors): the kernel family and the inputs
     that must be copied first."""
-    return {"kernel": kernel_for(max_displacement, stride),
+    return {"kernel": kernel_for(max_displacement, stride, f1.dtype, f1.device),
             "copies": [name for name, t in (("f1", f1), ("f2", f2)) if not in_place(t)]}
 
 

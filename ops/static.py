@@ -20,7 +20,7 @@ from pathlib import Path
 from hcml.errors import CostVolumeBuildError
 
 CSRC = Path(__file__).with_name("csrc")
-SASS_OPS = ("LDG", "STG", "LDS", "STS", "FFMA", "HFMA2", "HMMA", "BAR", "LDL", "STL")
+SASS_OPS = ("LDG", "STG", "LDS", "LDSM", "STS", "FFMA", "HFMA2", "HMMA", "BAR", "LDL", "STL")
 RESERVED_SMEM = 1024  # bytes of shared memory the driver reserves per resident block (sm_80 and later)
 SM = {"80": {"regs": 65536, "threads": 2048, "blocks": 32, "smem": 164 * 1024},
       "90": {"regs": 65536, "threads": 2048, "blocks": 32, "smem": 228 * 1024}}
@@ -186,16 +186,18 @@ BUDGET = {"spill_bytes": 0, "min_blocks_per_sm": 2, "vector_bytes": 16}
 
 
 def over_budget(row: dict) -> list[str]:
-    """What a kernel misses of the static budget: no spills, at least 2 resident blocks per SM, and (compile-time
-    kernels) 16-byte global loads and stores. Empty when it meets it."""
+    """What a kernel misses of the static budget: no spills, at least 2 resident blocks per SM, (compile-time
+    kernels) 16-byte global loads and stores, and (tensor-core kernels) HMMA instructions. Empty when it meets it."""
     out = []
     if row["spill_bytes"] > BUDGET["spill_bytes"]:
         out.append(f"{row['spill_bytes']} B of spills")
     if row["blocks_per_sm"] < BUDGET["min_blocks_per_sm"]:
         out.append(f"{row['blocks_per_sm']} block(s)/SM")
     sass = row.get("sass")
-    if sass and row["family"].endswith("_fast"):
+    if sass and row["family"].endswith(("_fast", "_tc")):
         out += [f"no {op}" for op in ("LDG.E.128", "STG.E.128") if not sass.get(op)]
+    if sass and row["family"].endswith("_tc"):
+        out += [f"no {op}" for op in ("HMMA", "LDSM") if not sass.get(op)]
     return out
 
 

@@ -180,10 +180,13 @@ def test_static_kernel_report_every_kernel_within_budget():
         assert names == set(launch_configs()), names  # what is compiled is what the launches know
     for r in rows:
         assert r["sass"] is not None, r["name"]
-        assert r["sass"]["FFMA"] > 0, r["name"]  # real SASS was read
+        tc = "_tc<" in r["name"]
+        assert r["sass"]["HMMA" if tc else "FFMA"] > 0, r["name"]  # real SASS was read, of the unit meant
+        if tc:
+            assert r["sass"]["LDSM"] > 0, r["name"]  # operands through ldmatrix
         assert r["spill_bytes"] == 0, (r["name"], r["arch"], r["spill_bytes"])
         assert r["blocks_per_sm"] >= 2, (r["name"], r["arch"], r["registers"], r["smem_bytes"])
-        if "_fast<" in r["name"]:
+        if "_fast<" in r["name"] or tc:
             assert r["sass"]["LDG.E.128"] > 0, r["name"]
             assert r["sass"]["STG.E.128"] > 0, r["name"]
             assert r["sass"]["LDL"] == 0, r["name"]
@@ -194,6 +197,12 @@ def test_static_kernel_report_every_kernel_within_budget():
     # and the chunk's two grads of the 8 x 16 tile.
     assert launch_configs()["forward_fast<__nv_bfloat16, 7, 2>"] == (224, 4 * 16 * 28 * 40)
     assert launch_configs()["backward_fast<__nv_bfloat16, 7, 2>"] == (256, 4 * (2 * 8 * 20 * 40 + 2 * 128 * 8))
+    # tensor cores, 16-byte units: the forward stages 32 channels per pixel (5 units with the pad) of the 4 classes'
+    # 10 x 14 windows (rows of 74 units: 70 rounded up to 2 mod 8) and 4 x 8 tiles (rows of 44: 40 → 4 mod 8); the
+    # backward 16 channels (3 units) of both windows (rows of 46: 42 → 6 mod 8) and the chunk's two grads (floats)
+    assert launch_configs()["forward_tc<__nv_bfloat16, 7, 2>"] == (256, 16 * (4 * 10 * 74 + 4 * 4 * 44))
+    assert launch_configs()["backward_tc<__nv_bfloat16, 7, 2>"] == (256, 16 * 2 * 4 * 10 * 46 + 4 * 2 * 128 * 16)
+    assert "forward_tc<float, 7, 2>" not in launch_configs()  # fp32 stays on CUDA cores
     # occupancy by hand: 32 registers x 256 threads = 8 warps of 1024 registers → 8 blocks; 255 → 1 block; the
     # shared memory of a block plus the 1 KB the driver keeps
     assert blocks_per_sm("90", 32, 256, 0) == 8
@@ -209,7 +218,7 @@ def test_static_kernel_report_every_kernel_within_budget():
     assert r["flops"] == 98 * n * 64
     assert r["cards"]["H100"]["memory_us"] == pytest.approx(r["bytes"] / 3350e9 * 1e6)
     text = show(rep)
-    assert "0 of 24 kernel builds over the budget" in text
+    assert "0 of 32 kernel builds over the budget" in text
     assert "roofline bf16 forward" in text
 
 
@@ -249,14 +258,18 @@ def test_kernel_buffers_in_place_or_one_padded_copy():
                     assert not buf[b, y, x, C:].any(), name
         if not copied:
             assert buf.data_ptr() == t.data_ptr(), name  # a view, no copy
-    assert _cuda.plan(cl(base), base, 6, 2) == {"kernel": "fast", "copies": ["f2"]}
+    assert _cuda.plan(cl(base), base, 6, 2) == {"kernel": "tensor_core", "copies": ["f2"]}
+    assert _cuda.plan(cl(base.float()), cl(base.float()), 6, 2) == {"kernel": "fast", "copies": []}
+    with _cuda.tensor_cores(False):  # the switch `bench op` times the CUDA-core kernels with
+        assert _cuda.plan(cl(base), cl(base), 6, 2)["kernel"] == "fast"
+    assert _cuda.plan(cl(base), cl(base), 6, 2)["kernel"] == "tensor_core"
     assert _cuda.plan(cl(base), cl(base), 4, 2) == {"kernel": "generic", "copies": []}
 
 
 @pytest.mark.parametrize("recipe", ["k400_r2d50_joint", "k400_r21d101_joint"])
-def test_every_cost_volume_call_of_the_models_takes_the_fast_path(recipe, monkeypatch):
+def test_every_cost_volume_call_of_the_models_takes_the_tensor_core_path(recipe, monkeypatch):
     """No silent slow path for the models: in bf16 channels_last (how `hcml train` runs them on a GPU), every
-    cost-volume call of R2D-50 and R(2+1)D-101 is served by the compile-time kernel and reads its inputs in place.
+    cost-volume call of R2D-50 and R(2+1)D-101 is served by the tensor-core kernels and reads its inputs in place.
     The call's shape comes from the model itself (a meta-device pass, `bench op --sweep`'s hook); its motion block
     then runs on a channels_last_3d bf16 input, as cuDNN's convolutions deliver it on a GPU (CPU convolutions
     return NCDHW, so a whole-model CPU run would not show the GPU's layout). The GPU test repeats this on the
@@ -284,7 +297,7 @@ def test_every_cost_volume_call_of_the_models_takes_the_fast_path(recipe, monkey
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model.prime(x.to(torch.bfloat16))
     assert len(plans) == 1, plans
-    assert plans[0] == {"kernel": "fast", "copies": []}, (recipe, m, plans)
+    assert plans[0] == {"kernel": "tensor_core", "copies": []}, (recipe, m, plans)
 
 
 GXX = shutil.which("g++")
@@ -308,9 +321,12 @@ def test_nhwc_cuda_kernels_run_correctly_in_cpu_emulation(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:]
     assert "all passed" in run.stdout, run.stdout[-4000:]
-    assert run.stdout.count(" ok\n") == 24
+    assert run.stdout.count(" ok\n") == 36
     assert "fast " in run.stdout
     assert "generic " in run.stdout
+    assert run.stdout.count("tensor  D=7") == 9  # 3 cases x (forward, dL/df1, dL/df2)
+    # the tensor-core kernels' shared-memory layout keeps every ldmatrix phase free of bank conflicts
+    assert run.stdout.count("with a bank conflict 0 ok") == 3
 
 
 @pytest.mark.skipif(NVCC is None or shutil.which("g++") is None, reason="needs nvcc's headers and g++")
@@ -388,7 +404,8 @@ def test_cuda_matches_cpu(dtype, tol, shape, layout):
     torch.testing.assert_close(a.grad.cpu().float(), c1.grad.float(), atol=tol * 4, rtol=tol * 4)
     torch.testing.assert_close(b.grad.cpu().float(), c2.grad.float(), atol=tol * 4, rtol=tol * 4)
     counts = _cuda.dispatch_counts()
-    kind = "fast" if (md, s) == (6, 2) else "generic"
+    kind = _cuda.kernel_for(md, s, dtype, torch.device("cuda"))
+    assert kind == ("generic" if (md, s) != (6, 2) else "fast" if dtype == torch.float32 else "tensor_core")
     assert counts[f"forward_{kind}"] == 1
     assert counts[f"backward_{kind}"] == 1
     assert counts.get("copied_f1", 0) == (2 if copied else 0)  # forward and backward each prepare f1 once
@@ -397,9 +414,9 @@ def test_cuda_matches_cpu(dtype, tol, shape, layout):
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["r2d50", "r2plus1d101"])
-def test_cuda_model_step_takes_the_fast_path(arch):
+def test_cuda_model_step_takes_the_tensor_core_path(arch):
     """A bf16 channels_last training step of the real model on the GPU: every cost-volume call, forward and
-    backward, is served by the compile-time kernel with its inputs read in place (no copy, no generic kernel)."""
+    backward, is served by the tensor-core kernels with its inputs read in place (no copy, no other kernel)."""
     from hcml.model import build_model
     from hcml.ops import _cuda
 
@@ -411,10 +428,10 @@ def test_cuda_model_step_takes_the_fast_path(arch):
     loss = sum(v.float().sum() for v in out.values())
     loss.backward()
     counts = _cuda.dispatch_counts()
-    assert counts["forward_fast"] >= 1
-    assert counts["backward_fast"] == counts["forward_fast"]
-    assert counts["forward_generic"] == 0
-    assert counts["backward_generic"] == 0
+    assert counts["forward_tensor_core"] >= 1
+    assert counts["backward_tensor_core"] == counts["forward_tensor_core"]
+    assert counts["forward_fast"] == counts["backward_fast"] == 0
+    assert counts["forward_generic"] == counts["backward_generic"] == 0
     assert not any(k.startswith("copied_") for k in counts), counts
 
 
@@ -449,3 +466,32 @@ def test_cuda_compile_bf16_channels_last():
         assert explanation.graph_break_count == 0
         loss = torch.compile(f, fullgraph=True)(a, b)
     loss.backward()
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 16, 13, 17), (1, 64, 56, 56), (2, 24, 37, 30), (1, 256, 14, 14)])
+def test_tensor_core_and_cuda_core_kernels_agree(dtype, shape):
+    """The two compile-time families on the same 16-bit channels_last inputs (d = 6, s = 2): same volume and grads
+    within the output's rounding, and the counters show each family served its own calls."""
+    from hcml.ops import _cuda
+
+    cl = torch.channels_last
+    a = torch.randn(*shape, device="cuda", dtype=dtype).contiguous(memory_format=cl)
+    b = torch.randn(*shape, device="cuda", dtype=dtype).contiguous(memory_format=cl)
+    g = torch.randn(shape[0], 49, *shape[2:], device="cuda", dtype=dtype).contiguous(memory_format=cl)
+    got = {}
+    for tc in (True, False):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        _cuda.reset_dispatch_counts()
+        with _cuda.tensor_cores(tc):
+            out = cost_volume(x, y, 6, 2)
+            out.backward(g)
+        kind = "tensor_core" if tc else "fast"
+        counts = _cuda.dispatch_counts()
+        assert counts[f"forward_{kind}"] == counts[f"backward_{kind}"] == 1, counts
+        got[tc] = [t.float() for t in (out, x.grad, y.grad)]
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for t, c in zip(got[True], got[False]):
+        torch.testing.assert_close(t, c, atol=tol * 4, rtol=tol * 4)

@@ -90,6 +90,8 @@ def bench_op(shape=None, dtype: str = "fp32", md: int = 6, s: int = 2, iters: in
     fns = {}
     if "hcml" in impls:
         fns["hcml"] = lambda a, b: cost_volume(a, b, md, s)
+        if dev.type == "cuda" and _cuda.kernel_for(md, s, dt, dev) == "tensor_core":
+            fns[CUDA_CORES] = fns["hcml"]  # the same op with the tensor-core kernels switched off
     if "reference" in impls:
         fns["reference"] = lambda a, b: cost_volume_reference(a, b, md, s)
     if "scs" in impls:
@@ -109,36 +111,52 @@ def bench_op(shape=None, dtype: str = "fp32", md: int = 6, s: int = 2, iters: in
     calls = 10 if dev.type == "cuda" else 1
     for name, fn in fns.items():
         try:
-            fwd = time_fn(lambda: fn(f1, f2), dev, iters, calls=calls)
-
-            def fwd_bwd():
-                f1.grad = f2.grad = None
-                fn(f1, f2).backward(g)
-
-            fb = time_fn(fwd_bwd, dev, iters, calls=calls)
-            r = {"forward": fwd, "forward_backward": fb,
-                 "forward_GBps": fwd_bytes / fwd["median_s"] / 1e9,
-                 "forward_backward_GBps": (fwd_bytes + bwd_bytes) / fb["median_s"] / 1e9}
-            if dev.type == "cuda":
-                r["forward_cold_l2"] = time_fn(lambda: fn(f1, f2), dev, iters, cold_l2=True)
-                r["forward_backward_cold_l2"] = time_fn(fwd_bwd, dev, iters, cold_l2=True)
-            if peak:
-                r["forward_pct_peak"] = 100 * r["forward_GBps"] / peak
-            if floors:  # the floor of the unit these kernels use: CUDA cores (FMA) or memory, whichever binds
-                r["forward_pct_roofline"] = 100 * floors["floor_cuda_core_us"] / 1e6 / fwd["median_s"]
-                r["forward_backward_pct_roofline"] = (100 * (floors["floor_cuda_core_us"] + floors["backward_floor_us"])
-                                                      / 1e6 / fb["median_s"])
-            res["impls"][name] = r
+            with _cuda.tensor_cores(name != CUDA_CORES):
+                res["impls"][name] = _time_impl(fn, f1, f2, g, dev, iters, calls, fwd_bytes, bwd_bytes, peak, floors,
+                                                unit=_cuda.kernel_for(md, s, dt, dev) if name in ("hcml", CUDA_CORES)
+                                                else "fast")
         except Exception as e:  # e.g. the reference out of memory at full size
             res["impls"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     if dev.type == "cuda":
         res["dispatch"] = _cuda.dispatch_counts()
     ok = res["impls"].get("hcml", {})
-    for other in ("reference", "spatial-correlation-sampler"):
+    for other in ("reference", "spatial-correlation-sampler", CUDA_CORES):
         o = res["impls"].get(other, {})
         if "forward_backward" in ok and "forward_backward" in o:
             res[f"speedup_fwd_bwd_vs_{other}"] = o["forward_backward"]["median_s"] / ok["forward_backward"]["median_s"]
     return res
+
+
+CUDA_CORES = "hcml (CUDA cores)"
+
+
+def _time_impl(fn, f1, f2, g, dev, iters: int, calls: int, fwd_bytes: int, bwd_bytes: int, peak, floors,
+               unit: str) -> dict:
+    """Forward and forward+backward times of one implementation (warm L2, N calls per event pair; on a GPU also
+    after an L2 flush), GB/s, and % of the roofline of the unit it computes on (``tensor_core`` or CUDA cores)."""
+    fwd = time_fn(lambda: fn(f1, f2), dev, iters, calls=calls)
+
+    def fwd_bwd():
+        f1.grad = f2.grad = None
+        fn(f1, f2).backward(g)
+
+    fb = time_fn(fwd_bwd, dev, iters, calls=calls)
+    r = {"forward": fwd, "forward_backward": fb,
+         "forward_GBps": fwd_bytes / fwd["median_s"] / 1e9,
+         "forward_backward_GBps": (fwd_bytes + bwd_bytes) / fb["median_s"] / 1e9}
+    if dev.type == "cuda":
+        r["forward_cold_l2"] = time_fn(lambda: fn(f1, f2), dev, iters, cold_l2=True)
+        r["forward_backward_cold_l2"] = time_fn(fwd_bwd, dev, iters, cold_l2=True)
+    if peak:
+        r["forward_pct_peak"] = 100 * r["forward_GBps"] / peak
+    if floors:  # the floor of the unit these kernels use (tensor or CUDA cores) or memory, whichever binds
+        tc = unit == "tensor_core"
+        fwd_floor = floors["floor_tensor_core_us" if tc else "floor_cuda_core_us"]
+        bwd_floor = floors["backward_floor_tensor_core_us" if tc else "backward_floor_us"]
+        r["roofline_unit"] = "tensor cores" if tc else "CUDA cores"
+        r["forward_pct_roofline"] = 100 * fwd_floor / 1e6 / fwd["median_s"]
+        r["forward_backward_pct_roofline"] = 100 * (fwd_floor + bwd_floor) / 1e6 / fb["median_s"]
+    return r
 
 
 HELP = "cost volume: CUDA kernel vs reference vs spatial-correlation-sampler"
@@ -194,9 +212,9 @@ def roofline(shape, d: int, bytes_per_elem: int, backward: bool = False) -> dict
         out[card]["floor_cuda_core_us"] = max(out[card]["memory_us"], out[card]["cuda_core_us"])
         out[card]["floor_tensor_core_us"] = max(out[card]["memory_us"], out[card]["tensor_core_us"])
         if backward:
-            bwd_bytes = (d * d * n + 4 * n * C) * bytes_per_elem
-            out[card]["backward_floor_us"] = 1e6 * max(bwd_bytes / (p["hbm_GBps"] * 1e9),
-                                                       2 * flops / (p["fp32_TFLOPs"] * 1e12))
+            bwd_mem = (d * d * n + 4 * n * C) * bytes_per_elem / (p["hbm_GBps"] * 1e9)
+            out[card]["backward_floor_us"] = 1e6 * max(bwd_mem, 2 * flops / (p["fp32_TFLOPs"] * 1e12))
+            out[card]["backward_floor_tensor_core_us"] = 1e6 * max(bwd_mem, 2 * flops / (p["bf16_tc_TFLOPs"] * 1e12))
     return {"shape": list(shape), "D": d, "bytes": moved, "flops": flops, "cards": out}
 
 
@@ -234,8 +252,8 @@ def _line(name: str, r: dict) -> str:
     if "error" in r:
         return f"  {name:<30} {r['error']}"
     pct = f" ({r['forward_pct_peak']:.0f}% of HBM peak)" if "forward_pct_peak" in r else ""
-    roof = (f", {r['forward_pct_roofline']:.0f}% / {r['forward_backward_pct_roofline']:.0f}% of the CUDA-core "
-            "roofline" if "forward_pct_roofline" in r else "")
+    roof = (f", {r['forward_pct_roofline']:.0f}% / {r['forward_backward_pct_roofline']:.0f}% of the "
+            f"{r['roofline_unit']} roofline" if "forward_pct_roofline" in r else "")
     cold = (f"  [L2 flushed: fwd {r['forward_cold_l2']['median_s'] * 1e3:.3f} ms, fwd+bwd "
             f"{r['forward_backward_cold_l2']['median_s'] * 1e3:.3f} ms]" if "forward_cold_l2" in r else "")
     return (f"  {name:<30} fwd {r['forward']['median_s'] * 1e3:8.3f} ms {r['forward_GBps']:7.1f} GB/s{pct}   "
@@ -244,19 +262,20 @@ def _line(name: str, r: dict) -> str:
 
 def show(res: dict) -> str:
     if "kernels" in res:
-        lines = [f"{'arch':<6}{'regs':>5}{'spill B':>8}{'smem B':>7}{'blk/SM':>7}{'warps':>6}{'FFMA':>6}{'LDS':>6}"
-                 f"{'LDG.128':>8}{'STG.128':>8}{'STG':>5}  budget  kernel"]
+        lines = [f"{'arch':<6}{'regs':>5}{'spill B':>8}{'smem B':>7}{'blk/SM':>7}{'warps':>6}{'FFMA':>6}{'HMMA':>6}"
+                 f"{'LDS':>6}{'LDSM':>6}{'LDG.128':>8}{'STG.128':>8}{'STG':>5}  budget  kernel"]
         for r in res["kernels"]:
             m = r["sass"] or {}
             lines.append(f"{r['arch']:<6}{r['registers']:>5}{r['spill_bytes']:>8}{r['smem_bytes']:>7}"
-                         f"{r['blocks_per_sm']:>7}{r['warps_per_sm']:>6}{m.get('FFMA', '-'):>6}{m.get('LDS', '-'):>6}"
+                         f"{r['blocks_per_sm']:>7}{r['warps_per_sm']:>6}{m.get('FFMA', '-'):>6}{m.get('HMMA', '-'):>6}"
+                         f"{m.get('LDS', '-'):>6}{m.get('LDSM', '-'):>6}"
                          f"{m.get('LDG.E.128', '-'):>8}{m.get('STG.E.128', '-'):>8}{m.get('STG', '-'):>5}  "
                          f"{'ok    ' if r['within_budget'] else 'OVER  '}  {r['name'].split('(')[0][5:70]}"
                          + (f"  ({', '.join(r['over_budget'])})" if r["over_budget"] else ""))
         over = sum(not r["within_budget"] for r in res["kernels"])
         lines.append(f"{over} of {len(res['kernels'])} kernel builds over the budget (no spills, >= "
                      f"{res['budget']['min_blocks_per_sm']} blocks/SM with their shared memory, 16-byte global "
-                     "loads and stores in the compile-time kernels)")
+                     "loads and stores in the compile-time kernels, HMMA and LDSM in the tensor-core ones)")
         for r in res["roofline"]:
             c = r["cards"]
             lines.append(f"roofline bf16 forward {tuple(r['shape'])} D={r['D']}: " + "; ".join(

@@ -13,7 +13,9 @@
 
 namespace {
 
-std::array<std::atomic<int64_t>, 4> counts{};  // forward fast, forward generic, backward fast, backward generic
+// forward per Kernel (fast, generic, tensor core), then backward per Kernel
+std::array<std::atomic<int64_t>, 2 * hcml::kKernels> counts{};
+constexpr const char* kKernelNames[hcml::kKernels] = {"fast", "generic", "tensor_core"};
 
 hcml::DType dtype_of(const torch::Tensor& t) {
   switch (t.scalar_type()) {
@@ -77,13 +79,17 @@ std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor f1, torch:
                                               g1.data_ptr(), g2.data_ptr(), reinterpret_cast<cudaStream_t>(stream),
                                               &used);
   TORCH_CHECK(err == cudaSuccess, "cost_volume backward kernel failed: ", cudaGetErrorString(err));
-  ++counts[2 + static_cast<int>(used)];
+  ++counts[hcml::kKernels + static_cast<int>(used)];
   return {g1, g2};
 }
 
 std::map<std::string, int64_t> dispatch_counts() {
-  return {{"forward_fast", counts[0]}, {"forward_generic", counts[1]}, {"backward_fast", counts[2]},
-          {"backward_generic", counts[3]}};
+  std::map<std::string, int64_t> out;
+  for (int k = 0; k < hcml::kKernels; ++k) {
+    out[std::string("forward_") + kKernelNames[k]] = counts[k];
+    out[std::string("backward_") + kKernelNames[k]] = counts[hcml::kKernels + k];
+  }
+  return out;
 }
 
 void reset_dispatch_counts() {
@@ -97,4 +103,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "cost volume backward (CUDA, fused) on prepared NHWC buffers");
   m.def("dispatch_counts", &dispatch_counts, "which kernel served each call since the last reset");
   m.def("reset_dispatch_counts", &reset_dispatch_counts);
+  m.def("set_tensor_cores", &hcml::set_tensor_cores, "bf16/fp16 (6, 2) calls on the tensor-core kernels (default) "
+        "or the CUDA-core ones (for comparison)");
 }

@@ -1,5 +1,6 @@
-// Dispatch of the cost-volume kernels (cost_volume_nhwc.cuh): the compile-time kernels for the (max displacement,
-// stride) the models use, the generic kernels for any other. Instantiated here and nowhere else, so the JIT build
+// Dispatch of the cost-volume kernels (cost_volume_nhwc.cuh): for the (max displacement, stride) the models use,
+// the tensor-core kernels (bf16/fp16 on sm_80+) or the compile-time CUDA-core ones; the generic kernels for any
+// other. Instantiated here and nowhere else, so the JIT build
 // and the static report (`hcml bench op --static`) compile exactly what can run.
 #include "cost_volume_kernels.cuh"
 
@@ -24,7 +25,7 @@ template <typename T, int D, int S>
 cudaError_t fast_forward(const Shape& sh, const T* f1, const T* f2, T* out, cudaStream_t stream) {
   using K = nhwc::Fast<T, D, S>;
   if (!allow_smem(nhwc::forward_fast<T, D, S>, K::SMEM_FWD)) return cudaErrorInvalidConfiguration;
-  nhwc::forward_fast<T, D, S><<<nhwc::fast_grid<T, D, S>(sh), K::THREADS, K::SMEM_FWD, stream>>>(sh, f1, f2, out);
+  nhwc::forward_fast<T, D, S><<<nhwc::tile_grid<K>(sh), K::THREADS, K::SMEM_FWD, stream>>>(sh, f1, f2, out);
   return cudaGetLastError();
 }
 
@@ -32,12 +33,46 @@ template <typename T, int D, int S>
 cudaError_t fast_backward(const Shape& sh, const T* g, const T* f1, const T* f2, T* g1, T* g2, cudaStream_t stream) {
   using K = nhwc::Fast<T, D, S>;
   if (!allow_smem(nhwc::backward_fast<T, D, S>, K::SMEM_BWD)) return cudaErrorInvalidConfiguration;
-  nhwc::backward_fast<T, D, S><<<nhwc::fast_grid<T, D, S>(sh), K::THREADS_BWD, K::SMEM_BWD, stream>>>(sh, g, f1, f2, g1,
+  nhwc::backward_fast<T, D, S><<<nhwc::tile_grid<K>(sh), K::THREADS_BWD, K::SMEM_BWD, stream>>>(sh, g, f1, f2, g1,
                                                                                                  g2);
   return cudaGetLastError();
 }
 
 bool is_fast(const CostVolumeShape& s) { return s.max_displacement == 6 && s.stride == 2; }
+
+bool tensor_cores_enabled = true;
+
+// mma.sync with bf16/fp16 inputs needs sm_80: asked once per device.
+bool tensor_cores_here() {
+  static int major[64] = {};
+  int dev = 0;
+  if (!tensor_cores_enabled || cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return false;
+  if (major[dev] == 0 && cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  return major[dev] >= 8;
+}
+
+template <typename T, int D, int S>
+cudaError_t tc_forward(const Shape& sh, const T* f1, const T* f2, T* out, cudaStream_t stream) {
+  using K = nhwc::Tc<T, D, S>;
+  if (!allow_smem(nhwc::forward_tc<T, D, S>, K::SMEM_FWD)) return cudaErrorInvalidConfiguration;
+  nhwc::forward_tc<T, D, S><<<nhwc::tile_grid<K>(sh), K::THREADS, K::SMEM_FWD, stream>>>(sh, f1, f2, out);
+  return cudaGetLastError();
+}
+
+template <typename T, int D, int S>
+cudaError_t tc_backward(const Shape& sh, const T* g, const T* f1, const T* f2, T* g1, T* g2, cudaStream_t stream) {
+  using K = nhwc::Tc<T, D, S>;
+  if (!allow_smem(nhwc::backward_tc<T, D, S>, K::SMEM_BWD)) return cudaErrorInvalidConfiguration;
+  nhwc::backward_tc<T, D, S><<<nhwc::tile_grid<K>(sh), K::THREADS, K::SMEM_BWD, stream>>>(sh, g, f1, f2, g1, g2);
+  return cudaGetLastError();
+}
+
+// Whether a call of element type T takes the tensor-core kernels.
+template <typename T>
+bool use_tc(const CostVolumeShape& s) {
+  return sizeof(T) == 2 && is_fast(s) && tensor_cores_here();
+}
 
 template <typename T>
 cudaError_t forward_t(const CostVolumeShape& s, const void* f1, const void* f2, void* out, cudaStream_t stream,
@@ -45,6 +80,12 @@ cudaError_t forward_t(const CostVolumeShape& s, const void* f1, const void* f2, 
   const Shape sh{s.B, s.C, s.Cs, s.H, s.W};
   const T *a = static_cast<const T*>(f1), *b = static_cast<const T*>(f2);
   T* o = static_cast<T*>(out);
+  if constexpr (sizeof(T) == 2) {
+    if (use_tc<T>(s)) {
+      *used = Kernel::kTensorCore;
+      return tc_forward<T, 7, 2>(sh, a, b, o, stream);
+    }
+  }
   if (is_fast(s)) {
     *used = Kernel::kFast;
     return fast_forward<T, 7, 2>(sh, a, b, o, stream);
@@ -62,6 +103,12 @@ cudaError_t backward_t(const CostVolumeShape& s, const void* g, const void* f1, 
   const Shape sh{s.B, s.C, s.Cs, s.H, s.W};
   const T *gp = static_cast<const T*>(g), *a = static_cast<const T*>(f1), *b = static_cast<const T*>(f2);
   T *o1 = static_cast<T*>(g1), *o2 = static_cast<T*>(g2);
+  if constexpr (sizeof(T) == 2) {
+    if (use_tc<T>(s)) {
+      *used = Kernel::kTensorCore;
+      return tc_backward<T, 7, 2>(sh, gp, a, b, o1, o2, stream);
+    }
+  }
   if (is_fast(s)) {
     *used = Kernel::kFast;
     return fast_backward<T, 7, 2>(sh, gp, a, b, o1, o2, stream);
@@ -75,6 +122,8 @@ cudaError_t backward_t(const CostVolumeShape& s, const void* g, const void* f1, 
 }
 
 }  // namespace
+
+void set_tensor_cores(bool enabled) { tensor_cores_enabled = enabled; }
 
 cudaError_t cost_volume_forward(DType dt, CostVolumeShape sh, const void* f1, const void* f2, void* out,
                                 cudaStream_t stream, Kernel* used) {

@@ -16,7 +16,12 @@ struct CostVolumeShape {
 };
 
 // Which kernel served a call, for the op's dispatch counters.
-enum class Kernel : int { kFast = 0, kGeneric = 1 };
+enum class Kernel : int { kFast = 0, kGeneric = 1, kTensorCore = 2 };
+constexpr int kKernels = 3;
+
+// bf16/fp16 calls with the compile-time (D, S) take the tensor-core kernels on sm_80 and later unless switched off
+// here (the benchmark times both families); fp32 always takes the CUDA-core ones.
+void set_tensor_cores(bool enabled);
 
 // out[b, y, x, i*D+j] = 1/C sum_c f1[b,y,x,c] * f2[b,y+dy_i,x+dx_j,c]  (zero outside), fp32 accumulation.
 cudaError_t cost_volume_forward(DType dt, CostVolumeShape shape, const void* f1, const void* f2, void* out,

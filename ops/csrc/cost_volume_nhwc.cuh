@@ -28,6 +28,7 @@
 #define HCML_DYNAMIC_SMEM(name) float* name = hcml_emu::shared_memory()
 #else
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -75,6 +76,30 @@ __device__ __forceinline__ uint4 pack(const float* in) {
 
 __device__ __forceinline__ int64_t pixel(const Shape& sh, int b, int y, int x) {
   return (static_cast<int64_t>(b) * sh.H + y) * sh.W + x;
+}
+
+// The forward's output tile, staged in shared memory as floats [TH][TW][DD] (already scaled), written as contiguous
+// 16-byte stores per tile row (a row of the tile is one contiguous run of the NHWC output); the row's ragged ends
+// element by element.
+template <typename T, int TH, int TW, int DD, int NT>
+__device__ __forceinline__ void store_out_tile(const float* __restrict__ tile, const Shape& sh, int b, int y0, int x0,
+                                               T* __restrict__ out) {
+  constexpr int V = Vec<T>::N;
+  const int width = min(TW, sh.W - x0);
+  for (int ty = 0; ty < TH && y0 + ty < sh.H; ++ty) {
+    const int64_t start = pixel(sh, b, y0 + ty, x0) * DD, n = static_cast<int64_t>(width) * DD;
+    const int64_t first = start / V, last = (start + n + V - 1) / V;  // 16-byte slots touching the row
+    const float* src = tile + ty * TW * DD;                          // src[e - start] for global element e
+    for (int64_t slot = first + threadIdx.x; slot < last; slot += NT) {
+      const int64_t e0 = slot * V;
+      if (e0 >= start && e0 + V <= start + n) {
+        *reinterpret_cast<uint4*>(out + e0) = pack<T>(src + (e0 - start));
+      } else {
+        for (int64_t e = e0; e < e0 + V; ++e)
+          if (e >= start && e < start + n) out[e] = from_f<T>(src[e - start]);
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------- compile-time (D, S) kernels
@@ -219,22 +244,7 @@ __global__ void __launch_bounds__(Fast<T, D, S>::THREADS, 2)
 #pragma unroll
     for (int p = 0; p < K::P; ++p) smem[th.px(p) * K::DD + th.i * D + j] = acc[j][p] * inv;
   __syncthreads();
-  constexpr int V = Vec<T>::N;
-  const int width = min(K::TW, sh.W - x0);
-  for (int ty = 0; ty < K::TH && y0 + ty < sh.H; ++ty) {
-    const int64_t start = pixel(sh, b, y0 + ty, x0) * K::DD, n = static_cast<int64_t>(width) * K::DD;
-    const int64_t first = start / V, last = (start + n + V - 1) / V;  // 16-byte slots touching the row
-    const float* src = smem + ty * K::TW * K::DD;                    // src[e - start] for global element e
-    for (int64_t slot = first + threadIdx.x; slot < last; slot += K::THREADS) {
-      const int64_t e0 = slot * V;
-      if (e0 >= start && e0 + V <= start + n) {
-        *reinterpret_cast<uint4*>(out + e0) = pack<T>(src + (e0 - start));
-      } else {
-        for (int64_t e = e0; e < e0 + V; ++e)
-          if (e >= start && e < start + n) out[e] = from_f<T>(src[e - start]);
-      }
-    }
-  }
+  store_out_tile<T, K::TH, K::TW, K::DD, K::THREADS>(smem, sh, b, y0, x0, out);
 }
 
 // Fused backward: g1[p, c] = 1/C sum_k g[p, k] f2[p + d_k, c] and g2[q, c] = 1/C sum_k g[q - d_k, k] f1[q - d_k, c].
@@ -336,12 +346,307 @@ __global__ void __launch_bounds__(Fast<T, D, S>::THREADS_BWD, 2)
   }
 }
 
-template <typename T, int D, int S>
-inline dim3 fast_grid(const Shape& sh) {
-  using K = Fast<T, D, S>;
+// The grid of a tiled kernel family K (Fast or Tc): one block per TH x TW tile of each image.
+template <typename K>
+inline dim3 tile_grid(const Shape& sh) {
   dim3 grid;
   grid.x = (sh.W + K::TW - 1) / K::TW, grid.y = (sh.H + K::TH - 1) / K::TH, grid.z = sh.B;
   return grid;
+}
+
+// ---------------------------------------------------------------- tensor cores: bf16 / fp16, compile-time (D, S)
+// ldmatrix + mma.sync.m16n8k16 (sm_80 and later; the dispatch checks the device). emulation.h emulates both.
+#ifdef HCML_EMULATE
+template <bool Trans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  ldmatrix_x4_emulated<Trans>(r, row);
+}
+template <typename E>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  mma_16816_emulated<E>(c, a, b);
+}
+#else
+template <bool Trans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if __CUDA_ARCH__ >= 800
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+#else
+  r[0] = r[1] = r[2] = r[3] = 0u;  // not launched below sm_80
+#endif
+}
+template <typename E>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<E, __half>)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+#endif
+
+// The cost volume as local GEMMs. Pixels of one parity class (y = ry + S v, x = rx + S u) see each other only at
+// whole lattice steps, so on a class's lattice the op is a plain D x D neighbourhood correlation. A warp takes
+// QB x QB = 16 lattice pixels (one m16 tile); every key any of them reads lies in one KW x KW = 100-pixel window
+// (13 n8 tiles). Forward: one 16 x 104 x C GEMM per warp, of which the 16 x 49 products in each query's window are
+// kept (47 %). Backward: g1 (the warp's pixels as queries) = G (16 x 112: their grads placed at the window's keys)
+// x the f2 window; g2 (the warp's pixels as keys) = G' (16 x 112: the grads of the window's queries that read
+// them) x the f1 window. ldmatrix takes one row address per lane, so the lattice gather is free: the rows of A
+// and B are pixels of the staged, class-split windows.
+//
+// Shared memory: pixels as T, classes split, KC channels per pixel plus 16 bytes of padding, so a pixel is
+// M = KC / 8 + 1 (odd) 16-byte units; a window row is RU = KW M (mod 8) units, so key k (row-major in a warp's
+// window) starts at unit M k + const (mod 8): the 8 rows of each ldmatrix phase fall in 8 different bank groups.
+// A query-tile row is RA = QB M (mod 8) units, for the same reason.
+template <typename T, int D_, int S_>
+struct Tc {
+  static constexpr int D = D_, S = S_, HALF = D / 2, MD = HALF * S, DD = D * D;
+  static constexpr int QB = 4, LH = 4, LW = 8;                 // a warp's 4 x 4 pixels; lattice pixels per class
+  static constexpr int TH = S * LH, TW = S * LW;               // the tile: 8 x 16 pixels
+  static constexpr int BX = LW / QB, WARPS = S * S * BX, THREADS = 32 * WARPS;  // LH == QB: one block row
+  static constexpr int KW = QB + D - 1, NK = KW * KW;          // a warp's window: 10 x 10 pixels
+  static constexpr int NT = (NK + 7) / 8, KSTEPS = (NK + 15) / 16;  // forward n8 tiles, backward k16 steps
+  static constexpr int WH = LH + D - 1, WW = LW + D - 1;       // a class's window: 10 x 14 lattice pixels
+  static constexpr int V = Vec<T>::N;
+  static constexpr int KC_FWD = 32, KC_BWD = 16;               // channels per pixel and chunk
+  static_assert(sizeof(T) == 2 && LH == QB && MD % S == 0, "tensor-core geometry");
+
+  static constexpr int congruent(int base, int target) { return base + ((target - base) % 8 + 8) % 8; }
+  template <int KC>
+  struct Layout {  // in 16-byte units
+    static constexpr int M = KC / 8 + 1, RU = congruent(WW * M, KW * M % 8), RA = congruent(LW * M, QB * M % 8);
+    static constexpr int WIN = S * S * WH * RU, TILE = S * S * LH * RA;
+  };
+  using LF = Layout<KC_FWD>;
+  using LB = Layout<KC_BWD>;
+  static constexpr int OUT_TILE = 4 * TH * TW * DD;             // bytes: the forward's output tile (floats)
+  static constexpr int SMEM_FWD = 16 * (LF::WIN + LF::TILE) > OUT_TILE ? 16 * (LF::WIN + LF::TILE) : OUT_TILE;
+  static constexpr int NPX = TH * TW, OUTS = 2 * NPX * KC_BWD;  // floats: the backward chunk's two grads
+  static constexpr int SMEM_BWD = 16 * 2 * LB::WIN + 4 * OUTS;
+
+  struct Lane {
+    int warp, lane, cls, ry, rx, bx, g, q;
+    __device__ __forceinline__ Lane() {
+      warp = threadIdx.x / 32, lane = threadIdx.x % 32, cls = warp / BX, bx = warp % BX;
+      ry = cls / S, rx = cls % S, g = lane / 4, q = lane % 4;
+    }
+    // tile-relative y, x of row a (0..15) of the warp's pixels, and of window pixel w (0..NK-1)
+    __device__ __forceinline__ int ay(int a) const { return S * (a / QB) + ry; }
+    __device__ __forceinline__ int ax(int a) const { return S * (QB * bx + a % QB) + rx; }
+    __device__ __forceinline__ int wy(int w) const { return S * (w / KW - HALF) + ry; }
+    __device__ __forceinline__ int wx(int w) const { return S * (QB * bx + w % KW - HALF) + rx; }
+    // 16-byte unit of window pixel w (its channel 0) in a staged window of layout L. A w past the window (the
+    // padding of the last n8 / k16 tile: its products are unused or multiplied by zero) reads a pixel of the
+    // window with the same residue mod 8, so that its ldmatrix phase stays free of bank conflicts.
+    template <typename L>
+    __device__ __forceinline__ int win_unit(int w) const {
+      while (w >= NK) w -= 8;
+      return (cls * WH + w / KW) * L::RU + (QB * bx + w % KW) * L::M;
+    }
+  };
+
+  // Channels [c0, c0 + KC) of pixels [y0 - HALO, y0 + TH + HALO) x [x0 - HALO, x0 + TW + HALO), zeros outside the
+  // image and past Cs, into the class-split layout (row stride RS units): in batches of BATCH 16-byte loads per
+  // thread in flight, then their stores. The batch loop is not unrolled: unrolled, the compiler keeps every
+  // item's address across the channel loop (~40 registers) and the kernels spill.
+  template <int KC, int HALO, int RS, int BATCH = 4>
+  __device__ static __forceinline__ void stage(uint4* __restrict__ dst, const T* __restrict__ src, const Shape& sh,
+                                               int b, int y0, int x0, int c0) {
+    constexpr int M = KC / 8 + 1, NV = KC / V, ROWS = TH + 2 * HALO, COLS = TW + 2 * HALO;
+    constexpr int ITEMS = ROWS * COLS * NV, PER = (ITEMS + THREADS - 1) / THREADS;
+#pragma unroll 1
+    for (int n0 = 0; n0 < PER; n0 += BATCH) {
+      uint4 buf[BATCH];
+#pragma unroll
+      for (int n = 0; n < BATCH; ++n) {
+        const int item = threadIdx.x + (n0 + n) * THREADS, v = item % NV, pix = item / NV;
+        const int y = y0 - HALO + pix / COLS, x = x0 - HALO + pix % COLS, c = c0 + v * V;
+        buf[n].x = buf[n].y = buf[n].z = buf[n].w = 0u;
+        if (n0 + n < PER && item < ITEMS && y >= 0 && y < sh.H && x >= 0 && x < sh.W && c < sh.Cs)
+          buf[n] = *reinterpret_cast<const uint4*>(src + pixel(sh, b, y, x) * sh.Cs + c);
+      }
+#pragma unroll
+      for (int n = 0; n < BATCH; ++n) {
+        const int item = threadIdx.x + (n0 + n) * THREADS, v = item % NV, pix = item / NV;
+        const int yr = pix / COLS, xr = pix % COLS;
+        if (n0 + n < PER && item < ITEMS)
+          dst[(((yr % S) * S + xr % S) * (ROWS / S) + yr / S) * RS + (xr / S) * M + v] = buf[n];
+      }
+    }
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ uint16_t bits_of(T v) {
+  uint16_t u;
+  memcpy(&u, &v, 2);
+  return u;
+}
+
+// out[p, i*D + j] = 1/C sum_c f1[p, c] * f2[p + ((i - D/2) S, (j - D/2) S), c]: per chunk of 32 channels, A (the
+// warp's 16 pixels, from the f1 tile) times B (its 100-pixel f2 window) into 13 fp32 accumulator tiles; at the end
+// each accumulator that is inside its query's window goes to the output tile.
+template <typename T, int D, int S>
+__global__ void __launch_bounds__(Tc<T, D, S>::THREADS, 2)
+    forward_tc(Shape sh, const T* __restrict__ f1, const T* __restrict__ f2, T* __restrict__ out) {
+  using K = Tc<T, D, S>;
+  using L = typename K::LF;
+  HCML_DYNAMIC_SMEM(smem);
+  uint4* win = reinterpret_cast<uint4*>(smem);  // the f2 window
+  uint4* til = win + L::WIN;                    // the f1 tile
+  const int b = blockIdx.z, y0 = blockIdx.y * K::TH, x0 = blockIdx.x * K::TW;
+  const typename K::Lane ln;
+  const int j = ln.lane / 8, r = ln.lane % 8;
+  // ldmatrix row of this lane: A matrix j = rows r + 8 (j % 2), channels 8 (j / 2); B matrix j of n-tile pair tp
+  // = keys 8 (2 tp + j / 2) + r, channels 8 (j % 2).
+  const int arow = r + 8 * (j % 2);
+  const int a_unit = (ln.cls * K::LH + arow / K::QB) * L::RA + (K::QB * ln.bx + arow % K::QB) * L::M + j / 2;
+  constexpr int PAIRS = (K::NT + 1) / 2;
+  int b_unit[PAIRS];
+#pragma unroll
+  for (int tp = 0; tp < PAIRS; ++tp) {
+    const int key = 8 * (2 * tp + j / 2) + r;
+    b_unit[tp] = ln.template win_unit<L>(key) + j % 2;
+  }
+  float acc[K::NT][4];
+#pragma unroll
+  for (int t = 0; t < K::NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  for (int c0 = 0; c0 < sh.Cs; c0 += K::KC_FWD) {
+    __syncthreads();  // the previous chunk is consumed
+    K::template stage<K::KC_FWD, K::MD, L::RU>(win, f2, sh, b, y0, x0, c0);
+    K::template stage<K::KC_FWD, 0, L::RA>(til, f1, sh, b, y0, x0, c0);
+    __syncthreads();
+#pragma unroll 1
+    for (int ks = 0; ks < K::KC_FWD / 16; ++ks) {  // not unrolled: 13 fragments in flight are enough
+      uint32_t a[4];
+      ldmatrix_x4<false>(a, til + a_unit + 2 * ks);
+#pragma unroll
+      for (int tp = 0; tp < PAIRS; ++tp) {
+        uint32_t bq[4];
+        ldmatrix_x4<false>(bq, win + b_unit[tp] + 2 * ks);
+        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+        mma_16816<T>(acc[2 * tp], a, b0);
+        if (2 * tp + 1 < K::NT) mma_16816<T>(acc[2 * tp + 1], a, b1);
+      }
+    }
+  }
+  __syncthreads();  // the output tile [TH][TW][DD] reuses the staging space
+  const float inv = 1.f / sh.C;
+#pragma unroll
+  for (int t = 0; t < K::NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = 8 * t + 2 * ln.q + e % 2, row = ln.g + 8 * (e / 2);  // accumulator element (row, key)
+      const int i = key / K::KW - row / K::QB, jj = key % K::KW - row % K::QB;
+      if (key < K::NK && i >= 0 && i < D && jj >= 0 && jj < D)
+        smem[(ln.ay(row) * K::TW + ln.ax(row)) * K::DD + i * D + jj] = acc[t][e] * inv;
+    }
+  __syncthreads();
+  store_out_tile<T, K::TH, K::TW, K::DD, K::THREADS>(smem, sh, b, y0, x0, out);
+}
+
+// Fused backward. A operands built once from g (C-independent, in registers): ga[s] rows = the warp's pixels p,
+// columns = window keys w (g[p, k] where w = p + d_k), gb[s] rows = the warp's pixels q as keys, columns = window
+// pixels w as queries (g[w, k] where q = w + d_k). Per chunk of 16 channels: g1 = ga x (f2 window), g2 = gb x (f1
+// window), through shared memory to 16-byte stores; each grad element is written once.
+template <typename T, int D, int S>
+__global__ void __launch_bounds__(Tc<T, D, S>::THREADS, 2)
+    backward_tc(Shape sh, const T* __restrict__ g, const T* __restrict__ f1, const T* __restrict__ f2,
+                T* __restrict__ g1, T* __restrict__ g2) {
+  using K = Tc<T, D, S>;
+  using L = typename K::LB;
+  constexpr int KC = K::KC_BWD, NPX = K::NPX, HALF = K::HALF, V = K::V;
+  HCML_DYNAMIC_SMEM(smem);
+  uint4* w2 = reinterpret_cast<uint4*>(smem);             // the f2 window
+  uint4* w1 = w2 + L::WIN;                                // the f1 window
+  float* outs = reinterpret_cast<float*>(w1 + L::WIN);    // [2][NPX][KC]
+  const int b = blockIdx.z, y0 = blockIdx.y * K::TH, x0 = blockIdx.x * K::TW;
+  const typename K::Lane ln;
+  auto inside = [&](int y, int x) { return y >= 0 && y < sh.H && x >= 0 && x < sh.W; };
+  uint32_t ga[K::KSTEPS][4], gb[K::KSTEPS][4];
+#pragma unroll
+  for (int s = 0; s < K::KSTEPS; ++s)
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      uint32_t wa = 0u, wb = 0u;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = ln.g + 8 * (n % 2), w = 16 * s + 8 * (n / 2) + 2 * ln.q + h;  // fragment element
+        const int py = y0 + ln.ay(row), px = x0 + ln.ax(row), qy = y0 + ln.wy(w), qx = x0 + ln.wx(w);
+        const int di = w / K::KW - row / K::QB, dj = w % K::KW - row % K::QB;  // row's displacement to w
+        uint16_t va = 0, vb = 0;
+        if (w < K::NK && inside(py, px) && inside(qy, qx)) {
+          if (di >= 0 && di < D && dj >= 0 && dj < D) va = bits_of(g[pixel(sh, b, py, px) * K::DD + di * D + dj]);
+          const int i2 = 2 * HALF - di, j2 = 2 * HALF - dj;  // w's displacement to row's pixel
+          if (i2 >= 0 && i2 < D && j2 >= 0 && j2 < D) vb = bits_of(g[pixel(sh, b, qy, qx) * K::DD + i2 * D + j2]);
+        }
+        wa |= static_cast<uint32_t>(va) << (16 * h);
+        wb |= static_cast<uint32_t>(vb) << (16 * h);
+      }
+      ga[s][n] = wa, gb[s][n] = wb;
+    }
+  // ldmatrix.trans rows of this lane: window keys 16 s + 8 (j % 2) + r, channels 8 (j / 2)
+  const int j = ln.lane / 8, r = ln.lane % 8;
+  int k_unit[K::KSTEPS];
+#pragma unroll
+  for (int s = 0; s < K::KSTEPS; ++s) {
+    const int key = 16 * s + 8 * (j % 2) + r;
+    k_unit[s] = ln.template win_unit<L>(key) + j / 2;
+  }
+  const float inv = 1.f / sh.C;
+  for (int c0 = 0; c0 < sh.Cs; c0 += KC) {
+    K::template stage<KC, K::MD, L::RU>(w2, f2, sh, b, y0, x0, c0);  // the last barrier passed: windows consumed
+    K::template stage<KC, K::MD, L::RU>(w1, f1, sh, b, y0, x0, c0);
+    __syncthreads();
+    float a1[KC / 8][4], a2[KC / 8][4];
+#pragma unroll
+    for (int n = 0; n < KC / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a1[n][e] = a2[n][e] = 0.f;
+#pragma unroll
+    for (int s = 0; s < K::KSTEPS; ++s)
+#pragma unroll
+      for (int p = 0; p < KC / 16; ++p) {
+        uint32_t bq[4];
+        ldmatrix_x4<true>(bq, w2 + k_unit[s] + 2 * p);
+        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+        mma_16816<T>(a1[2 * p], ga[s], b0);
+        mma_16816<T>(a1[2 * p + 1], ga[s], b1);
+        ldmatrix_x4<true>(bq, w1 + k_unit[s] + 2 * p);
+        const uint32_t c0b[2] = {bq[0], bq[1]}, c1b[2] = {bq[2], bq[3]};
+        mma_16816<T>(a2[2 * p], gb[s], c0b);
+        mma_16816<T>(a2[2 * p + 1], gb[s], c1b);
+      }
+#pragma unroll
+    for (int n = 0; n < KC / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = ln.g + 8 * (e / 2), ch = 8 * n + 2 * ln.q + e % 2;
+        const int px = ln.ay(row) * K::TW + ln.ax(row);
+        outs[px * KC + ch] = a1[n][e] * inv;
+        outs[(NPX + px) * KC + ch] = a2[n][e] * inv;
+      }
+    __syncthreads();
+    for (int job = threadIdx.x; job < 2 * NPX * (KC / V); job += K::THREADS) {
+      const int v = job % (KC / V), px = (job / (KC / V)) % NPX, which = job / (NPX * (KC / V));
+      const int yy = y0 + px / K::TW, xx = x0 + px % K::TW, c = c0 + v * V;
+      if (yy < sh.H && xx < sh.W && c < sh.Cs)
+        *reinterpret_cast<uint4*>((which ? g2 : g1) + pixel(sh, b, yy, xx) * sh.Cs + c) =
+            pack<T>(outs + (which * NPX + px) * KC + v * V);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- any (D, S): plain, vector loads, no tiles

@@ -5,10 +5,12 @@
 // the GPU, which is what tests/test_cost_volume.py checks against a naive reference on machines with no GPU.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -34,7 +36,11 @@ inline thread_local dim3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<float>* block_exchange = nullptr;  // one slot per thread, for warp shuffles
+inline std::vector<const void*>* block_addresses = nullptr;  // one per thread, for ldmatrix
+inline std::vector<uint32_t>* block_words = nullptr;  // six per thread, for mma fragments
 inline float* block_smem = nullptr;
+// ldmatrix phases (8 rows of 16 bytes) whose rows share a bank group: each costs the hardware a replay
+inline std::atomic<long> ldmatrix_phases{0}, ldmatrix_conflicted_phases{0};
 inline float* shared_memory() { return block_smem; }
 inline void sync() { block_barrier->arrive_and_wait(); }
 
@@ -49,8 +55,12 @@ void launch(dim3 grid, dim3 block, size_t smem, Kernel kernel, Args... args) {
         std::memset(buf.data(), 0xff, buf.size() * sizeof(float));  // NaN garbage: unstaged reads show up
         std::barrier<> bar(block.x);
         std::vector<float> exchange(block.x);
+        std::vector<const void*> addresses(block.x);
+        std::vector<uint32_t> words(6 * block.x);
         block_barrier = &bar;
         block_exchange = &exchange;
+        block_addresses = &addresses;
+        block_words = &words;
         block_smem = buf.data();
         std::vector<std::thread> threads;
         for (unsigned t = 0; t < block.x; ++t)
@@ -111,4 +121,69 @@ inline __half __float2half_rn(float f) {
   __half r;
   std::memcpy(&r.bits, &h, 2);
   return r;
+}
+
+// ---------------------------------------------------------------- the tensor-core API the NHWC kernels use
+// Warp collectives, emulated like the shuffle above (every thread of the block reaches each call together), with
+// PTX's fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16", "ldmatrix"): lane l = 4 g + q.
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8 j .. 8 j + 7 give the row addresses (16 bytes each) of
+// matrix j; register j of lane l holds row g, columns 2 q and 2 q + 1 (low half first). With trans: the
+// transposed matrix, i.e. rows 2 q and 2 q + 1 of column g.
+template <bool Trans>
+inline void ldmatrix_x4_emulated(uint32_t (&r)[4], const void* row) {
+  auto& ex = *hcml_emu::block_addresses;
+  const unsigned t = threadIdx.x, lane = t & 31u, base = t & ~31u, g = lane / 4, q = lane % 4;
+  ex[t] = row;
+  hcml_emu::sync();
+  if (lane == 0)
+    for (int j = 0; j < 4; ++j) {
+      unsigned groups = 0;
+      for (unsigned r = 0; r < 8; ++r) groups |= 1u << ((reinterpret_cast<uintptr_t>(ex[base + 8 * j + r]) / 16) % 8);
+      ++hcml_emu::ldmatrix_phases;
+      if (groups != 0xFFu) ++hcml_emu::ldmatrix_conflicted_phases;
+    }
+  for (int j = 0; j < 4; ++j) {
+    uint16_t lo, hi;
+    if (!Trans) {
+      const auto* p = static_cast<const uint16_t*>(ex[base + 8 * j + g]);
+      lo = p[2 * q], hi = p[2 * q + 1];
+    } else {
+      lo = static_cast<const uint16_t*>(ex[base + 8 * j + 2 * q])[g];
+      hi = static_cast<const uint16_t*>(ex[base + 8 * j + 2 * q + 1])[g];
+    }
+    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  hcml_emu::sync();
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: D = A B + C with A 16 x 16 (a0: rows g, k
+// 2q..2q+1; a1: rows g + 8; a2, a3: k + 8), B 16 x 8 (b0: k 2q..2q+1, column g; b1: k + 8), C 16 x 8 (c0, c1:
+// row g, columns 2q, 2q + 1; c2, c3: row g + 8). Products are exact in fp32; sums in k order (the hardware's
+// order differs: the tests allow for rounding).
+template <typename E>
+inline void mma_16816_emulated(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  auto& w = *hcml_emu::block_words;
+  const unsigned t = threadIdx.x, lane = t & 31u, base = t & ~31u, g = lane / 4, q = lane % 4;
+  for (int n = 0; n < 4; ++n) w[6 * t + n] = a[n];
+  w[6 * t + 4] = b[0], w[6 * t + 5] = b[1];
+  hcml_emu::sync();
+  auto half = [&](unsigned l, int reg, int k) {
+    const uint32_t word = w[6 * (base + l) + reg];
+    E e;
+    const uint16_t bits = static_cast<uint16_t>((k % 2) ? word >> 16 : word & 0xFFFFu);
+    std::memcpy(&e, &bits, 2);
+    if constexpr (std::is_same_v<E, __half>) return __half2float(e);
+    else return __bfloat162float(e);
+  };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * q + e % 2;
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k)
+      acc += half((row % 8) * 4 + (k % 8) / 2, row / 8 + 2 * (k / 8), k) * half(col * 4 + (k % 8) / 2, 4 + k / 8, k);
+    out[e] = acc;
+  }
+  hcml_emu::sync();
+  for (int e = 0; e < 4; ++e) c[e] += out[e];
 }

@@ -12,6 +12,11 @@ void fast(const char* name) {
   using K = Fast<T, 7, 2>;
   std::printf("forward_fast<%s, 7, 2> %d %d\n", name, K::THREADS, K::SMEM_FWD);
   std::printf("backward_fast<%s, 7, 2> %d %d\n", name, K::THREADS_BWD, K::SMEM_BWD);
+  if constexpr (sizeof(T) == 2) {
+    using C = Tc<T, 7, 2>;
+    std::printf("forward_tc<%s, 7, 2> %d %d\n", name, C::THREADS, C::SMEM_FWD);
+    std::printf("backward_tc<%s, 7, 2> %d %d\n", name, C::THREADS, C::SMEM_BWD);
+  }
   std::printf("forward_generic<%s> %d 0\n", name, GENERIC_THREADS);
   std::printf("backward_generic<%s> %d 0\n", name, GENERIC_THREADS);
 }

@@ -23,9 +23,10 @@ static double max_err(const std::vector<T>& got, const std::vector<double>& want
   return e;
 }
 
-// kind 0: the compile-time (D, S) kernels; kind 1: the generic ones with run-time (D, s).
+// kind 0: the compile-time (D, S) kernels; kind 1: the generic ones with run-time (D, s); kind 2: tensor cores.
 template <typename T, int D, int S, int kind>
 static int run_case(const char* dtype, int B, int C, int H, int W, unsigned seed, double rel_tol) {
+  int conflicts = 0;
   constexpr int DD = D * D, V = Vec<T>::N;
   const int Cs = (C + V - 1) / V * V;
   const Shape sh{B, C, Cs, H, W};
@@ -41,10 +42,21 @@ static int run_case(const char* dtype, int B, int C, int H, int W, unsigned seed
   for (auto& v : g) v = from_f<T>(nd(rng));
   if constexpr (kind == 0) {
     using K = Fast<T, D, S>;
-    const dim3 grid = fast_grid<T, D, S>(sh), block{K::THREADS, 1, 1}, block_bwd{K::THREADS_BWD, 1, 1};
+    const dim3 grid = tile_grid<K>(sh), block{K::THREADS, 1, 1}, block_bwd{K::THREADS_BWD, 1, 1};
     hcml_emu::launch(grid, block, K::SMEM_FWD, forward_fast<T, D, S>, sh, f1.data(), f2.data(), out.data());
     hcml_emu::launch(grid, block_bwd, K::SMEM_BWD, backward_fast<T, D, S>, sh, g.data(), f1.data(), f2.data(),
                      g1.data(), g2.data());
+  } else if constexpr (kind == 2) {
+    using K = Tc<T, D, S>;
+    hcml_emu::ldmatrix_phases = 0, hcml_emu::ldmatrix_conflicted_phases = 0;
+    const dim3 grid = tile_grid<K>(sh), block{K::THREADS, 1, 1};
+    hcml_emu::launch(grid, block, K::SMEM_FWD, forward_tc<T, D, S>, sh, f1.data(), f2.data(), out.data());
+    hcml_emu::launch(grid, block, K::SMEM_BWD, backward_tc<T, D, S>, sh, g.data(), f1.data(), f2.data(), g1.data(),
+                     g2.data());
+    const long bad = hcml_emu::ldmatrix_conflicted_phases;  // the shared-memory layout's promise (Tc's comment)
+    std::printf("%-5s tensor  ldmatrix phases %ld, with a bank conflict %ld %s\n", dtype,
+                static_cast<long>(hcml_emu::ldmatrix_phases), bad, bad ? "FAIL" : "ok");
+    conflicts += bad > 0;
   } else {
     const dim3 block{GENERIC_THREADS, 1, 1};
     const int64_t nfw = static_cast<int64_t>(B) * H * W * DD, nbw = static_cast<int64_t>(B) * H * W * (Cs / V);
@@ -76,14 +88,14 @@ static int run_case(const char* dtype, int B, int C, int H, int W, unsigned seed
               r2[q * Cs + c] += gk * to_f(f1[p * Cs + c]);
             }
           }
-  int fails = 0;
+  int fails = conflicts;
   const char* names[3] = {"forward", "dL/df1", "dL/df2"};
   double scale[3], err[3] = {max_err(out, ro, DD, DD, &scale[0]), max_err(g1, r1, C, Cs, &scale[1]),
                              max_err(g2, r2, C, Cs, &scale[2])};
   for (int t = 0; t < 3; ++t) {
     const bool ok = std::isfinite(err[t]) && err[t] <= rel_tol * (scale[t] + 1e-12);
     std::printf("%-5s %-7s D=%d s=%d B=%d C=%d H=%d W=%d %-7s max err %.3g (scale %.3g) %s\n", dtype,
-                kind ? "generic" : "fast", D, S, B, C, H, W, names[t], err[t], scale[t], ok ? "ok" : "FAIL");
+                kind == 2 ? "tensor" : kind ? "generic" : "fast", D, S, B, C, H, W, names[t], err[t], scale[t], ok ? "ok" : "FAIL");
     fails += !ok;
   }
   return fails;
@@ -99,6 +111,11 @@ int main() {
   fails += run_case<__half, 7, 2, 0>("fp16", 1, 16, 9, 17, 3, 2e-3);
   // C = 3 padded to one vector; a window larger than the image (md = 6 > H = 5)
   fails += run_case<float, 7, 2, 0>("fp32", 1, 3, 5, 7, 4, 1e-5);
+  // tensor cores (bf16, fp16): tiles cut by the border, C not a multiple of the 32- or 16-channel chunk (24 = 1.5
+  // forward chunks; 40 = 2.5 backward chunks), an odd W, C below one chunk, a window larger than the image
+  fails += run_case<__nv_bfloat16, 7, 2, 2>("bf16", 2, 24, 11, 35, 9, 1e-2);
+  fails += run_case<__half, 7, 2, 2>("fp16", 1, 40, 9, 17, 10, 2e-3);
+  fails += run_case<__nv_bfloat16, 7, 2, 2>("bf16", 1, 8, 5, 7, 11, 1e-2);
   // generic: other (D, s), a channel tail padded with zeros, a window larger than the image
   fails += run_case<float, 5, 1, 1>("fp32", 2, 6, 9, 10, 5, 1e-5);
   fails += run_case<__nv_bfloat16, 3, 2, 1>("bf16", 1, 10, 7, 9, 6, 1e-2);
