@@ -6,13 +6,15 @@
 # Stages run in order of value, each under its own time limit and only while the budget allows it:
 #   1 op build (JIT, only the device's arch; spatial-correlation-sampler built beside it from a source copy in
 #     .device_payload/scs when carried, else reported "not compared")   2 op correctness (GPU tests: every
-#     kernel family x dtype x layout against the CPU op, dispatch counters, the models' steps on the fast path)
-#   3 op timing (bench op: per-call events, warm and L2-flushed, % of the CUDA-core roofline; the models' shapes)
+#     kernel family x dtype x layout against the CPU op, tensor vs CUDA cores, dispatch counters, the models'
+#     steps on the tensor-core path)
+#   3 op timing (bench op: N calls per event pair, warm and L2-flushed, tensor- and CUDA-core kernels, % of each
+#     one's roofline; the models' shapes)
 #   4 model compare + profile (bench model --compare --profile)   5 pipeline compare and 6 a short training run
 #     (SyncBN with as many processes as GPUs): these need DALI, which comes in .dali_payload (two more calls,
 #     see ../shared/tools/dali_device_payload.sh and `stage` below); without it they are reported as skipped.
 # HCML_CHECK_ONLY=op stops after the op stages; HCML_CHECK_NCU=1 adds an Nsight Compute pass over the op's two
-# compile-time kernels ($OUT/ncu_op.txt). $OUT/report.json is rewritten after every stage and on exit (also when killed), so a call cut short still says
+# tensor-core kernels that serve bf16 ($OUT/ncu_op.txt). $OUT/report.json is rewritten after every stage and on exit (also when killed), so a call cut short still says
 # what ran. Make the payload here first:
 #   bash launch/device_check.sh payload PATH/TO/Pytorch-Correlation-extension   # copies its source (~100 KB)
 # Optional DALI staging (each a separate call carrying one part; /tmp survives while the machine is warm):
@@ -139,7 +141,7 @@ a, b = (torch.randn(128, 64, 56, 56, device="cuda", dtype=torch.bfloat16).contig
 cost_volume(a, b).backward(torch.randn(128, 49, 56, 56, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl))
 torch.cuda.synchronize()
 PY
-  stage "op profile (ncu)" 90 sh -c "ncu --kernel-name regex:_fast --launch-count 2 --section SpeedOfLight \
+  stage "op profile (ncu)" 90 sh -c "ncu --kernel-name regex:_tc --launch-count 2 --section SpeedOfLight \
     --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
     python3 /tmp/cv_once.py > $OUT/ncu_op.txt 2>&1"
 fi

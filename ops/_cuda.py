@@ -63,8 +63,21 @@ def _load():
 
 
 VECTOR_BYTES = 16
-# (max displacement, stride) with compile-time kernels: the paper's 6 and 2 (cost_volume_kernels.cu, is_fast).
-FAST = frozenset({(6, 2)})
+
+
+def _fast_pairs() -> frozenset[tuple[int, int]]:
+    """(max displacement, stride) pairs with compile-time kernels, read from ``kFastPairs`` in
+    csrc/cost_volume_kernels.cuh (what the dispatch uses), so that the CPU-side plan cannot drift from it."""
+    import re
+
+    text = (CSRC / "cost_volume_kernels.cuh").read_text()
+    m = re.search(r"kFastPairs\[\]\[2\]\s*=\s*\{(.*?)\};", text, re.S)
+    if m is None:
+        raise CostVolumeBuildError("kFastPairs not found in csrc/cost_volume_kernels.cuh")
+    return frozenset((int(a), int(b)) for a, b in re.findall(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}", m.group(1)))
+
+
+FAST = _fast_pairs()
 # Element types the tensor-core kernels take (mma.sync m16n8k16, sm_80 and later); fp32 stays on CUDA cores.
 TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 COPIES: Counter = Counter()  # inputs copied into the kernels' layout, by argument name

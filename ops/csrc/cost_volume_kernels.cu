@@ -38,7 +38,11 @@ cudaError_t fast_backward(const Shape& sh, const T* g, const T* f1, const T* f2,
   return cudaGetLastError();
 }
 
-bool is_fast(const CostVolumeShape& s) { return s.max_displacement == 6 && s.stride == 2; }
+bool is_fast(const CostVolumeShape& s) {
+  for (const auto& p : kFastPairs)
+    if (s.max_displacement == p[0] && s.stride == p[1]) return true;
+  return false;
+}
 
 bool tensor_cores_enabled = true;
 

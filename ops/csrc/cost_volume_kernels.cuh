@@ -15,6 +15,10 @@ struct CostVolumeShape {
   int max_displacement, stride;  // D = 2 * max_displacement / stride + 1
 };
 
+// (max displacement, stride) pairs with compile-time kernels: the paper's 6 and 2 (every model). ops/_cuda.py reads
+// this line to plan calls on the CPU side, so it is the one place the set is written.
+constexpr int kFastPairs[][2] = {{6, 2}};
+
 // Which kernel served a call, for the op's dispatch counters.
 enum class Kernel : int { kFast = 0, kGeneric = 1, kTensorCore = 2 };
 constexpr int kKernels = 3;
