@@ -263,19 +263,21 @@ def _line(name: str, r: dict) -> str:
 def show(res: dict) -> str:
     if "kernels" in res:
         lines = [f"{'arch':<6}{'regs':>5}{'spill B':>8}{'smem B':>7}{'blk/SM':>7}{'warps':>6}{'FFMA':>6}{'HMMA':>6}"
-                 f"{'LDS':>6}{'LDSM':>6}{'LDG.128':>8}{'STG.128':>8}{'STG':>5}  budget  kernel"]
+                 f"{'LDS':>6}{'LDSM':>6}{'LDG.128':>8}{'LDGSTS':>7}{'STG.128':>8}{'STG':>5}  budget  kernel"]
         for r in res["kernels"]:
             m = r["sass"] or {}
             lines.append(f"{r['arch']:<6}{r['registers']:>5}{r['spill_bytes']:>8}{r['smem_bytes']:>7}"
                          f"{r['blocks_per_sm']:>7}{r['warps_per_sm']:>6}{m.get('FFMA', '-'):>6}{m.get('HMMA', '-'):>6}"
                          f"{m.get('LDS', '-'):>6}{m.get('LDSM', '-'):>6}"
-                         f"{m.get('LDG.E.128', '-'):>8}{m.get('STG.E.128', '-'):>8}{m.get('STG', '-'):>5}  "
+                         f"{m.get('LDG.E.128', '-'):>8}{m.get('LDGSTS.E.128', '-'):>7}{m.get('STG.E.128', '-'):>8}"
+                         f"{m.get('STG', '-'):>5}  "
                          f"{'ok    ' if r['within_budget'] else 'OVER  '}  {r['name'].split('(')[0][5:70]}"
                          + (f"  ({', '.join(r['over_budget'])})" if r["over_budget"] else ""))
         over = sum(not r["within_budget"] for r in res["kernels"])
         lines.append(f"{over} of {len(res['kernels'])} kernel builds over the budget (no spills, >= "
                      f"{res['budget']['min_blocks_per_sm']} blocks/SM with their shared memory, 16-byte global "
-                     "loads and stores in the compile-time kernels, HMMA and LDSM in the tensor-core ones)")
+                     "loads (cp.async in the tensor-core kernels) and stores in the compile-time kernels, HMMA and "
+                     "LDSM in the tensor-core ones)")
         for r in res["roofline"]:
             c = r["cards"]
             lines.append(f"roofline bf16 forward {tuple(r['shape'])} D={r['D']}: " + "; ".join(

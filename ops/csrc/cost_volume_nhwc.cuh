@@ -365,6 +365,12 @@ template <typename E>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   mma_16816_emulated<E>(c, a, b);
 }
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  cp_async_16_emulated(dst, src, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { cp_async_commit_emulated(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { cp_async_wait_emulated(N); }
 #else
 template <bool Trans>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
@@ -395,6 +401,24 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
+// 16 bytes global → shared without passing through registers; zeros when !valid (src is then not read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
 #endif
 
 // The cost volume as local GEMMs. Pixels of one parity class (y = ry + S v, x = rx + S u) see each other only at
@@ -420,7 +444,7 @@ struct Tc {
   static constexpr int NT = (NK + 7) / 8, KSTEPS = (NK + 15) / 16;  // forward n8 tiles, backward k16 steps
   static constexpr int WH = LH + D - 1, WW = LW + D - 1;       // a class's window: 10 x 14 lattice pixels
   static constexpr int V = Vec<T>::N;
-  static constexpr int KC_FWD = 32, KC_BWD = 16;               // channels per pixel and chunk
+  static constexpr int KC_FWD = 16, KC_BWD = 16;               // channels per pixel and chunk
   static_assert(sizeof(T) == 2 && LH == QB && MD % S == 0, "tensor-core geometry");
 
   static constexpr int congruent(int base, int target) { return base + ((target - base) % 8 + 8) % 8; }
@@ -432,7 +456,8 @@ struct Tc {
   using LF = Layout<KC_FWD>;
   using LB = Layout<KC_BWD>;
   static constexpr int OUT_TILE = 4 * TH * TW * DD;             // bytes: the forward's output tile (floats)
-  static constexpr int SMEM_FWD = 16 * (LF::WIN + LF::TILE) > OUT_TILE ? 16 * (LF::WIN + LF::TILE) : OUT_TILE;
+  static constexpr int STAGE_FWD = LF::WIN + LF::TILE;          // units: one chunk's f2 window and f1 tile
+  static constexpr int SMEM_FWD = 2 * 16 * STAGE_FWD > OUT_TILE ? 2 * 16 * STAGE_FWD : OUT_TILE;  // two stages
   static constexpr int NPX = TH * TW, OUTS = 2 * NPX * KC_BWD;  // floats: the backward chunk's two grads
   static constexpr int SMEM_BWD = 16 * 2 * LB::WIN + 4 * OUTS;
 
@@ -458,32 +483,19 @@ struct Tc {
   };
 
   // Channels [c0, c0 + KC) of pixels [y0 - HALO, y0 + TH + HALO) x [x0 - HALO, x0 + TW + HALO), zeros outside the
-  // image and past Cs, into the class-split layout (row stride RS units): in batches of BATCH 16-byte loads per
-  // thread in flight, then their stores. The batch loop is not unrolled: unrolled, the compiler keeps every
-  // item's address across the channel loop (~40 registers) and the kernels spill.
-  template <int KC, int HALO, int RS, int BATCH = 4>
+  // image and past Cs, into the class-split layout (row stride RS units), as cp.async copies: no registers held,
+  // every copy of the thread in flight at once; the caller commits and waits.
+  template <int KC, int HALO, int RS>
   __device__ static __forceinline__ void stage(uint4* __restrict__ dst, const T* __restrict__ src, const Shape& sh,
                                                int b, int y0, int x0, int c0) {
-    constexpr int M = KC / 8 + 1, NV = KC / V, ROWS = TH + 2 * HALO, COLS = TW + 2 * HALO;
-    constexpr int ITEMS = ROWS * COLS * NV, PER = (ITEMS + THREADS - 1) / THREADS;
-#pragma unroll 1
-    for (int n0 = 0; n0 < PER; n0 += BATCH) {
-      uint4 buf[BATCH];
-#pragma unroll
-      for (int n = 0; n < BATCH; ++n) {
-        const int item = threadIdx.x + (n0 + n) * THREADS, v = item % NV, pix = item / NV;
-        const int y = y0 - HALO + pix / COLS, x = x0 - HALO + pix % COLS, c = c0 + v * V;
-        buf[n].x = buf[n].y = buf[n].z = buf[n].w = 0u;
-        if (n0 + n < PER && item < ITEMS && y >= 0 && y < sh.H && x >= 0 && x < sh.W && c < sh.Cs)
-          buf[n] = *reinterpret_cast<const uint4*>(src + pixel(sh, b, y, x) * sh.Cs + c);
-      }
-#pragma unroll
-      for (int n = 0; n < BATCH; ++n) {
-        const int item = threadIdx.x + (n0 + n) * THREADS, v = item % NV, pix = item / NV;
-        const int yr = pix / COLS, xr = pix % COLS;
-        if (n0 + n < PER && item < ITEMS)
-          dst[(((yr % S) * S + xr % S) * (ROWS / S) + yr / S) * RS + (xr / S) * M + v] = buf[n];
-      }
+    constexpr int M = KC / 8 + 1, NV = KC / V, ROWS = TH + 2 * HALO, COLS = TW + 2 * HALO, ITEMS = ROWS * COLS * NV;
+#pragma unroll 2
+    for (int item = threadIdx.x; item < ITEMS; item += THREADS) {
+      const int v = item % NV, pix = item / NV, yr = pix / COLS, xr = pix % COLS;
+      const int y = y0 - HALO + yr, x = x0 - HALO + xr, c = c0 + v * V;
+      const bool ok = y >= 0 && y < sh.H && x >= 0 && x < sh.W && c < sh.Cs;
+      cp_async_16(dst + (((yr % S) * S + xr % S) * (ROWS / S) + yr / S) * RS + (xr / S) * M + v,
+                  ok ? src + pixel(sh, b, y, x) * sh.Cs + c : src, ok);
     }
   }
 };
@@ -495,7 +507,7 @@ __device__ __forceinline__ uint16_t bits_of(T v) {
   return u;
 }
 
-// out[p, i*D + j] = 1/C sum_c f1[p, c] * f2[p + ((i - D/2) S, (j - D/2) S), c]: per chunk of 32 channels, A (the
+// out[p, i*D + j] = 1/C sum_c f1[p, c] * f2[p + ((i - D/2) S, (j - D/2) S), c]: per chunk of 16 channels, A (the
 // warp's 16 pixels, from the f1 tile) times B (its 100-pixel f2 window) into 13 fp32 accumulator tiles; at the end
 // each accumulator that is inside its query's window goes to the output tile.
 template <typename T, int D, int S>
@@ -504,8 +516,7 @@ __global__ void __launch_bounds__(Tc<T, D, S>::THREADS, 2)
   using K = Tc<T, D, S>;
   using L = typename K::LF;
   HCML_DYNAMIC_SMEM(smem);
-  uint4* win = reinterpret_cast<uint4*>(smem);  // the f2 window
-  uint4* til = win + L::WIN;                    // the f1 tile
+  uint4* const stages = reinterpret_cast<uint4*>(smem);  // two stages of [f2 window | f1 tile]
   const int b = blockIdx.z, y0 = blockIdx.y * K::TH, x0 = blockIdx.x * K::TW;
   const typename K::Lane ln;
   const int j = ln.lane / 8, r = ln.lane % 8;
@@ -523,11 +534,21 @@ __global__ void __launch_bounds__(Tc<T, D, S>::THREADS, 2)
   float acc[K::NT][4];
 #pragma unroll
   for (int t = 0; t < K::NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-  for (int c0 = 0; c0 < sh.Cs; c0 += K::KC_FWD) {
-    __syncthreads();  // the previous chunk is consumed
-    K::template stage<K::KC_FWD, K::MD, L::RU>(win, f2, sh, b, y0, x0, c0);
-    K::template stage<K::KC_FWD, 0, L::RA>(til, f1, sh, b, y0, x0, c0);
-    __syncthreads();
+  // chunk n is computed from stage n % 2 while chunk n + 1 is copied into the other (cp.async double buffering)
+  K::template stage<K::KC_FWD, K::MD, L::RU>(stages, f2, sh, b, y0, x0, 0);
+  K::template stage<K::KC_FWD, 0, L::RA>(stages + L::WIN, f1, sh, b, y0, x0, 0);
+  cp_async_commit();
+  for (int c0 = 0, n = 0; c0 < sh.Cs; c0 += K::KC_FWD, ++n) {
+    uint4* const win = stages + (n % 2) * K::STAGE_FWD;  // the f2 window
+    uint4* const til = win + L::WIN;                     // the f1 tile
+    if (c0 + K::KC_FWD < sh.Cs) {  // the other stage was released by the barrier that ended the last chunk
+      uint4* const next = stages + ((n + 1) % 2) * K::STAGE_FWD;
+      K::template stage<K::KC_FWD, K::MD, L::RU>(next, f2, sh, b, y0, x0, c0 + K::KC_FWD);
+      K::template stage<K::KC_FWD, 0, L::RA>(next + L::WIN, f1, sh, b, y0, x0, c0 + K::KC_FWD);
+    }
+    cp_async_commit();   // (an empty group on the last chunk keeps the count uniform)
+    cp_async_wait<1>();  // this thread's copies of chunk n have landed
+    __syncthreads();     // and everyone's
 #pragma unroll 1
     for (int ks = 0; ks < K::KC_FWD / 16; ++ks) {  // not unrolled: 13 fragments in flight are enough
       uint32_t a[4];
@@ -541,8 +562,9 @@ __global__ void __launch_bounds__(Tc<T, D, S>::THREADS, 2)
         if (2 * tp + 1 < K::NT) mma_16816<T>(acc[2 * tp + 1], a, b1);
       }
     }
+    __syncthreads();  // chunk n's stage is consumed: the next iteration may refill it
   }
-  __syncthreads();  // the output tile [TH][TW][DD] reuses the staging space
+  // the output tile [TH][TW][DD] reuses the staging space (the last barrier passed; no copy is pending)
   const float inv = 1.f / sh.C;
 #pragma unroll
   for (int t = 0; t < K::NT; ++t)
@@ -609,6 +631,8 @@ __global__ void __launch_bounds__(Tc<T, D, S>::THREADS, 2)
   for (int c0 = 0; c0 < sh.Cs; c0 += KC) {
     K::template stage<KC, K::MD, L::RU>(w2, f2, sh, b, y0, x0, c0);  // the last barrier passed: windows consumed
     K::template stage<KC, K::MD, L::RU>(w1, f1, sh, b, y0, x0, c0);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
     float a1[KC / 8][4], a2[KC / 8][4];
 #pragma unroll

@@ -9,6 +9,7 @@
 #include <barrier>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -186,4 +187,30 @@ inline void mma_16816_emulated(float (&c)[4], const uint32_t (&a)[4], const uint
   }
   hcml_emu::sync();
   for (int e = 0; e < 4; ++e) c[e] += out[e];
+}
+
+// cp.async.cg.shared.global (16 bytes, zero-filled when !valid), commit_group, wait_group N. The copies of a group
+// land only when a wait_group retires it, so a kernel that reads a buffer before waiting for it reads the NaN
+// garbage launch() filled shared memory with, and fails its test. (The opposite hazard, a copy issued into a
+// buffer other warps still read, is not modelled: the kernels guard it with a barrier, by construction.)
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<AsyncCopy> async_open;
+inline thread_local std::deque<std::vector<AsyncCopy>> async_groups;
+inline void cp_async_16_emulated(void* dst, const void* src, bool valid) { async_open.push_back({dst, src, valid}); }
+inline void cp_async_commit_emulated() {
+  async_groups.push_back(std::move(async_open));
+  async_open.clear();
+}
+inline void cp_async_wait_emulated(int pending) {
+  while (static_cast<int>(async_groups.size()) > pending) {
+    for (const auto& c : async_groups.front()) {
+      if (c.valid) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
+    }
+    async_groups.pop_front();
+  }
 }
