@@ -14,28 +14,28 @@ namespace {
 
 using nhwc::Shape;
 
-template <typename Kern>
-bool allow_smem(Kern kernel, int bytes) {
-  if (bytes <= 48 * 1024) return true;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) == cudaSuccess;
+// One launch of a tiled kernel with `smem` bytes of dynamic shared memory (opted in above 48 KB).
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream, Args... args) {
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
+    return cudaErrorInvalidConfiguration;
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  return cudaGetLastError();
 }
 
 // The compile-time kernels: (D, S) = (7, 2) is max displacement 6, stride 2 (every model of the paper).
 template <typename T, int D, int S>
 cudaError_t fast_forward(const Shape& sh, const T* f1, const T* f2, T* out, cudaStream_t stream) {
   using K = nhwc::Fast<T, D, S>;
-  if (!allow_smem(nhwc::forward_fast<T, D, S>, K::SMEM_FWD)) return cudaErrorInvalidConfiguration;
-  nhwc::forward_fast<T, D, S><<<nhwc::tile_grid<K>(sh), K::THREADS, K::SMEM_FWD, stream>>>(sh, f1, f2, out);
-  return cudaGetLastError();
+  return launch(nhwc::forward_fast<T, D, S>, nhwc::tile_grid<K>(sh), K::THREADS, K::SMEM_FWD, stream, sh, f1, f2, out);
 }
 
 template <typename T, int D, int S>
 cudaError_t fast_backward(const Shape& sh, const T* g, const T* f1, const T* f2, T* g1, T* g2, cudaStream_t stream) {
   using K = nhwc::Fast<T, D, S>;
-  if (!allow_smem(nhwc::backward_fast<T, D, S>, K::SMEM_BWD)) return cudaErrorInvalidConfiguration;
-  nhwc::backward_fast<T, D, S><<<nhwc::tile_grid<K>(sh), K::THREADS_BWD, K::SMEM_BWD, stream>>>(sh, g, f1, f2, g1,
-                                                                                                 g2);
-  return cudaGetLastError();
+  return launch(nhwc::backward_fast<T, D, S>, nhwc::tile_grid<K>(sh), K::THREADS_BWD, K::SMEM_BWD, stream, sh, g, f1,
+                f2, g1, g2);
 }
 
 bool is_fast(const CostVolumeShape& s) {
@@ -59,17 +59,14 @@ bool tensor_cores_here() {
 template <typename T, int D, int S>
 cudaError_t tc_forward(const Shape& sh, const T* f1, const T* f2, T* out, cudaStream_t stream) {
   using K = nhwc::Tc<T, D, S>;
-  if (!allow_smem(nhwc::forward_tc<T, D, S>, K::SMEM_FWD)) return cudaErrorInvalidConfiguration;
-  nhwc::forward_tc<T, D, S><<<nhwc::tile_grid<K>(sh), K::THREADS, K::SMEM_FWD, stream>>>(sh, f1, f2, out);
-  return cudaGetLastError();
+  return launch(nhwc::forward_tc<T, D, S>, nhwc::tile_grid<K>(sh), K::THREADS, K::SMEM_FWD, stream, sh, f1, f2, out);
 }
 
 template <typename T, int D, int S>
 cudaError_t tc_backward(const Shape& sh, const T* g, const T* f1, const T* f2, T* g1, T* g2, cudaStream_t stream) {
   using K = nhwc::Tc<T, D, S>;
-  if (!allow_smem(nhwc::backward_tc<T, D, S>, K::SMEM_BWD)) return cudaErrorInvalidConfiguration;
-  nhwc::backward_tc<T, D, S><<<nhwc::tile_grid<K>(sh), K::THREADS, K::SMEM_BWD, stream>>>(sh, g, f1, f2, g1, g2);
-  return cudaGetLastError();
+  return launch(nhwc::backward_tc<T, D, S>, nhwc::tile_grid<K>(sh), K::THREADS, K::SMEM_BWD, stream, sh, g, f1, f2,
+                g1, g2);
 }
 
 // Whether a call of element type T takes the tensor-core kernels.
