@@ -289,7 +289,7 @@ def show(res: dict) -> str:
         for r in res["sweep"]:
             lines.append(f"{r['recipe']} ({r['arch']}): {tuple(r['shape'])} {r['dtype']} "
                          f"channels_last={r['channels_last']} on {r['device']}")
-            lines.append(_line("hcml", r["impls"]["hcml"]))
+            lines += [_line(name, impl) for name, impl in r["impls"].items()]
         return "\n".join(lines)
     lines = [f"cost volume {tuple(res['shape'])} {res['dtype']} channels_last={res['channels_last']} "
              f"d={res['max_displacement']} s={res['stride']} on {res['device']} (peak {res['peak_GBps'] or 'n/a'} GB/s)"]
