@@ -10,8 +10,8 @@ TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
 stamp="$VENV/.hcml-installed"
 
 pip_install() {  # quiet pip that still fails loudly, with its log
-  # --no-compile: pip byte-compiles every module of every wheel (40 of the 95 s of a fresh install here, most of
-  # it torch modules no run imports); warm_bytecode below compiles what the runs import, once.
+  # --no-compile: pip byte-compiles every module of every wheel on one core (~40 of the ~95 s of a fresh install
+  # here); the compileall step below does the same on every core.
   local log; log=$(mktemp)
   if ! "$VENV/bin/pip" install -q --no-compile --disable-pip-version-check "$@" >"$log" 2>&1; then
     grep -v "is ignored: it is neither" "$log" >&2; rm -f "$log"; echo "[bootstrap] pip install $* failed" >&2; exit 1
@@ -36,10 +36,10 @@ else
 fi
 echo "[bootstrap] installing hcml (editable) with dev extras"
 pip_install -e ".[dev]"
-# Write the .pyc of what a run imports (each process would otherwise recompile them: ~3 s per process start,
-# in every torchrun worker where the environment sets PYTHONDONTWRITEBYTECODE, as on the machines here).
-env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -c "
-import hcml, torch, nvidia.dali, nvidia.dali.fn, torch.distributed.run, matplotlib.pyplot
-import hcml.launch.cli, hcml.launch.train, hcml.launch.demo, hcml.launch.analysis, hcml.launch.evaluate
-print('[bootstrap] ok: torch', torch.__version__, 'dali', nvidia.dali.__version__)"
+# Byte-compile the venv's packages on every core. Every module needs its .pyc ahead of time: where
+# PYTHONDONTWRITEBYTECODE is set (these machines, many CI images) an interpreter never writes one, so each torchrun
+# worker and test subprocess would recompile what it imports (torch._dynamo/_inductor: seconds per process).
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -m compileall -q -j 0 "$site" >/dev/null || true
+"$VENV/bin/python" -c "import hcml, torch, nvidia.dali; print('[bootstrap] ok: torch', torch.__version__, 'dali', nvidia.dali.__version__)"
 touch "$stamp"
