@@ -82,23 +82,23 @@ def pair_direction_accuracy(labels: list[int], preds: list[int], pairs) -> tuple
 def train_all(entries: list[PlanEntry], out: Path, nproc: int) -> dict[str, dict]:
     """Every training of one seed as one ``hcml train --plan`` (one torchrun, one process group: the imports, the
     group and its teardown once instead of per run); {entry name: its summary.json}."""
-    for e in entries:  # a summary left by an earlier demo must not stand in for a run that did not happen
-        (Path(run_dir_of(e)) / "summary.json").unlink(missing_ok=True)
+    dirs = {e.name: Path(run_dir_of(e)) for e in entries}
+    for d in dirs.values():  # a summary left by an earlier demo must not stand in for a run that did not happen
+        (d / "summary.json").unlink(missing_ok=True)
     plan = write_plan(out / "plan.json", entries)
     argv = ["train", "--plan", str(plan)]
     print(f"[demo] {len(entries)} trainings ({', '.join(e.name for e in entries)}): "
           f"torchrun --nproc_per_node={nproc} hcml {' '.join(argv)}", flush=True)
     rc = run(Launch(nproc), argv)
     summaries = {}
-    for e in entries:
-        path = Path(run_dir_of(e)) / "summary.json"
-        if not path.is_file():
-            raise SystemExit(f"[demo] training {e.name} did not finish (exit code {rc}); see the log above")
-        summary = json.loads(path.read_text())
+    for name, d in dirs.items():
+        if not (d / "summary.json").is_file():
+            raise SystemExit(f"[demo] training {name} did not finish (exit code {rc}); see the log above")
+        summary = json.loads((d / "summary.json").read_text())
         if summary.get("stopped_by_signal") is not None:  # the run checkpointed and left: so does the demo
-            raise SystemExit(f"[demo] {e.name} stopped by signal {summary['stopped_by_signal']} at step "
-                             f"{summary['step']}; the demo stops too (its checkpoint is in {run_dir_of(e)})")
-        summaries[e.name] = summary
+            raise SystemExit(f"[demo] {name} stopped by signal {summary['stopped_by_signal']} at step "
+                             f"{summary['step']}; the demo stops too (its checkpoint is in {d})")
+        summaries[name] = summary
     if rc != 0:
         raise SystemExit(f"[demo] the trainings failed with exit code {rc}")
     return summaries

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from hcml.errors import ConfigError
+from hcml.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,7 @@ class PlanEntry:
 
 def write_plan(path: Path, entries: list[PlanEntry]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": [asdict(e) for e in entries]}, indent=1))
-    return path
+    return atomic_write_text(path, json.dumps({"runs": [asdict(e) for e in entries]}, indent=1))
 
 
 def load_plan(path: str | Path) -> list[PlanEntry]:
