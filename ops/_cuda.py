@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -68,8 +69,6 @@ VECTOR_BYTES = 16
 def _fast_pairs() -> frozenset[tuple[int, int]]:
     """(max displacement, stride) pairs with compile-time kernels, read from ``kFastPairs`` in
     csrc/cost_volume_kernels.cuh (what the dispatch uses), so that the CPU-side plan cannot drift from it."""
-    import re
-
     text = (CSRC / "cost_volume_kernels.cuh").read_text()
     m = re.search(r"kFastPairs\[\]\[2\]\s*=\s*\{(.*?)\};", text, re.S)
     if m is None:
