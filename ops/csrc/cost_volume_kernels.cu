@@ -1,7 +1,7 @@
 // Dispatch of the cost-volume kernels (cost_volume_nhwc.cuh): for the (max displacement, stride) the models use,
 // the tensor-core kernels (bf16/fp16 on sm_80+) or the compile-time CUDA-core ones; the generic kernels for any
-// other. Instantiated here and nowhere else, so the JIT build
-// and the static report (`hcml bench op --static`) compile exactly what can run.
+// other. Instantiated here and nowhere else, so the JIT build and the static report (`hcml bench op --static`)
+// compile exactly what can run.
 #include "cost_volume_kernels.cuh"
 
 #include <cuda_bf16.h>
@@ -69,10 +69,11 @@ cudaError_t tc_backward(const Shape& sh, const T* g, const T* f1, const T* f2, T
                 g1, g2);
 }
 
-// Whether a call of element type T takes the tensor-core kernels.
+// The one rule for which family serves a call of element type T (forward and backward alike).
 template <typename T>
-bool use_tc(const CostVolumeShape& s) {
-  return sizeof(T) == 2 && is_fast(s) && tensor_cores_here();
+Kernel choose(const CostVolumeShape& s) {
+  if (!is_fast(s)) return Kernel::kGeneric;
+  return sizeof(T) == 2 && tensor_cores_here() ? Kernel::kTensorCore : Kernel::kFast;
 }
 
 template <typename T>
@@ -81,17 +82,10 @@ cudaError_t forward_t(const CostVolumeShape& s, const void* f1, const void* f2, 
   const Shape sh{s.B, s.C, s.Cs, s.H, s.W};
   const T *a = static_cast<const T*>(f1), *b = static_cast<const T*>(f2);
   T* o = static_cast<T*>(out);
-  if constexpr (sizeof(T) == 2) {
-    if (use_tc<T>(s)) {
-      *used = Kernel::kTensorCore;
-      return tc_forward<T, 7, 2>(sh, a, b, o, stream);
-    }
-  }
-  if (is_fast(s)) {
-    *used = Kernel::kFast;
-    return fast_forward<T, 7, 2>(sh, a, b, o, stream);
-  }
-  *used = Kernel::kGeneric;
+  *used = choose<T>(s);
+  if constexpr (sizeof(T) == 2)  // (the tensor-core kernels exist for 16-bit types only)
+    if (*used == Kernel::kTensorCore) return tc_forward<T, 7, 2>(sh, a, b, o, stream);
+  if (*used == Kernel::kFast) return fast_forward<T, 7, 2>(sh, a, b, o, stream);
   const int D = 2 * (s.max_displacement / s.stride) + 1;
   const int64_t n = static_cast<int64_t>(s.B) * s.H * s.W * D * D;
   nhwc::forward_generic<T><<<nhwc::generic_blocks(n), nhwc::GENERIC_THREADS, 0, stream>>>(sh, D, s.stride, a, b, o);
@@ -104,17 +98,10 @@ cudaError_t backward_t(const CostVolumeShape& s, const void* g, const void* f1, 
   const Shape sh{s.B, s.C, s.Cs, s.H, s.W};
   const T *gp = static_cast<const T*>(g), *a = static_cast<const T*>(f1), *b = static_cast<const T*>(f2);
   T *o1 = static_cast<T*>(g1), *o2 = static_cast<T*>(g2);
-  if constexpr (sizeof(T) == 2) {
-    if (use_tc<T>(s)) {
-      *used = Kernel::kTensorCore;
-      return tc_backward<T, 7, 2>(sh, gp, a, b, o1, o2, stream);
-    }
-  }
-  if (is_fast(s)) {
-    *used = Kernel::kFast;
-    return fast_backward<T, 7, 2>(sh, gp, a, b, o1, o2, stream);
-  }
-  *used = Kernel::kGeneric;
+  *used = choose<T>(s);
+  if constexpr (sizeof(T) == 2)
+    if (*used == Kernel::kTensorCore) return tc_backward<T, 7, 2>(sh, gp, a, b, o1, o2, stream);
+  if (*used == Kernel::kFast) return fast_backward<T, 7, 2>(sh, gp, a, b, o1, o2, stream);
   const int D = 2 * (s.max_displacement / s.stride) + 1;
   const int64_t n = static_cast<int64_t>(s.B) * s.H * s.W * (s.Cs / nhwc::Vec<T>::N);
   nhwc::backward_generic<T><<<nhwc::generic_blocks(n), nhwc::GENERIC_THREADS, 0, stream>>>(sh, D, s.stride, gp, a, b,
