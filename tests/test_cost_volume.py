@@ -311,22 +311,60 @@ def test_nhwc_cuda_kernels_run_correctly_in_cpu_emulation(tmp_path):
     error, or a missing __syncthreads, fails here on any machine, GPU or not."""
     from hcml.ops._cuda import CSRC
 
-    exe = tmp_path / "nhwc_emulated"
-    res = subprocess.run([GXX, "-std=c++20", "-O1", "-pthread", "-DHCML_EMULATE", f"-I{CSRC}",
-                          str(CSRC / "test_nhwc_emulated.cpp"), "-o", str(exe)], capture_output=True, text=True,
-                         timeout=600)
-    if res.returncode != 0 and ("barrier" in res.stderr or "c++20" in res.stderr):
-        pytest.skip(f"this g++ lacks C++20 <barrier>: {res.stderr[-300:]}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    run = _run_emulation(CSRC, tmp_path)
     assert run.returncode == 0, run.stdout[-4000:]
     assert "all passed" in run.stdout, run.stdout[-4000:]
-    assert run.stdout.count(" ok\n") == 36
+    assert run.stdout.count(" ok\n") == 11 * 3 + 3 + 3  # cases x (fwd, df1, df2), bank conflicts, cp.async order
     assert "fast " in run.stdout
     assert "generic " in run.stdout
     assert run.stdout.count("tensor  D=7") == 9  # 3 cases x (forward, dL/df1, dL/df2)
     # the tensor-core kernels' shared-memory layout keeps every ldmatrix phase free of bank conflicts
     assert run.stdout.count("with a bank conflict 0 ok") == 3
+    # and their cp.async pipelines are ordered: no ldmatrix reads a unit while a copy into it is in flight
+    assert run.stdout.count("reads racing a copy 0, threads ending with copies in flight 0 ok") == 3
+
+
+def _run_emulation(csrc, tmp_path, *args):
+    """Build ops/csrc/test_nhwc_emulated.cpp from `csrc` with g++ and run it (skips where g++ lacks C++20)."""
+    exe = tmp_path / "nhwc_emulated"
+    res = subprocess.run([GXX, "-std=c++20", "-O1", "-pthread", "-DHCML_EMULATE", f"-I{csrc}",
+                          str(csrc / "test_nhwc_emulated.cpp"), "-o", str(exe)], capture_output=True, text=True,
+                         timeout=600)
+    if res.returncode != 0 and ("barrier" in res.stderr or "c++20" in res.stderr):
+        pytest.skip(f"this g++ lacks C++20 <barrier>: {res.stderr[-300:]}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ not on PATH: cannot build the CUDA emulation")
+@pytest.mark.parametrize("line, caught_by", [
+    # forward: the barrier after the wait (another warp's copies may still be in flight): the values usually pass
+    ("__syncthreads();     // and everyone's", "reads racing a copy [1-9]"),
+    # forward: the barrier before a stage is refilled (write after read; only a case with >= 3 chunks refills)
+    ("// chunk n's stage is consumed", "reads racing a copy [1-9]"),
+    ("cp_async_wait<1>();", "copies in flight [1-9]"),
+    # backward: the barrier between staging a chunk and reading it
+    ("// everyone's copies of this chunk have landed", "reads racing a copy [1-9]"),
+])
+def test_the_emulation_catches_a_misordered_cp_async_pipeline(tmp_path, line, caught_by):
+    """Mutation check of the race log in ops/csrc/emulation.h: delete one line of the tensor-core kernels' copy
+    pipeline and the emulated test must fail, by the race log where the values cannot be relied on (the host
+    threads' interleaving decides whether a racing read sees old or new data)."""
+    import re
+
+    from hcml.ops._cuda import CSRC
+
+    csrc = tmp_path / "csrc"
+    shutil.copytree(CSRC, csrc)
+    kernels = csrc / "cost_volume_nhwc.cuh"
+    lines = kernels.read_text().split("\n")
+    hits = [i for i, text in enumerate(lines) if line in text]
+    assert len(hits) == 1, f"the mutated line must occur once in {kernels.name}: {line!r} at {hits}"
+    del lines[hits[0]]
+    kernels.write_text("\n".join(lines))
+    run = _run_emulation(csrc, tmp_path, "tensor")
+    assert run.returncode != 0, run.stdout[-3000:]
+    assert re.search(caught_by, run.stdout), run.stdout[-3000:]
 
 
 @pytest.mark.skipif(NVCC is None or shutil.which("g++") is None, reason="needs nvcc's headers and g++")

@@ -633,7 +633,7 @@ __global__ void __launch_bounds__(Tc<T, D, S>::THREADS, 2)
     K::template stage<KC, K::MD, L::RU>(w1, f1, sh, b, y0, x0, c0);
     cp_async_commit();
     cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();  // everyone's copies of this chunk have landed
     float a1[KC / 8][4], a2[KC / 8][4];
 #pragma unroll
     for (int n = 0; n < KC / 8; ++n)
@@ -662,7 +662,7 @@ __global__ void __launch_bounds__(Tc<T, D, S>::THREADS, 2)
         outs[px * KC + ch] = a1[n][e] * inv;
         outs[(NPX + px) * KC + ch] = a2[n][e] * inv;
       }
-    __syncthreads();
+    __syncthreads();  // outs is complete, and the windows are consumed: the next chunk may refill them
     for (int job = threadIdx.x; job < 2 * NPX * (KC / V); job += K::THREADS) {
       const int v = job % (KC / V), px = (job / (KC / V)) % NPX, which = job / (NPX * (KC / V));
       const int yy = y0 + px / K::TW, xx = x0 + px % K::TW, c = c0 + v * V;

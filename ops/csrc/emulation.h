@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <mutex>
+#include <unordered_map>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -43,7 +45,55 @@ inline float* block_smem = nullptr;
 // ldmatrix phases (8 rows of 16 bytes) whose rows share a bank group: each costs the hardware a replay
 inline std::atomic<long> ldmatrix_phases{0}, ldmatrix_conflicted_phases{0};
 inline float* shared_memory() { return block_smem; }
-inline void sync() { block_barrier->arrive_and_wait(); }
+inline void sync() { block_barrier->arrive_and_wait(); }  // the emulation's own (collectives, exchanges)
+
+// cp.async ordering, checked rather than assumed. A thread's copy is in flight from its issue to the wait_group that
+// retires it, and visible to other threads only after the next __syncthreads(). Epochs number the kernel's own
+// barriers, so "in flight" is a fact of program order, not of how the host threads happened to interleave: a read
+// of a 16-byte unit (every ldmatrix row) in an epoch from the copy's issue to its wait, by any thread, is a race —
+// either it reads the old contents while the copy may overwrite them (write after read: a barrier missing before a
+// stage is refilled) or the new ones before they are guaranteed (read after write: a wait or a barrier missing).
+inline thread_local int epoch = 0;  // __syncthreads() this thread has passed in this block
+inline void barrier() {
+  ++epoch;
+  sync();
+}
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+  int issued;  // epoch
+};
+struct Landed {
+  uintptr_t unit;  // shared-memory address / 16
+  int issued, waited;
+};
+struct SharedRead {
+  uintptr_t unit;
+  int epoch;
+};
+struct RaceLog {
+  std::mutex m;
+  std::vector<Landed> copies;
+  std::vector<SharedRead> reads;
+};
+inline thread_local std::vector<AsyncCopy> async_open;
+inline thread_local std::deque<std::vector<AsyncCopy>> async_groups;
+inline RaceLog* block_races = nullptr;
+// totals over launches: reads that raced a copy, threads that ended with copies never waited for
+inline std::atomic<long> async_races{0}, async_unwaited{0};
+
+inline long count_races(const RaceLog& log) {
+  std::unordered_map<uintptr_t, std::vector<const Landed*>> by_unit;
+  for (const auto& c : log.copies) by_unit[c.unit].push_back(&c);
+  long races = 0;
+  for (const auto& r : log.reads) {
+    const auto it = by_unit.find(r.unit);
+    if (it == by_unit.end()) continue;
+    for (const Landed* c : it->second) races += c->issued <= r.epoch && r.epoch <= c->waited;
+  }
+  return races;
+}
 
 // Run kernel(args...) over grid x block (block.x threads; y = z = 1) with `smem` bytes of dynamic shared memory.
 template <typename Kernel, typename... Args>
@@ -63,14 +113,20 @@ void launch(dim3 grid, dim3 block, size_t smem, Kernel kernel, Args... args) {
         block_addresses = &addresses;
         block_words = &words;
         block_smem = buf.data();
+        RaceLog races;
+        block_races = &races;
         std::vector<std::thread> threads;
         for (unsigned t = 0; t < block.x; ++t)
           threads.emplace_back([&, t] {
             thread_idx = {t, 0, 0};
             block_idx = {bx, by, bz};
             kernel(args...);
+            bool pending = !async_open.empty();
+            for (const auto& group : async_groups) pending |= !group.empty();
+            async_unwaited += pending;
           });
         for (auto& th : threads) th.join();
+        async_races += count_races(races);
       }
 }
 }  // namespace hcml_emu
@@ -79,7 +135,7 @@ void launch(dim3 grid, dim3 block, size_t smem, Kernel kernel, Args... args) {
 #define blockIdx (hcml_emu::block_idx)
 #define blockDim (hcml_emu::block_dim)
 #define gridDim (hcml_emu::grid_dim)
-#define __syncthreads() hcml_emu::sync()
+#define __syncthreads() hcml_emu::barrier()
 
 // A warp shuffle as every thread of the block exchanging through memory between two barriers: valid where, as in
 // these kernels, all threads of the block reach each shuffle together.
@@ -137,13 +193,19 @@ inline void ldmatrix_x4_emulated(uint32_t (&r)[4], const void* row) {
   const unsigned t = threadIdx.x, lane = t & 31u, base = t & ~31u, g = lane / 4, q = lane % 4;
   ex[t] = row;
   hcml_emu::sync();
-  if (lane == 0)
+  if (lane == 0) {
+    std::lock_guard<std::mutex> lock(hcml_emu::block_races->m);
     for (int j = 0; j < 4; ++j) {
       unsigned groups = 0;
-      for (unsigned r = 0; r < 8; ++r) groups |= 1u << ((reinterpret_cast<uintptr_t>(ex[base + 8 * j + r]) / 16) % 8);
+      for (unsigned r = 0; r < 8; ++r) {
+        const uintptr_t unit = reinterpret_cast<uintptr_t>(ex[base + 8 * j + r]) / 16;
+        groups |= 1u << (unit % 8);
+        hcml_emu::block_races->reads.push_back({unit, hcml_emu::epoch});
+      }
       ++hcml_emu::ldmatrix_phases;
       if (groups != 0xFFu) ++hcml_emu::ldmatrix_conflicted_phases;
     }
+  }
   for (int j = 0; j < 4; ++j) {
     uint16_t lo, hi;
     if (!Trans) {
@@ -191,26 +253,24 @@ inline void mma_16816_emulated(float (&c)[4], const uint32_t (&a)[4], const uint
 
 // cp.async.cg.shared.global (16 bytes, zero-filled when !valid), commit_group, wait_group N. The copies of a group
 // land only when a wait_group retires it, so a kernel that reads a buffer before waiting for it reads the NaN
-// garbage launch() filled shared memory with, and fails its test. (The opposite hazard, a copy issued into a
-// buffer other warps still read, is not modelled: the kernels guard it with a barrier, by construction.)
-struct AsyncCopy {
-  void* dst;
-  const void* src;
-  bool valid;
-};
-inline thread_local std::vector<AsyncCopy> async_open;
-inline thread_local std::deque<std::vector<AsyncCopy>> async_groups;
-inline void cp_async_16_emulated(void* dst, const void* src, bool valid) { async_open.push_back({dst, src, valid}); }
+// garbage launch() filled shared memory with and fails its test; the race log above catches the reads that
+// values cannot (another warp's, or the old contents of a stage being refilled).
+inline void cp_async_16_emulated(void* dst, const void* src, bool valid) {
+  hcml_emu::async_open.push_back({dst, src, valid, hcml_emu::epoch});
+}
 inline void cp_async_commit_emulated() {
-  async_groups.push_back(std::move(async_open));
-  async_open.clear();
+  hcml_emu::async_groups.push_back(std::move(hcml_emu::async_open));
+  hcml_emu::async_open.clear();
 }
 inline void cp_async_wait_emulated(int pending) {
-  while (static_cast<int>(async_groups.size()) > pending) {
-    for (const auto& c : async_groups.front()) {
+  auto& groups = hcml_emu::async_groups;
+  while (static_cast<int>(groups.size()) > pending) {
+    std::lock_guard<std::mutex> lock(hcml_emu::block_races->m);
+    for (const auto& c : groups.front()) {
       if (c.valid) std::memcpy(c.dst, c.src, 16);
       else std::memset(c.dst, 0, 16);
+      hcml_emu::block_races->copies.push_back({reinterpret_cast<uintptr_t>(c.dst) / 16, c.issued, hcml_emu::epoch});
     }
-    async_groups.pop_front();
+    groups.pop_front();
   }
 }
