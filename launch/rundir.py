@@ -23,7 +23,8 @@ from hcml.files import atomic_write_text, remove_own
 
 LOCK = ".hcml-lock"
 OWNER = "run.json"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "curves.png", OWNER)
+SUMMARY = "summary.json"  # written by a run that ended (finished, or stopped by a signal)
+RUN_FILES = ("checkpoints", "metrics.jsonl", SUMMARY, "curves.png", OWNER)
 
 
 def current_job() -> str | None:
@@ -69,11 +70,17 @@ class RunLock:
             self.fd = None
 
 
-def read_owner(run_dir: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A run file's JSON object, or {} where it is missing or unreadable."""
     try:
-        return json.loads((Path(run_dir) / OWNER).read_text())
+        doc = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def read_owner(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / OWNER)
 
 
 def write_owner(run_dir: Path, resumed_from: str | None) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hcml.errors import CheckpointError, NonFiniteLoss
+from hcml.files import atomic_write_text
 from hcml.launch import components, config as C, rundir
 from hcml.launch.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, step_of
 from hcml.launch.distributed import DistInfo, all_gather_objects, all_reduce_max, barrier, cleanup, init_distributed
@@ -328,13 +329,14 @@ def finish(run: Run, t0: float) -> dict:
     summary.json (with the wall seconds since ``t0``); releases the run dir (the process group stays: the entry
     point ends it, after the last run of a plan)."""
     summary = {"step": run.step, "epoch": run.epoch, "resumed_from": run.resumed_from,
-               "stopped_by_signal": run.stopped_by, "samples_skipped": run.samples_skipped}
+               "stopped_by_signal": run.stopped_by, "samples_skipped": run.samples_skipped,
+               "job": rundir.current_job()}
     if run.stopped_by is None and run.ds.val and run.cfg.train.phase.classifies:
         summary["eval"] = evaluate_and_log(run)
     summary["seconds"] = time.time() - t0
     if run.info.main:
         plot_run(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
-        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(run.run_dir / rundir.SUMMARY, json.dumps(summary, indent=1))
     if run.exporter:
         run.exporter.close()
     run.watchdog.stop()
@@ -399,6 +401,21 @@ def main_from_plan(plan_path: str) -> int:
     return _run_in_order(stop, runs)
 
 
+def _finished_in_this_job(run_dir: Path) -> bool:
+    """Whether this torchrun job already finished the run in ``run_dir`` (its summary names this job and no stop
+    signal): after a restart, a plan goes on with the entry that failed instead of re-entering and re-evaluating
+    every entry before it (a Kinetics evaluation is many minutes). Rank 0 decides for all ranks."""
+    job = rundir.current_job()
+    if job is None:
+        return False
+    info = init_distributed()
+    done = False
+    if info.main:
+        summary = rundir.read_json(run_dir / rundir.SUMMARY)
+        done = summary.get("job") == job and summary.get("stopped_by_signal") is None
+    return bool(all_gather_objects(done, info)[0])
+
+
 def _run_in_order(stop: _StopSignal, runs: list[tuple[str, Callable[[], C.Config], str | None, bool]]) -> int:
     """Each (name, config maker, resume, overwrite) in turn; stops after a run a signal ended (its checkpoint
     written). The process group ends after the last run (not on an error: a rank that raised leaves, and its
@@ -407,6 +424,11 @@ def _run_in_order(stop: _StopSignal, runs: list[tuple[str, Callable[[], C.Config
     try:
         for i, (name, make_cfg, resume, overwrite) in enumerate(runs):
             cfg = make_cfg()  # an entry's config is read when it starts (init_from_run exists by then)
+            if resume is None and _finished_in_this_job(Path(cfg.run_dir)):
+                if main:
+                    print(f"{f'[plan] {i + 1}/{len(runs)} {name}' if name else '[train]'}: finished before this "
+                          f"torchrun restart ({Path(cfg.run_dir) / rundir.SUMMARY}): not run again", flush=True)
+                continue
             if name and main:
                 print(f"[plan] {i + 1}/{len(runs)} {name}: run_dir={cfg.run_dir}", flush=True)
             summary = train(cfg, resume, overwrite, stop)

@@ -181,6 +181,41 @@ def test_a_worker_killed_under_two_agents_restarts_and_both_resume(tiny_dataset,
     assert steps == list(range(1, 10)), steps
 
 
+def test_a_plan_restarted_by_torchrun_goes_on_with_the_entry_that_failed(tiny_dataset, tmp_path):
+    """`hcml train --plan` with --max-restarts: kill -9 of a worker in the second entry. The restarted workers
+    do not re-enter the finished first entry (no second training pass, no second evaluation: its summary and
+    metrics stay as they were), and the second entry resumes from its checkpoint, every step logged once."""
+    from hcml.launch.plan import PlanEntry, write_plan
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = [f"data.root={tiny_dataset}", *SMALL, "checkpoint.every_steps=2"]
+    plan = write_plan(tmp_path / "plan.json", [
+        PlanEntry("first", "demo", [*common, f"run_dir={first}", "train.max_steps=3"]),
+        PlanEntry("second", "demo", [*common, f"run_dir={second}", "train.max_steps=9"], init_from_run=str(first))])
+    log = tmp_path / "log"
+    proc = start([PY, "-m", "hcml.launch.cli", "train", "--plan", str(plan), "--nproc-per-node", "2",
+                  "--max-restarts", "1"], log)
+    try:
+        wait_for_step(second, 5, proc, log)
+        before = {f: (first / f).read_text() for f in ("summary.json", "metrics.jsonl")}
+        os.kill(worker_of_rank(plan, 1), signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        for pid in processes_of(plan):
+            os.kill(pid, signal.SIGKILL)
+    text = log.read_text()
+    assert f"[plan] 1/2 first: finished before this torchrun restart ({first / 'summary.json'}): not run again" \
+        in text, text[-3000:]
+    assert text.count("[plan] 1/2 first: run_dir=") == 1, text[-3000:]
+    assert re.search(rf"\[resume\] {re.escape(str(second))}\S+ckpt_0000000[46]\.pt", text), text[-3000:]
+    assert {f: (first / f).read_text() for f in before} == before  # not re-evaluated, not rewritten
+    assert [json.loads(ln)["kind"] for ln in before["metrics.jsonl"].splitlines()].count("eval") == 1
+    steps = [json.loads(ln)["step"] for ln in (second / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["kind"] == "train"]
+    assert steps == list(range(1, 10)), steps
+    assert json.loads((second / "summary.json").read_text())["step"] == 9
+
+
 @pytest.fixture()
 def tmpfs(tmp_path):
     """A real small filesystem mounted for the test (read-only or nearly full), unmounted after it."""
