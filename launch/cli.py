@@ -112,7 +112,10 @@ def _min_nodes(nnodes: str) -> int:
 
 def cmd_eval(args) -> int:
     from hcml.launch.evaluate import run_eval
+    from hcml.launch.launcher import Launch, run
 
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:  # views sharded over N processes (GPUs)
+        return run(Launch(args.nproc_per_node), worker_argv(args.argv))
     return run_eval(resolve_config(args.config), args.checkpoint, _overrides(args), args.out)
 
 
@@ -273,6 +276,8 @@ def add_eval(p) -> None:
     add_run_args(p, False)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", default=None, help="report directory (default: next to the checkpoint)")
+    p.add_argument("--nproc-per-node", type=count(1), default=0, help="shard the views over N processes "
+                   "(torchrun; one per GPU)")
 
 
 def add_knn(p) -> None:

@@ -78,6 +78,16 @@ def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Every rank takes rank 0's buffers (BN running statistics). With per-process BN each rank's statistics
+    drift from rank 0's over its own last batches (DDP re-broadcasts them only at the next forward), while a
+    checkpoint holds rank 0's: an evaluation sharded over ranks must score that model, or the checkpoint will
+    not reproduce the reported figure."""
+    if info.distributed:
+        for b in module.buffers():
+            dist.broadcast(b, 0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()

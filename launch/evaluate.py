@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hcml.files import atomic_write_text
 from hcml.launch import components
 from hcml.launch.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from hcml.pipeline.loader import EvalLoader
@@ -121,8 +122,8 @@ def run_eval(config_path: str | None, checkpoint: str, overrides: list[str], out
     res["split"] = cfg.data.eval_split
     if info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval.json").write_text(json.dumps({**res, "classes": ds.classes, "checkpoint": str(checkpoint)},
-                                                      indent=1))
+        atomic_write_text(out_dir / "eval.json", json.dumps({**res, "classes": ds.classes,
+                                                             "checkpoint": str(checkpoint)}, indent=1))
         plot_confusion(res["confusion"], ds.classes, out_dir / "confusion.png")
         print(format_report(res, ds.classes))
         print(f"report: {out_dir / 'eval.json'}, {out_dir / 'confusion.png'}")

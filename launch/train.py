@@ -25,7 +25,8 @@ from hcml.errors import CheckpointError, NonFiniteLoss
 from hcml.files import atomic_write_text
 from hcml.launch import components, config as C, rundir
 from hcml.launch.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, step_of
-from hcml.launch.distributed import DistInfo, all_gather_objects, all_reduce_max, barrier, cleanup, init_distributed
+from hcml.launch.distributed import (DistInfo, all_gather_objects, all_reduce_max, barrier, broadcast_buffers, cleanup,
+                                     init_distributed)
 from hcml.launch.evaluate import evaluate
 from hcml.launch.metrics import JsonlLog, PrometheusExporter, plot_run
 from hcml.launch.step import StepParts, train_step as one_step
@@ -311,6 +312,7 @@ def save(run: Run) -> None:
 
 def evaluate_and_log(run: Run) -> dict:
     cfg = run.cfg
+    broadcast_buffers(run.model, run.info)  # evaluate the model the checkpoint holds, on every rank
     samples = run.ds.split(cfg.data.eval_split)
     loader = components.eval_loader(cfg, run.ds, samples, run.info, run.run_dir / "lists")
     res = evaluate(run.model, loader, samples, components.num_classes(cfg, run.ds), run.info, run.prec,

@@ -49,6 +49,14 @@ def test_two_process_run_writes_the_run_directory(tiny_dataset, tmp_path):
     assert summary["eval"]["videos"] == 12
     assert 0 <= summary["eval"]["top1"] <= 100
     assert "world=2" in res.stdout
+    # the reported evaluation is the checkpoint's: `hcml eval` of it, sharded the same way, gives the same
+    # predictions (with per-process BN, rank 1 would otherwise score its own running statistics, not the saved ones)
+    ev = subprocess.run([PY, "-m", "hcml.launch.cli", "eval", "--checkpoint", str(ck[-1]), "--nproc-per-node", "2",
+                         "--out", str(tmp_path / "eval")], capture_output=True, text=True, env=run_env(), timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["predictions"] == summary["eval"]["predictions"]
+    assert report["top1"] == summary["eval"]["top1"]
 
 
 @pytest.mark.slow
