@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hcml.errors import ConfigError, DatasetError
+from hcml.files import atomic_write_text
 from hcml.launch import components
 from hcml.launch.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from hcml.launch.evaluate import per_class_accuracy, per_video
@@ -153,7 +154,7 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
     table["random_init_calibrated"] = random_init  # BN statistics of the random network set on training clips
     if info.main:
         work.mkdir(parents=True, exist_ok=True)
-        (work / "knn.json").write_text(json.dumps(table, indent=1))
+        atomic_write_text(work / "knn.json", json.dumps(table, indent=1))
         if as_json is not None:  # None: the caller prints
             print(json.dumps(table, indent=1) if as_json else format_knn_table(table))
             print(f"wrote {work / 'knn.json'}", file=sys.stderr if as_json else sys.stdout)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from hcml.errors import ConfigError
+from hcml.files import atomic_write_text
 from hcml.model import ARCHS, HCMLSpec, Phase
 from hcml.model.contrastive import NEGATIVES, SAMPLING
 from hcml.ops import num_displacements
@@ -327,7 +328,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def from_dict(data: dict, source: str = "<checkpoint>") -> Config:

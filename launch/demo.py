@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from hcml.files import atomic_write_text
 from hcml.launch.config import load_config, recipe_dir, resolve_recipe
 from hcml.launch.launcher import Launch, run
 from hcml.launch.plan import PlanEntry, run_dir_of, write_plan
@@ -312,7 +313,7 @@ def run_demo(out: Path, nproc: int = 2, quick: bool = False, seeds: int = 1) -> 
                   "models": {k: {"top1": m["top1"], "top1_sd": m["top1_sd"], "pair_direction": m["pair_direction"],
                                  "pair_direction_sd": m["pair_direction_sd"]} for k, m in rep["models"].items()},
                   "margin_spread": rep["margin_spread"]}
-        (out / SPREAD_FILE).write_text(json.dumps(spread, indent=1))
+        atomic_write_text(out / SPREAD_FILE, json.dumps(spread, indent=1))
     ssl_cfg = load_config(resolve_recipe("demo_ssl"))
     bn_note = ("global BN across the processes, as in the paper" if ssl_cfg.train.bn == "global" and
                torch.cuda.is_available() else
@@ -324,8 +325,8 @@ def run_demo(out: Path, nproc: int = 2, quick: bool = False, seeds: int = 1) -> 
                        str(out / "gradcam"), baseline=str(list_checkpoints(arm_dir / "baseline" / "checkpoints")[-1]))
     rep["seconds"] = time.time() - t0
     text = format_report(rep, ds.classes) + f"\nGrad-CAM++ (baseline above, HCML below): {pngs[0]}"
-    (out / "report.txt").write_text(text + "\n")
-    (out / "report.json").write_text(json.dumps(rep, indent=1))
+    atomic_write_text(out / "report.txt", text + "\n")
+    atomic_write_text(out / "report.json", json.dumps(rep, indent=1))
     print("\n" + text)
     extra = f"; the seed spread in {out / SPREAD_FILE} (copy it to configs/ to document it)" if seeds > 1 else ""
     print(f"\n[demo] done in {rep['seconds']:.0f}s. Runs (config, metrics.jsonl, curves.png, checkpoints) in {out}; "

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from hcml.errors import ConfigError
+from hcml.files import atomic_write_text
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
@@ -183,7 +184,8 @@ class JsonlLog:
         """On resume: drop the records after the restored step (those steps run again and are logged again)."""
         if self.enabled and self.path.is_file():
             keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            # atomic: a second preemption during the rewrite must not cost the run its history
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, **record) -> None:
         if self.enabled:

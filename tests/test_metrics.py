@@ -124,3 +124,21 @@ def test_prometheus_scrapes_a_training_run(tiny_dataset, tmp_path):
             train.communicate(timeout=120)
         prom.terminate()
         prom.wait(timeout=30)
+
+
+def test_trimming_the_metrics_log_on_resume_replaces_it_atomically(tmp_path):
+    """On resume metrics.jsonl keeps the records up to the restored step. The trim writes a new file and renames it
+    into place: a process killed during the rewrite (a second preemption) leaves the old log whole, never a
+    truncated one. A handle opened before the trim still reads every old record (the old file), which an in-place
+    rewrite would have truncated."""
+    from hcml.launch.metrics import JsonlLog, read_jsonl
+
+    log = JsonlLog(tmp_path / "metrics.jsonl")
+    log.reset()
+    for step in range(1, 6):
+        log.write(kind="train", step=step, loss=1.0 / step)
+    with open(log.path) as before:
+        log.keep_until(3)
+        assert [json.loads(line)["step"] for line in before] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_jsonl(log.path)] == [1, 2, 3]
+    assert not list(tmp_path.glob(".metrics.jsonl.*"))  # no temp file left behind
