@@ -75,6 +75,8 @@ def cmd_train(args) -> int:
 
     worker = "LOCAL_RANK" in os.environ
     world = (args.nproc_per_node or 1) * _min_nodes(args.nnodes)
+    if not worker:
+        _check_launcher_flags(args)
     if args.plan:
         from hcml.launch.plan import load_plan
 
@@ -101,6 +103,22 @@ def cmd_train(args) -> int:
     from hcml.launch.train import main_from_args, main_from_plan
 
     return main_from_plan(args.plan) if args.plan else main_from_args(*runs[0])
+
+
+def _check_launcher_flags(args) -> None:
+    """torchrun's flags only mean something together: one line for each combination that would otherwise run
+    something else than asked (one process, a standalone node, or a job id shared with every other job)."""
+    given = [f for f, v in (("--max-restarts", args.max_restarts), ("--nnodes", args.nnodes != "1"),
+                            ("--rdzv-endpoint", args.rdzv_endpoint), ("--rdzv-id", args.rdzv_id)) if v]
+    if given and not args.nproc_per_node:
+        raise HCMLError(f"{', '.join(given)}: only under torchrun; add --nproc-per-node N (processes per node)")
+    nodes = str(args.nnodes).split(":")[-1]
+    if nodes != "1" and not args.rdzv_endpoint:
+        raise HCMLError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the rendezvous every node joins) "
+                        f"and --rdzv-id ID")
+    if args.rdzv_endpoint and not args.rdzv_id:
+        raise HCMLError("--rdzv-endpoint needs --rdzv-id ID: the same on every node and new for each job (e.g. "
+                        "$SLURM_JOB_ID); a run dir resumes by itself only within the job it names")
 
 
 def _min_nodes(nnodes: str) -> int:
@@ -269,7 +287,8 @@ def add_train(p) -> None:
     p.add_argument("--nnodes", default="1", help="with --nproc-per-node: nodes of a multi-node job (N or "
                    "MIN:MAX); each node runs this same command")
     p.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (multi-node)")
-    p.add_argument("--rdzv-id", default=None, help="the job's id, the same on every node (e.g. the Slurm job id)")
+    p.add_argument("--rdzv-id", default=None, help="the job's id, the same on every node and new for each job "
+                   "(e.g. the Slurm job id); needed with --rdzv-endpoint")
 
 
 def add_eval(p) -> None:
