@@ -314,14 +314,16 @@ def test_nhwc_cuda_kernels_run_correctly_in_cpu_emulation(tmp_path):
     run = _run_emulation(CSRC, tmp_path)
     assert run.returncode == 0, run.stdout[-4000:]
     assert "all passed" in run.stdout, run.stdout[-4000:]
-    assert run.stdout.count(" ok\n") == 11 * 3 + 3 + 3  # cases x (fwd, df1, df2), bank conflicts, cp.async order
+    # both warp orders x (cases x (fwd, df1, df2), bank conflicts, cp.async order)
+    assert run.stdout.count(" ok\n") == 2 * (11 * 3 + 3 + 3)
     assert "fast " in run.stdout
     assert "generic " in run.stdout
-    assert run.stdout.count("tensor  D=7") == 9  # 3 cases x (forward, dL/df1, dL/df2)
+    assert run.stdout.count("tensor  D=7") == 2 * 9  # orders x 3 cases x (forward, dL/df1, dL/df2)
     # the tensor-core kernels' shared-memory layout keeps every ldmatrix phase free of bank conflicts
-    assert run.stdout.count("with a bank conflict 0 ok") == 3
+    assert run.stdout.count("with a bank conflict 0 ok") == 2 * 3
     # and their cp.async pipelines are ordered: no ldmatrix reads a unit while a copy into it is in flight
-    assert run.stdout.count("reads racing a copy 0, threads ending with copies in flight 0 ok") == 3
+    assert run.stdout.count("reads racing a copy 0, threads ending with copies in flight 0 ok") == 2 * 3
+    assert "-- warps in ascending order" in run.stdout and "-- warps in descending order" in run.stdout
 
 
 def _run_emulation(csrc, tmp_path, *args):
@@ -330,41 +332,45 @@ def _run_emulation(csrc, tmp_path, *args):
     res = subprocess.run([GXX, "-std=c++20", "-O1", "-pthread", "-DHCML_EMULATE", f"-I{csrc}",
                           str(csrc / "test_nhwc_emulated.cpp"), "-o", str(exe)], capture_output=True, text=True,
                          timeout=600)
-    if res.returncode != 0 and ("barrier" in res.stderr or "c++20" in res.stderr):
-        pytest.skip(f"this g++ lacks C++20 <barrier>: {res.stderr[-300:]}")
+    if res.returncode != 0 and any(h in res.stderr for h in ("barrier", "semaphore", "c++20")):
+        pytest.skip(f"this g++ lacks C++20 <barrier>/<semaphore>: {res.stderr[-300:]}")
     assert res.returncode == 0, res.stderr[-3000:]
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.skipif(GXX is None, reason="g++ not on PATH: cannot build the CUDA emulation")
-@pytest.mark.parametrize("line, caught_by", [
-    # forward: the barrier after the wait (another warp's copies may still be in flight): the values usually pass
-    ("__syncthreads();     // and everyone's", "reads racing a copy [1-9]"),
-    # forward: the barrier before a stage is refilled (write after read; only a case with >= 3 chunks refills)
-    ("// chunk n's stage is consumed", "reads racing a copy [1-9]"),
-    ("cp_async_wait<1>();", "copies in flight [1-9]"),
-    # backward: the barrier between staging a chunk and reading it
-    ("// everyone's copies of this chunk have landed", "reads racing a copy [1-9]"),
-])
-def test_the_emulation_catches_a_misordered_cp_async_pipeline(tmp_path, line, caught_by):
-    """Mutation check of the race log in ops/csrc/emulation.h: delete one line of the tensor-core kernels' copy
-    pipeline and the emulated test must fail, by the race log where the values cannot be relied on (the host
-    threads' interleaving decides whether a racing read sees old or new data)."""
-    import re
-
+def _ordering_lines() -> list[tuple[str, int, str]]:
+    """(family, line number, text) of every line that orders the NHWC kernels' shared memory: each __syncthreads()
+    of the tiled CUDA-core ("fast") and tensor-core kernels, and the tensor cores' cp.async waits."""
     from hcml.ops._cuda import CSRC
 
+    text = (CSRC / "cost_volume_nhwc.cuh").read_text().split("\n")
+    tensor_from = next(i for i, t in enumerate(text) if t.startswith("// ---") and "tensor cores" in t)
+    return [("tensor" if i > tensor_from else "fast", i + 1, t.strip()) for i, t in enumerate(text)
+            if "__syncthreads();" in t or ("cp_async_wait<" in t and "template" not in t and "emulated" not in t)]
+
+
+ORDERING = _ordering_lines()
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ not on PATH: cannot build the CUDA emulation")
+@pytest.mark.parametrize("family, line, text", ORDERING, ids=[f"{f}-line{n}" for f, n, _ in ORDERING])
+def test_every_barrier_and_copy_wait_of_the_kernels_is_needed_and_its_loss_caught(tmp_path, family, line, text):
+    """Mutation check of the emulation's schedule (warps take turns, in both orders) and cp.async race log: delete
+    one __syncthreads() or cp.async wait of the tiled kernels and the emulated test must fail, deterministically —
+    by wrong values, or by the race log where a racing read still sees the right data (a copy that lands late)."""
+    from hcml.ops._cuda import CSRC
+
+    assert len(ORDERING) >= 12, ORDERING  # the kernels' barriers and waits were found
     csrc = tmp_path / "csrc"
     shutil.copytree(CSRC, csrc)
     kernels = csrc / "cost_volume_nhwc.cuh"
     lines = kernels.read_text().split("\n")
-    hits = [i for i, text in enumerate(lines) if line in text]
-    assert len(hits) == 1, f"the mutated line must occur once in {kernels.name}: {line!r} at {hits}"
-    del lines[hits[0]]
+    assert lines[line - 1].strip() == text
+    del lines[line - 1]
     kernels.write_text("\n".join(lines))
-    run = _run_emulation(csrc, tmp_path, "tensor")
-    assert run.returncode != 0, run.stdout[-3000:]
-    assert re.search(caught_by, run.stdout), run.stdout[-3000:]
+    run = _run_emulation(csrc, tmp_path, family, "stop")
+    assert run.returncode != 0, f"deleting line {line} ({text}) went unnoticed:\n{run.stdout[-3000:]}"
+    assert "FAIL" in run.stdout, run.stdout[-3000:]
 
 
 @pytest.mark.skipif(NVCC is None or shutil.which("g++") is None, reason="needs nvcc's headers and g++")

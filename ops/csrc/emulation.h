@@ -1,8 +1,14 @@
 // Just enough of CUDA, on the CPU, to run this project's NHWC kernels unchanged under g++ (-DHCML_EMULATE,
-// C++20, -pthread): each CUDA thread of a block is a host thread, __syncthreads() is a real barrier, dynamic
-// shared memory is one buffer per block, and the half / bfloat16 types convert with round-to-nearest-even.
-// Blocks run one after another. Slow, but it executes the same index arithmetic, halos and synchronisation as
-// the GPU, which is what tests/test_cost_volume.py checks against a naive reference on machines with no GPU.
+// C++20, -pthread): each CUDA thread of a block is a host thread, dynamic shared memory is one buffer per block,
+// and the half / bfloat16 types convert with round-to-nearest-even. Blocks run one after another.
+//
+// Warps take turns: between two __syncthreads() one warp runs (its 32 lanes together, as the warp collectives
+// below need), then the next, in ascending or descending warp order (`schedule`). A deterministic schedule, not
+// whatever the host's scheduler does: run once in each order, every pair of warps meets in both orders within
+// each barrier interval, so a missing __syncthreads() (shared memory one warp writes and another reads in the
+// same interval) changes the values in one of the two runs, on every machine, every time. Slow, but it executes
+// the same index arithmetic, halos and synchronisation as the GPU, which is what tests/test_cost_volume.py checks
+// against a naive reference.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -10,7 +16,9 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
+#include <semaphore>
 #include <unordered_map>
 #include <thread>
 #include <type_traits>
@@ -37,7 +45,19 @@ struct alignas(16) float4 {
 namespace hcml_emu {
 inline thread_local dim3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
-inline std::barrier<>* block_barrier = nullptr;
+enum class Schedule { kAscending, kDescending };
+inline Schedule schedule = Schedule::kAscending;  // set by the caller between launches
+struct Warp {
+  unsigned lanes;
+  std::barrier<> lanes_meet;               // the warp's collectives, and the end of its turn
+  std::counting_semaphore<32> go{0};       // one permit per lane: the warp's turn
+  explicit Warp(unsigned n) : lanes(n), lanes_meet(n) {}
+};
+inline std::vector<std::unique_ptr<Warp>>* block_warps = nullptr;
+inline unsigned next_warp(unsigned w) {
+  const unsigned n = static_cast<unsigned>(block_warps->size());
+  return schedule == Schedule::kAscending ? (w + 1) % n : (w + n - 1) % n;
+}
 inline std::vector<float>* block_exchange = nullptr;  // one slot per thread, for warp shuffles
 inline std::vector<const void*>* block_addresses = nullptr;  // one per thread, for ldmatrix
 inline std::vector<uint32_t>* block_words = nullptr;  // six per thread, for mma fragments
@@ -45,7 +65,19 @@ inline float* block_smem = nullptr;
 // ldmatrix phases (8 rows of 16 bytes) whose rows share a bank group: each costs the hardware a replay
 inline std::atomic<long> ldmatrix_phases{0}, ldmatrix_conflicted_phases{0};
 inline float* shared_memory() { return block_smem; }
-inline void sync() { block_barrier->arrive_and_wait(); }  // the emulation's own (collectives, exchanges)
+// The lanes of this thread's warp meet (the emulated warp collectives exchange through memory between two).
+inline void sync() { (*block_warps)[thread_idx.x / 32]->lanes_meet.arrive_and_wait(); }
+// The end of this warp's turn: its lanes meet, lane 0 hands the turn to the next warp, and all wait for the next.
+inline void end_turn(bool wait_again) {
+  const unsigned w = thread_idx.x / 32;
+  Warp& me = *(*block_warps)[w];
+  me.lanes_meet.arrive_and_wait();
+  if (thread_idx.x % 32 == 0) {
+    Warp& next = *(*block_warps)[next_warp(w)];
+    next.go.release(next.lanes);
+  }
+  if (wait_again) me.go.acquire();
+}
 
 // cp.async ordering, checked rather than assumed. A thread's copy is in flight from its issue to the wait_group that
 // retires it, and visible to other threads only after the next __syncthreads(). Epochs number the kernel's own
@@ -56,7 +88,7 @@ inline void sync() { block_barrier->arrive_and_wait(); }  // the emulation's own
 inline thread_local int epoch = 0;  // __syncthreads() this thread has passed in this block
 inline void barrier() {
   ++epoch;
-  sync();
+  end_turn(true);
 }
 struct AsyncCopy {
   void* dst;
@@ -104,11 +136,14 @@ void launch(dim3 grid, dim3 block, size_t smem, Kernel kernel, Args... args) {
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         std::memset(buf.data(), 0xff, buf.size() * sizeof(float));  // NaN garbage: unstaged reads show up
-        std::barrier<> bar(block.x);
+        std::vector<std::unique_ptr<Warp>> warps;
+        for (unsigned t = 0; t < block.x; t += 32) warps.push_back(std::make_unique<Warp>(std::min(32u, block.x - t)));
+        Warp& first = *warps[schedule == Schedule::kAscending ? 0 : warps.size() - 1];
+        first.go.release(first.lanes);
         std::vector<float> exchange(block.x);
         std::vector<const void*> addresses(block.x);
         std::vector<uint32_t> words(6 * block.x);
-        block_barrier = &bar;
+        block_warps = &warps;
         block_exchange = &exchange;
         block_addresses = &addresses;
         block_words = &words;
@@ -120,7 +155,9 @@ void launch(dim3 grid, dim3 block, size_t smem, Kernel kernel, Args... args) {
           threads.emplace_back([&, t] {
             thread_idx = {t, 0, 0};
             block_idx = {bx, by, bz};
+            (*block_warps)[t / 32]->go.acquire();
             kernel(args...);
+            end_turn(false);
             bool pending = !async_open.empty();
             for (const auto& group : async_groups) pending |= !group.empty();
             async_unwaited += pending;

@@ -108,28 +108,46 @@ static int run_case(const char* dtype, int B, int C, int H, int W, unsigned seed
   return fails;
 }
 
-int main(int argc, char** argv) {
+static bool stop_at_first_failure = false;  // `stop`: a mutant's verdict needs one failing case, not all
+
+static int run_cases(const std::string& only) {
   int fails = 0;
-  // `tensor`: the tensor-core cases only (what the mutation tests in tests/test_cost_volume.py rebuild)
-  const bool all = argc < 2 || std::string(argv[1]) != "tensor";
+  const bool fast = only.empty() || only == "fast", tensor = only.empty() || only == "tensor", all = only.empty();
+  auto want = [&](bool family) { return family && !(stop_at_first_failure && fails); };
   // the models' (D, S) = (7, 2): tiles cut by the border in x (37 > 16) and y (13 > 8), two images, a channel
   // count that is not a multiple of the chunk (fp32: 12 = 1.5 chunks), an output row that does not start on a
   // 16-byte boundary (W * 49 odd)
-  if (all) fails += run_case<float, 7, 2, 0>("fp32", 2, 12, 13, 37, 1, 1e-5);
-  if (all) fails += run_case<__nv_bfloat16, 7, 2, 0>("bf16", 1, 24, 11, 35, 2, 1e-2);
-  if (all) fails += run_case<__half, 7, 2, 0>("fp16", 1, 16, 9, 17, 3, 2e-3);
+  if (want(fast)) fails += run_case<float, 7, 2, 0>("fp32", 2, 12, 13, 37, 1, 1e-5);
+  if (want(fast)) fails += run_case<__nv_bfloat16, 7, 2, 0>("bf16", 1, 24, 11, 35, 2, 1e-2);
+  if (want(fast)) fails += run_case<__half, 7, 2, 0>("fp16", 1, 16, 9, 17, 3, 2e-3);
   // C = 3 padded to one vector; a window larger than the image (md = 6 > H = 5)
-  if (all) fails += run_case<float, 7, 2, 0>("fp32", 1, 3, 5, 7, 4, 1e-5);
+  if (want(fast)) fails += run_case<float, 7, 2, 0>("fp32", 1, 3, 5, 7, 4, 1e-5);
   // tensor cores (bf16, fp16): tiles cut by the border, C not a multiple of the 32- or 16-channel chunk (24 = 1.5
   // forward chunks; 40 = 2.5 backward chunks), an odd W, C below one chunk, a window larger than the image
-  fails += run_case<__nv_bfloat16, 7, 2, 2>("bf16", 2, 24, 11, 35, 9, 1e-2);
-  fails += run_case<__half, 7, 2, 2>("fp16", 1, 40, 9, 17, 10, 2e-3);
-  fails += run_case<__nv_bfloat16, 7, 2, 2>("bf16", 1, 8, 5, 7, 11, 1e-2);
+  if (want(tensor)) fails += run_case<__nv_bfloat16, 7, 2, 2>("bf16", 2, 24, 11, 35, 9, 1e-2);
+  if (want(tensor)) fails += run_case<__half, 7, 2, 2>("fp16", 1, 40, 9, 17, 10, 2e-3);
+  if (want(tensor)) fails += run_case<__nv_bfloat16, 7, 2, 2>("bf16", 1, 8, 5, 7, 11, 1e-2);
   // generic: other (D, s), a channel tail padded with zeros, a window larger than the image
-  if (all) fails += run_case<float, 5, 1, 1>("fp32", 2, 6, 9, 10, 5, 1e-5);
-  if (all) fails += run_case<__nv_bfloat16, 3, 2, 1>("bf16", 1, 10, 7, 9, 6, 1e-2);
-  if (all) fails += run_case<float, 9, 2, 1>("fp32", 1, 8, 5, 7, 7, 1e-5);
-  if (all) fails += run_case<__half, 7, 2, 1>("fp16", 1, 8, 6, 11, 8, 2e-3);
+  if (want(all)) fails += run_case<float, 5, 1, 1>("fp32", 2, 6, 9, 10, 5, 1e-5);
+  if (want(all)) fails += run_case<__nv_bfloat16, 3, 2, 1>("bf16", 1, 10, 7, 9, 6, 1e-2);
+  if (want(all)) fails += run_case<float, 9, 2, 1>("fp32", 1, 8, 5, 7, 7, 1e-5);
+  if (want(all)) fails += run_case<__half, 7, 2, 1>("fp16", 1, 8, 6, 11, 8, 2e-3);
+  return fails;
+}
+
+int main(int argc, char** argv) {
+  // `tensor` or `fast`: those kernels' cases only (what the mutation tests in tests/test_cost_volume.py rebuild)
+  const std::string only = argc > 1 ? argv[1] : "";
+  stop_at_first_failure = argc > 2 && std::string(argv[2]) == "stop";
+  int fails = 0;
+  // every case with the warps of a block taking turns in ascending, then descending order (emulation.h): a race
+  // between two warps shows in one of the two
+  for (const auto order : {hcml_emu::Schedule::kAscending, hcml_emu::Schedule::kDescending}) {
+    hcml_emu::schedule = order;
+    std::printf("-- warps in %s order\n", order == hcml_emu::Schedule::kAscending ? "ascending" : "descending");
+    fails += run_cases(only);
+    if (stop_at_first_failure && fails) break;
+  }
   std::printf(fails ? "%d FAILED\n" : "all passed\n", fails);
   return fails ? 1 : 0;
 }
