@@ -306,9 +306,10 @@ GXX = shutil.which("g++")
 @pytest.mark.skipif(GXX is None, reason="g++ not on PATH: cannot build the CUDA emulation")
 def test_nhwc_cuda_kernels_run_correctly_in_cpu_emulation(tmp_path):
     """The channels_last CUDA kernels (forward, dL/df1, dL/df2), compiled for the CPU with every CUDA thread a
-    host thread and real barriers (ops/csrc/emulation.h), against a naive double loop: fp32/fp16/bf16, vector and
-    scalar loads, tiles cut by the image border, a channel tail, a window larger than the image. An index or halo
-    error, or a missing __syncthreads, fails here on any machine, GPU or not."""
+    host thread and warps taking turns between barriers in both orders (ops/csrc/emulation.h), against a naive
+    double loop: fp32/fp16/bf16, vector and scalar loads, tiles cut by the image border, a channel tail, a window
+    larger than the image. An index or halo error, or a missing __syncthreads, fails here on any machine, GPU or
+    not (the mutation test below deletes each barrier)."""
     from hcml.ops._cuda import CSRC
 
     run = _run_emulation(CSRC, tmp_path)
