@@ -81,13 +81,15 @@ def cmd_train(args) -> int:
         from hcml.launch.plan import load_plan
 
         clash = [f for f, v in (("--config", args.config), ("--data", args.data), ("--run-dir", args.run_dir),
-                                ("--resume", args.resume), ("--overwrite", args.overwrite),
-                                ("key=value", args.overrides)) if v]
+                                ("--overwrite", args.overwrite), ("key=value", args.overrides)) if v]
         if clash:
             raise HCMLError(f"--plan takes each run's recipe, overrides and run dir from the plan file; drop "
                             f"{', '.join(clash)}")
+        if args.resume not in (None, "auto"):
+            raise HCMLError(f"--plan takes --resume auto (each entry continues from its own newest checkpoint, "
+                            f"finished entries are skipped), not --resume {args.resume}")
         entries = load_plan(args.plan)
-        runs = [(resolve_config(e.config), e.overrides, None, e.overwrite) for e in entries]
+        runs = [(resolve_config(e.config), e.overrides, args.resume, e.overwrite) for e in entries]
     elif args.config:
         runs = [(resolve_config(args.config), _overrides(args), args.resume, args.overwrite)]
     else:
@@ -102,7 +104,7 @@ def cmd_train(args) -> int:
         return run(launch, worker_argv(args.argv))
     from hcml.launch.train import main_from_args, main_from_plan
 
-    return main_from_plan(args.plan) if args.plan else main_from_args(*runs[0])
+    return main_from_plan(args.plan, args.resume) if args.plan else main_from_args(*runs[0])
 
 
 def _check_launcher_flags(args) -> None:

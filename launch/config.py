@@ -327,6 +327,14 @@ def to_dict(cfg: Config) -> dict:
                                                             for k, v in kv})
 
 
+def fingerprint(cfg: Config) -> str:
+    """A digest of every setting: two runs with the same fingerprint are the same training."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

@@ -332,7 +332,7 @@ def finish(run: Run, t0: float) -> dict:
     point ends it, after the last run of a plan)."""
     summary = {"step": run.step, "epoch": run.epoch, "resumed_from": run.resumed_from,
                "stopped_by_signal": run.stopped_by, "samples_skipped": run.samples_skipped,
-               "job": rundir.current_job()}
+               "job": rundir.current_job(), "config_sha256": C.fingerprint(run.cfg)}
     if run.stopped_by is None and run.ds.val and run.cfg.train.phase.classifies:
         summary["eval"] = evaluate_and_log(run)
     summary["seconds"] = time.time() - t0
@@ -392,29 +392,32 @@ def main_from_args(config_path: str | None, overrides: list[str], resume: str | 
     return _run_in_order(stop, [("", lambda: C.load_config(config_path, overrides), resume, overwrite)])
 
 
-def main_from_plan(plan_path: str) -> int:
+def main_from_plan(plan_path: str, resume: str | None = None) -> int:
     """A worker's entry for ``hcml train --plan`` (:mod:`hcml.launch.plan`): the entries in order in this one
-    process group. Exit codes as for one run."""
+    process group; ``resume`` None or ``auto`` (every entry continues from its own newest checkpoint). Exit codes
+    as for one run."""
     from hcml.launch.plan import load_plan
 
     stop = _StopSignal()
-    runs = [(e.name, lambda e=e: C.load_config(C.resolve_recipe(e.config), e.resolved_overrides()), None,
+    runs = [(e.name, lambda e=e: C.load_config(C.resolve_recipe(e.config), e.resolved_overrides()), resume,
              e.overwrite) for e in load_plan(plan_path)]
     return _run_in_order(stop, runs)
 
 
-def _finished_in_this_job(run_dir: Path) -> bool:
-    """Whether this torchrun job already finished the run in ``run_dir`` (its summary names this job and no stop
-    signal): after a restart, a plan goes on with the entry that failed instead of re-entering and re-evaluating
-    every entry before it (a Kinetics evaluation is many minutes). Rank 0 decides for all ranks."""
+def _finished_before(cfg: C.Config, resume: str | None) -> bool:
+    """Whether the run in ``cfg.run_dir`` already finished with exactly this config (its summary: no stop signal,
+    the same fingerprint), so that it is skipped rather than resumed at its last step and evaluated again (a
+    Kinetics evaluation is many minutes): after a torchrun restart of the job that finished it, or under
+    ``--resume auto`` (a resubmitted plan). Rank 0 decides for all ranks."""
     job = rundir.current_job()
-    if job is None:
+    if resume != "auto" and job is None:
         return False
     info = init_distributed()
     done = False
     if info.main:
-        summary = rundir.read_json(run_dir / rundir.SUMMARY)
-        done = summary.get("job") == job and summary.get("stopped_by_signal") is None
+        summary = rundir.read_json(Path(cfg.run_dir) / rundir.SUMMARY)
+        done = (summary.get("stopped_by_signal", 0) is None and summary.get("config_sha256") == C.fingerprint(cfg)
+                and (resume == "auto" or summary.get("job") == job))
     return bool(all_gather_objects(done, info)[0])
 
 
@@ -426,10 +429,10 @@ def _run_in_order(stop: _StopSignal, runs: list[tuple[str, Callable[[], C.Config
     try:
         for i, (name, make_cfg, resume, overwrite) in enumerate(runs):
             cfg = make_cfg()  # an entry's config is read when it starts (init_from_run exists by then)
-            if resume is None and _finished_in_this_job(Path(cfg.run_dir)):
+            if resume in (None, "auto") and _finished_before(cfg, resume):
                 if main:
-                    print(f"{f'[plan] {i + 1}/{len(runs)} {name}' if name else '[train]'}: finished before this "
-                          f"torchrun restart ({Path(cfg.run_dir) / rundir.SUMMARY}): not run again", flush=True)
+                    print(f"{f'[plan] {i + 1}/{len(runs)} {name}' if name else '[train]'}: finished earlier with "
+                          f"this config ({Path(cfg.run_dir) / rundir.SUMMARY}): not run again", flush=True)
                 continue
             if name and main:
                 print(f"[plan] {i + 1}/{len(runs)} {name}: run_dir={cfg.run_dir}", flush=True)

@@ -1,8 +1,10 @@
-"""What several test files share: the tiny training recipe, the loss log of a run, and waiting for a step."""
+"""What several test files share: the tiny training recipe, the loss log of a run, waiting for a step, and finding
+or killing a run's processes."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -31,3 +33,29 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen | None = None, lo
             assert proc.poll() is None, log.read_text()[-3000:] if log else f"exited {proc.returncode}"
         assert time.time() < deadline, f"no step {step} in {timeout} s"
         time.sleep(0.05)
+
+
+def processes_of(run: Path) -> list[int]:
+    """Every live process whose command line names this run dir (launcher, torchrun, workers)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and str(run).encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_all(run: Path) -> None:
+    """SIGKILL every process naming ``run`` (torchrun starts workers in sessions of their own: a process group
+    kill leaves them running)."""
+    import signal
+
+    for pid in processes_of(run):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # ended meanwhile
+            pass

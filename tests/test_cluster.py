@@ -19,7 +19,7 @@ import pytest
 
 from hcml.launch.checkpoint import list_checkpoints, step_of
 from tests.conftest import PY, run_env
-from tests.helpers import SMALL, losses, wait_for_step
+from tests.helpers import SMALL, kill_all, losses, processes_of, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -32,20 +32,6 @@ def hcml_train(data: Path, run: Path, *extra: str) -> list[str]:
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     out = open(log, "w")
     return subprocess.Popen(cmd, env=run_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def processes_of(run: Path) -> list[int]:
-    """Every live process whose command line names this run dir (launcher, torchrun, workers)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and str(run).encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
 
 
 def worker_of_rank(run: Path, rank: int) -> int:
@@ -116,8 +102,7 @@ def test_a_stopped_worker_ends_the_job_naming_it_within_the_stall_timeout(tiny_d
     try:
         rc = proc.wait(timeout=120)
     finally:
-        for pid in processes_of(run):
-            os.kill(pid, signal.SIGKILL)
+        kill_all(run)
     assert rc != 0
     assert time.time() - t0 < 90
     m = re.search(r"hcml train \(rank 0\): error: stalled: no step for \d+ s \(train.stall_timeout_s=6\) after step "
@@ -171,8 +156,7 @@ def test_a_worker_killed_under_two_agents_restarts_and_both_resume(tiny_dataset,
         for proc, log in nodes:
             assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
-        for pid in processes_of(run):
-            os.kill(pid, signal.SIGKILL)
+        kill_all(run)
     text = "".join(log.read_text() for _, log in nodes)
     assert re.search(r"\[resume\] \S+ckpt_0000000[46]\.pt", text), text[-3000:]
     assert "starting fresh" not in text, text[-3000:]
@@ -201,10 +185,9 @@ def test_a_plan_restarted_by_torchrun_goes_on_with_the_entry_that_failed(tiny_da
         os.kill(worker_of_rank(plan, 1), signal.SIGKILL)
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
-        for pid in processes_of(plan):
-            os.kill(pid, signal.SIGKILL)
+        kill_all(plan)
     text = log.read_text()
-    assert f"[plan] 1/2 first: finished before this torchrun restart ({first / 'summary.json'}): not run again" \
+    assert f"[plan] 1/2 first: finished earlier with this config ({first / 'summary.json'}): not run again" \
         in text, text[-3000:]
     assert text.count("[plan] 1/2 first: run_dir=") == 1, text[-3000:]
     assert re.search(rf"\[resume\] {re.escape(str(second))}\S+ckpt_0000000[46]\.pt", text), text[-3000:]
@@ -214,6 +197,52 @@ def test_a_plan_restarted_by_torchrun_goes_on_with_the_entry_that_failed(tiny_da
              if json.loads(ln)["kind"] == "train"]
     assert steps == list(range(1, 10)), steps
     assert json.loads((second / "summary.json").read_text())["step"] == 9
+
+
+def test_a_resubmitted_plan_with_resume_auto_skips_finished_entries_and_resumes_the_stopped_one(tiny_dataset,
+                                                                                                    tmp_path):
+    """A plan stopped by the scheduler (SIGTERM: the second entry checkpoints and the job ends 0), then submitted
+    again as a new job: without --resume it is refused in one line (the entries' checkpoints would be started
+    over); with --resume auto the finished entry is skipped (same config: not trained, not evaluated again) and the
+    stopped one resumes from its checkpoint, every step logged once."""
+    from hcml.launch.plan import PlanEntry, write_plan
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = [f"data.root={tiny_dataset}", *SMALL, "checkpoint.every_steps=2"]
+    plan = write_plan(tmp_path / "plan.json", [
+        PlanEntry("first", "demo", [*common, f"run_dir={first}", "train.max_steps=3"]),
+        PlanEntry("second", "demo", [*common, f"run_dir={second}", "train.max_steps=9"], init_from_run=str(first))])
+    cmd = [PY, "-m", "hcml.launch.cli", "train", "--plan", str(plan), "--nproc-per-node", "2"]
+    log = tmp_path / "log"
+    proc = start(cmd, log)
+    try:
+        wait_for_step(second, 4, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        kill_all(plan)
+    stopped = json.loads((second / "summary.json").read_text())
+    assert stopped["stopped_by_signal"] == signal.SIGTERM and stopped["step"] < 9, stopped
+    kept = {f: (first / f).read_text() for f in ("summary.json", "metrics.jsonl")}
+
+    again = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert again.stderr.strip().splitlines() == [
+        f"hcml train: error: run_dir {first} holds another run's checkpoints (up to step 3): pass --resume auto to "
+        "continue it, --overwrite to delete it and start fresh, or choose another --run-dir"]
+
+    resumed = subprocess.run([*cmd, "--resume", "auto"], env=run_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = resumed.stdout
+    assert f"[plan] 1/2 first: finished earlier with this config ({first / 'summary.json'}): not run again" in out, \
+        out[-3000:]
+    assert re.search(rf"\[resume\] {re.escape(str(second))}\S+ckpt_0000000{stopped['step']}\.pt", out), out[-3000:]
+    assert {f: (first / f).read_text() for f in kept} == kept
+    steps = [json.loads(ln)["step"] for ln in (second / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["kind"] == "train"]
+    assert steps == list(range(1, 10)), steps
+    done = json.loads((second / "summary.json").read_text())
+    assert done["step"] == 9 and done["stopped_by_signal"] is None and "eval" in done
 
 
 @pytest.fixture()

@@ -19,7 +19,7 @@ import torch
 from hcml.errors import CheckpointError
 from hcml.launch.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
 from tests.conftest import PY, run_env
-from tests.helpers import SMALL, losses, wait_for_step
+from tests.helpers import SMALL, kill_all, losses, wait_for_step
 
 
 def train_cmd(data: Path, run_dir: Path, *extra: str, nproc: int = 2, resume: bool = False) -> list[str]:
@@ -73,11 +73,13 @@ def test_kill9_mid_epoch_then_resume_reproduces_the_uninterrupted_losses(tiny_da
     run = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(tiny_dataset, run, *det), env=run_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    # kill after the step-4 line is logged, i.e. mid-epoch 1, with the step-3 checkpoint on disk
+    # kill every process of the run (workers included) after the step-4 line is logged, i.e. mid-epoch 1, with the
+    # step-3 checkpoint on disk
     wait_for_step(run, 4, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_all(run)
     proc.wait()
     assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] in ("ckpt_00000003.pt", "ckpt_00000006.pt")
+    assert not (run / "summary.json").exists()  # the run did not finish
     r = subprocess.run(train_cmd(tiny_dataset, run, *det, resume=True), capture_output=True, text=True,
                        env=run_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -362,6 +364,10 @@ def test_plan_and_config_flags_do_not_mix(tmp_path):
                        capture_output=True, text=True, env=run_env(), timeout=120)
     assert r.returncode == 2
     assert "drop --config" in r.stderr
+    r = subprocess.run([PY, "-m", "hcml.launch.cli", "train", "--plan", str(tmp_path / "p.json"), "--resume",
+                        str(tmp_path / "ckpt.pt")], capture_output=True, text=True, env=run_env(), timeout=120)
+    assert r.returncode == 2
+    assert "--plan takes --resume auto" in r.stderr
     r = subprocess.run([PY, "-m", "hcml.launch.cli", "train"], capture_output=True, text=True, env=run_env(),
                        timeout=120)
     assert r.returncode == 2
