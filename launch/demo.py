@@ -35,6 +35,7 @@ from hcml.files import atomic_write_text
 from hcml.launch.config import load_config, recipe_dir, resolve_recipe
 from hcml.launch.launcher import Launch, run
 from hcml.launch.plan import PlanEntry, run_dir_of, write_plan
+from hcml.launch.rundir import SUMMARY
 from hcml.model import LEVELS
 from hcml.model.contrastive import num_candidates
 from hcml.pipeline import synth
@@ -85,7 +86,7 @@ def train_all(entries: list[PlanEntry], out: Path, nproc: int) -> dict[str, dict
     group and its teardown once instead of per run); {entry name: its summary.json}."""
     dirs = {e.name: Path(run_dir_of(e)) for e in entries}
     for d in dirs.values():  # a summary left by an earlier demo must not stand in for a run that did not happen
-        (d / "summary.json").unlink(missing_ok=True)
+        (d / SUMMARY).unlink(missing_ok=True)
     plan = write_plan(out / "plan.json", entries)
     argv = ["train", "--plan", str(plan)]
     print(f"[demo] {len(entries)} trainings ({', '.join(e.name for e in entries)}): "
@@ -93,9 +94,9 @@ def train_all(entries: list[PlanEntry], out: Path, nproc: int) -> dict[str, dict
     rc = run(Launch(nproc), argv)
     summaries = {}
     for name, d in dirs.items():
-        if not (d / "summary.json").is_file():
+        if not (d / SUMMARY).is_file():
             raise SystemExit(f"[demo] training {name} did not finish (exit code {rc}); see the log above")
-        summary = json.loads((d / "summary.json").read_text())
+        summary = json.loads((d / SUMMARY).read_text())
         if summary.get("stopped_by_signal") is not None:  # the run checkpointed and left: so does the demo
             raise SystemExit(f"[demo] {name} stopped by signal {summary['stopped_by_signal']} at step "
                              f"{summary['step']}; the demo stops too (its checkpoint is in {d})")

@@ -408,9 +408,9 @@ def _finished_before(cfg: C.Config, resume: str | None) -> bool:
     """Whether the run in ``cfg.run_dir`` already finished with exactly this config (its summary: no stop signal,
     the same fingerprint), so that it is skipped rather than resumed at its last step and evaluated again (a
     Kinetics evaluation is many minutes): after a torchrun restart of the job that finished it, or under
-    ``--resume auto`` (a resubmitted plan). Rank 0 decides for all ranks."""
+    ``--resume auto`` (a resubmitted plan); never for ``--resume PATH``. Rank 0 decides for all ranks."""
     job = rundir.current_job()
-    if resume != "auto" and job is None:
+    if resume not in (None, "auto") or (resume is None and job is None):
         return False
     info = init_distributed()
     done = False
@@ -429,7 +429,7 @@ def _run_in_order(stop: _StopSignal, runs: list[tuple[str, Callable[[], C.Config
     try:
         for i, (name, make_cfg, resume, overwrite) in enumerate(runs):
             cfg = make_cfg()  # an entry's config is read when it starts (init_from_run exists by then)
-            if resume in (None, "auto") and _finished_before(cfg, resume):
+            if _finished_before(cfg, resume):
                 if main:
                     print(f"{f'[plan] {i + 1}/{len(runs)} {name}' if name else '[train]'}: finished earlier with "
                           f"this config ({Path(cfg.run_dir) / rundir.SUMMARY}): not run again", flush=True)

@@ -174,8 +174,8 @@ void launch(dim3 grid, dim3 block, size_t smem, Kernel kernel, Args... args) {
 #define gridDim (hcml_emu::grid_dim)
 #define __syncthreads() hcml_emu::barrier()
 
-// A warp shuffle as every thread of the block exchanging through memory between two barriers: valid where, as in
-// these kernels, all threads of the block reach each shuffle together.
+// A warp shuffle as the lanes of the warp exchanging through memory between two meetings of the lanes: valid
+// where, as in these kernels, all lanes of a warp reach each shuffle together (full mask).
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   auto& ex = *hcml_emu::block_exchange;
   const unsigned t = threadIdx.x;
@@ -218,7 +218,7 @@ inline __half __float2half_rn(float f) {
 }
 
 // ---------------------------------------------------------------- the tensor-core API the NHWC kernels use
-// Warp collectives, emulated like the shuffle above (every thread of the block reaches each call together), with
+// Warp collectives, emulated like the shuffle above (all lanes of the warp reach each call together), with
 // PTX's fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16", "ldmatrix"): lane l = 4 g + q.
 
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8 j .. 8 j + 7 give the row addresses (16 bytes each) of
