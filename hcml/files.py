@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, IO
@@ -20,11 +22,48 @@ def umask() -> int:
     return mask
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+_TEMP = re.compile(r"^\.tmp-([A-Za-z0-9_]+)-(\d+)-")
+
+
+def temp_prefix(path: str | Path) -> str:
+    """Name prefix of a temp file for ``path`` (same folder): ``.tmp-<host>-<pid>-<name>``. The writer's host and pid
+    in the name let a later run tell a temp file of a killed writer (removed by ``remove_stale_temps``) from one
+    still being written."""
+    return f".tmp-{_HOST}-{os.getpid()}-{Path(path).name}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Delete the temp files (``temp_prefix``) in ``folder`` whose writer was a process of this host that no longer
+    runs: a ``kill -9`` or a node failure mid-write leaves them (a checkpoint's is as large as the checkpoint).
+    Another host's temp files are kept, since whether their writer still runs cannot be known from here."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.rglob(".tmp-*") if recursive else folder.glob(".tmp-*"):
+        m = _TEMP.match(p.name)
+        if m and m.group(1) == _HOST and not _alive(int(m.group(2))) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> Path:
     """Call ``write(f)`` on a temp file next to ``path`` and rename it into place (mode 0666 & ~umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path) + ".")
     try:
         os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb" if binary else "w") as f:

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 from hcml.errors import CheckpointError, HCMLError
-from hcml.files import atomic_write
+from hcml.files import atomic_write, remove_stale_temps
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict, keep: int = 3) -> Path:
-    """Write ``ckpt_<step>.pt`` via temp file + fsync + rename, then keep only the newest ``keep``."""
+    """Write ``ckpt_<step>.pt`` via temp file + fsync + rename, then keep only the newest ``keep`` (and remove the
+    temp file of a write that a kill -9 cut short: it is as large as a checkpoint)."""
     directory = Path(directory)
     path = directory / f"ckpt_{step:08d}.pt"
     try:
@@ -28,6 +29,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, keep: int = 3
         os.fsync(dfd)  # the rename itself survives a crash
     finally:
         os.close(dfd)
+    remove_stale_temps(directory)
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from hcml.errors import DatasetError
-from hcml.files import atomic_write_text, remove_own
+from hcml.files import atomic_write_text, remove_own, remove_stale_temps
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,9 @@ class PreparedDataset:
 
 def claim_folder(out: Path, marker: str, state: str, own: tuple[str, ...], overwrite: bool, tool: str) -> None:
     """Let a writer (``prepare``, ``synth``) use ``out``: a new or empty folder, or one it filled before with the
-    same settings (``state`` in ``out/marker``: it continues, keeping finished files). Anything else is refused,
-    so a typo never mixes two datasets; ``overwrite`` removes only the writer's own files (``own``)."""
+    same settings (``state`` in ``out/marker``: it continues, keeping finished files, and removes the half-written
+    temp files of a killed earlier run). Anything else is refused, so a typo never mixes two datasets;
+    ``overwrite`` removes only the writer's own files (``own``)."""
     if out.exists() and not out.is_dir():
         raise DatasetError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -78,6 +79,7 @@ def claim_folder(out: Path, marker: str, state: str, own: tuple[str, ...], overw
             why = f"holds a {tool} with other settings" if (out / marker).is_file() else "is not empty"
             raise DatasetError(f"--out {out} {why}: choose a new folder, or pass --overwrite to replace what "
                                f"{tool} wrote there")
+        remove_stale_temps(out, recursive=True)
     atomic_write_text(out / marker, state)
 
 

@@ -8,12 +8,13 @@ never leaves a half-written video behind.
 
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from hcml.files import temp_prefix
 
 CODECS = {  # name → (PyAV encoder, container, encoder options)
     "h264": ("libx264", "mp4", {"preset": "veryfast", "crf": "18", "bf": "0", "threads": "1"}),
@@ -37,7 +38,7 @@ def encode_video(frames: Iterable, path: str | Path, codec: str = "vp9", fps: fl
     encoder, container, opts = CODECS[codec]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(temp_prefix(path))
     n = 0
     try:
         with av.open(str(tmp), "w", format=container) as out:

@@ -217,16 +217,22 @@ def test_killed_prepare_continues_and_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "a")], env=run_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((tmp_path / "a").rglob("v*.webm"))) < 3:
-        time.sleep(0.05)
+    while time.time() < deadline:  # kill once 3 videos are done and the next one is half-written
+        if len(list((tmp_path / "a").rglob("v*.webm"))) >= 3 and list((tmp_path / "a").rglob(".tmp-*")):
+            os.kill(proc.pid, signal.SIGSTOP)  # frozen: the half-file seen is still there when it dies
+            if list((tmp_path / "a").rglob(".tmp-*")):
+                break
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("v*.webm")}
     assert 3 <= len(done) < 10
+    assert len(list((tmp_path / "a").rglob(".tmp-*"))) == 1  # the half-written video of the killed run
     assert not (tmp_path / "a/train.txt").exists()
     assert subprocess.run([*cmd, "--out", str(tmp_path / "a")], env=run_env(), capture_output=True).returncode == 0
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished videos were not redone
-    assert not list((tmp_path / "a").rglob(".tmp-*"))  # the killed half-file is gone or replaced
+    assert not list((tmp_path / "a").rglob(".tmp-*"))  # the rerun removed the killed run's half-file
     assert subprocess.run([*cmd, "--out", str(tmp_path / "b")], env=run_env(), capture_output=True).returncode == 0
     for name in ("train.txt", "val.txt", "classes.txt"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()

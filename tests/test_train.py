@@ -11,11 +11,13 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from hcml import files
 from hcml.errors import CheckpointError
 from hcml.launch.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
 from tests.conftest import PY, run_env
@@ -122,7 +124,7 @@ def test_checkpoints_are_atomic_rotating_and_validated(tmp_path):
     for step in (1, 2, 3, 4):
         save_checkpoint(d, step, {"model": {"w": torch.ones(2) * step}, "step": step}, keep=2)
     assert [p.name for p in list_checkpoints(d)] == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
-    assert not list(d.glob(".ckpt-*"))  # no temp files left behind
+    assert [p.name for p in d.iterdir() if not p.name.startswith("ckpt_")] == []  # no temp file left behind
     newest = list_checkpoints(d)[-1]
     newest.write_bytes(newest.read_bytes()[:40])  # truncate the newest
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
@@ -134,6 +136,25 @@ def test_checkpoints_are_atomic_rotating_and_validated(tmp_path):
     (d / "ckpt_00000009.pt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="ckpt_00000009.pt"):
         load_checkpoint(d / "ckpt_00000009.pt")
+
+
+def test_a_save_removes_the_temp_file_of_a_killed_save_and_only_that(tmp_path):
+    """A kill -9 mid-save leaves a checkpoint-sized temp file; the next save removes it, but never the temp file of a
+    writer that still runs (this process) or that runs on another host (unknowable from here)."""
+    d = tmp_path / "ck"
+    d.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = files.temp_prefix("x").split("-")[1]
+    killed = d / f".tmp-{host}-{dead.pid}-ckpt_00000002.pt.k2x9"
+    kept = [d / f".tmp-{host}-{os.getpid()}-ckpt_00000002.pt.a1b2", d / f".tmp-otherhost-{dead.pid}-ckpt_00000002.pt.z",
+            d / "notes.txt"]
+    for p in (killed, *kept):
+        p.write_bytes(b"x" * 100)
+    save_checkpoint(d, 3, {"model": {}, "step": 3})
+    assert not killed.exists()
+    assert all(p.exists() for p in kept)
+    assert files.temp_prefix(d / "ckpt_00000003.pt") == f".tmp-{host}-{os.getpid()}-ckpt_00000003.pt"
 
 
 def test_eval_cli_rejects_a_corrupted_checkpoint(tmp_path):
