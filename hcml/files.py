@@ -6,10 +6,12 @@ here."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, IO
 
@@ -57,6 +59,53 @@ def remove_stale_temps(folder: str | Path, recursive: bool = False) -> list[Path
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+class FolderInUse(HCMLError):
+    """``FolderLock.acquire`` found the folder locked; ``holder`` says by whom (pid, host, since when)."""
+
+    def __init__(self, folder: Path, holder: str):
+        super().__init__(f"{folder} is in use ({holder})")
+        self.folder, self.holder = folder, holder
+
+
+class FolderLock:
+    """Exclusive, non-blocking lock on ``folder/.hcml-lock`` for one writer at a time (a run dir, a prepared
+    dataset). A POSIX record lock: NFS supports it, and the kernel drops it with the process, so a crashed writer
+    leaves nothing stuck. The file names the holder for the refusal message."""
+
+    NAME = ".hcml-lock"
+
+    def __init__(self, folder: str | Path, who: str = ""):
+        self.path = Path(folder) / self.NAME
+        self.who = who  # e.g. "hcml prepare": named in the refusal a second writer gets
+        self.fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderInUse(self.path.parent, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{self.who + ': ' if self.who else ''}pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self if self.fd is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> Path:

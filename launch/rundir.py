@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -19,9 +18,8 @@ import time
 from pathlib import Path
 
 from hcml.errors import ConfigError
-from hcml.files import atomic_write_text, remove_own
+from hcml.files import FolderInUse, FolderLock, atomic_write_text, remove_own
 
-LOCK = ".hcml-lock"
 OWNER = "run.json"
 SUMMARY = "summary.json"  # written by a run that ended (finished, or stopped by a signal)
 RUN_FILES = ("checkpoints", "metrics.jsonl", SUMMARY, "curves.png", OWNER)
@@ -42,32 +40,15 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(f"run_dir {run_dir} is not writable ({e.strerror}); choose another --run-dir") from None
 
 
-class RunLock:
-    """Exclusive, non-blocking lock on ``run_dir``; ``holder`` text says who has it."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK
-        self.fd: int | None = None
+class RunLock(FolderLock):
+    """The run dir's ``FolderLock``, refused with the run dir's wording."""
 
     def acquire(self) -> "RunLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ConfigError(f"run_dir {self.path.parent} is in use by another run ({holder}); wait for it to end "
-                              f"or choose another --run-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  .encode(), 0)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the lock
-            self.fd = None
+            return super().acquire()
+        except FolderInUse as e:
+            raise ConfigError(f"run_dir {e.folder} is in use by another run ({e.holder}); wait for it to end or "
+                              f"choose another --run-dir") from None
 
 
 def read_json(path: Path) -> dict:

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from hcml.files import remove_stale_temps, temp_prefix
 from hcml.ops._cuda import CSRC, ext_dir
 
 SOURCE = CSRC / "cost_volume_cpu.c"
@@ -51,7 +52,9 @@ def library() -> ctypes.CDLL | None:
     so = cache / f"hcml_cost_volume_cpu_{digest}.so"
     if not so.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")  # concurrent builds (torchrun workers) never collide
+        remove_stale_temps(cache)  # a build killed mid-way
+        # concurrent builds (torchrun workers) never collide
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=temp_prefix(so) + ".", suffix=".so")
         os.close(fd)
         res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
         if res.returncode != 0:

@@ -227,48 +227,50 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, opts: SourceOpti
     if src.listed and not (src.train or src.val):
         raise DatasetError(f"prepare {dataset}: none of the {src.listed} listed videos exists under {root} (first: "
                            f"{src.missing[0][1]}); see docs/DATASETS.md for the layout")
-    claim_folder(out, ".hcml-prepare.json", json.dumps(dataclasses.asdict(settings), sort_keys=True), OWN_OUTPUTS,
-                 overwrite, "prepare")
-    jobs = [(split_name, Path(p), lab) for split_name, rows in (("train", src.train), ("val", src.val))
-            for p, lab in rows]
-    rows: dict[str, list] = {"train": [], "val": []}
-    excluded, warnings, codecs, replaced = [], [], set(), 0
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        results = ex.map(lambda job: prepare_one(job[1], settings, out, src.replacements.get(str(job[1]))), jobs)
-        for (split_name, path, lab), (pr, final) in tqdm(zip(jobs, results), total=len(jobs), unit="video",
-                                                          desc=f"prepare {dataset}", disable=not progress):
-            if final is None:
-                excluded.append({"split": split_name, "path": pr.path, "reason": pr.reason, "detail": pr.detail})
-                continue
-            replaced += pr.detail.startswith("replaces ") or str(path) in src.fixes_used
-            codecs.add(pr.codec)
-            if pr.vfr and reencode_to == "none":
-                warnings.append({"path": pr.path, "warning": "variable frame rate (frame-indexed clips are still "
-                                 "exact; timestamps are not); --reencode makes it constant"})
-            rel = os.path.relpath(final, out) if Path(final).is_relative_to(out) else str(final)
-            rows[split_name].append((rel, lab, pr.frames))
-    for split_name, path in src.missing:
-        excluded.append({"split": split_name, "path": path, "reason": "missing", "detail": "listed but not found"})
-    report = write_report(out, dataset, rows, excluded, warnings, replaced, codecs)
-    usable = len(rows["train"]) + len(rows["val"])
-    share = len(excluded) / max(1, usable + len(excluded))
-    if not rows["train"] or share > max_excluded:
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(report["excluded_by_reason"].items(), key=lambda kv: -kv[1]))
-        first = next((e for e in excluded if e["reason"] != "missing"), excluded[0] if excluded else None)
-        hint = f"; e.g. {first['path']}: {first['detail'] or first['reason']}" if first else ""
-        raise DatasetError(f"prepare {dataset}: {len(excluded)} of {usable + len(excluded)} videos excluded "
-                           f"({100 * share:.0f}%, limit --max-excluded {max_excluded:g}; {reasons}){hint}; "
-                           f"{'no training video usable; ' if not rows['train'] else ''}nothing written but the "
-                           f"report: {out / 'report.txt'}")
-    meta = {"name": dataset, "codec": reencode_to if reencode_to != "none" else "as-is", "codecs": sorted(codecs),
-            "frames": frames, "stride": stride, "short_side": settings.short_side if reencode_to != "none" else None,
-            "flip_pairs": src.flip_pairs, "source_root": str(root)}
-    write_prepared(out, src.classes, rows["train"], rows["val"], meta)
-    gpu_only = sorted(codecs - DALI_CPU_CODECS)
-    if gpu_only:
-        report["summary"] += (f"\nnote: {'/'.join(gpu_only)} decodes only with DALI's GPU reader (data.device=gpu); "
-                              f"for CPU training prepare with --reencode vp9")
-    return report
+    with claim_folder(out, ".hcml-prepare.json", json.dumps(dataclasses.asdict(settings), sort_keys=True), OWN_OUTPUTS,
+                      overwrite, "prepare"):
+        jobs = [(split_name, Path(p), lab) for split_name, rows in (("train", src.train), ("val", src.val))
+                for p, lab in rows]
+        rows: dict[str, list] = {"train": [], "val": []}
+        excluded, warnings, codecs, replaced = [], [], set(), 0
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            results = ex.map(lambda job: prepare_one(job[1], settings, out, src.replacements.get(str(job[1]))), jobs)
+            for (split_name, path, lab), (pr, final) in tqdm(zip(jobs, results), total=len(jobs), unit="video",
+                                                              desc=f"prepare {dataset}", disable=not progress):
+                if final is None:
+                    excluded.append({"split": split_name, "path": pr.path, "reason": pr.reason, "detail": pr.detail})
+                    continue
+                replaced += pr.detail.startswith("replaces ") or str(path) in src.fixes_used
+                codecs.add(pr.codec)
+                if pr.vfr and reencode_to == "none":
+                    warnings.append({"path": pr.path, "warning": "variable frame rate (frame-indexed clips are still "
+                                     "exact; timestamps are not); --reencode makes it constant"})
+                rel = os.path.relpath(final, out) if Path(final).is_relative_to(out) else str(final)
+                rows[split_name].append((rel, lab, pr.frames))
+        for split_name, path in src.missing:
+            excluded.append({"split": split_name, "path": path, "reason": "missing", "detail": "listed but not found"})
+        report = write_report(out, dataset, rows, excluded, warnings, replaced, codecs)
+        usable = len(rows["train"]) + len(rows["val"])
+        share = len(excluded) / max(1, usable + len(excluded))
+        if not rows["train"] or share > max_excluded:
+            by_count = sorted(report["excluded_by_reason"].items(), key=lambda kv: -kv[1])
+            reasons = ", ".join(f"{n} {r}" for r, n in by_count)
+            first = next((e for e in excluded if e["reason"] != "missing"), excluded[0] if excluded else None)
+            hint = f"; e.g. {first['path']}: {first['detail'] or first['reason']}" if first else ""
+            raise DatasetError(f"prepare {dataset}: {len(excluded)} of {usable + len(excluded)} videos excluded "
+                               f"({100 * share:.0f}%, limit --max-excluded {max_excluded:g}; {reasons}){hint}; "
+                               f"{'no training video usable; ' if not rows['train'] else ''}nothing written but the "
+                               f"report: {out / 'report.txt'}")
+        reencoded = reencode_to != "none"
+        meta = {"name": dataset, "codec": reencode_to if reencoded else "as-is", "codecs": sorted(codecs),
+                "frames": frames, "stride": stride, "short_side": settings.short_side if reencoded else None,
+                "flip_pairs": src.flip_pairs, "source_root": str(root)}
+        write_prepared(out, src.classes, rows["train"], rows["val"], meta)
+        gpu_only = sorted(codecs - DALI_CPU_CODECS)
+        if gpu_only:
+            report["summary"] += (f"\nnote: {'/'.join(gpu_only)} decodes only with DALI's GPU reader "
+                                  f"(data.device=gpu); for CPU training prepare with --reencode vp9")
+        return report
 
 
 def write_report(out: Path, dataset: str, rows: dict, excluded: list, warnings: list, replaced: int,

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from hcml.errors import DatasetError
-from hcml.files import atomic_write_text, remove_own, remove_stale_temps
+from hcml.files import FolderInUse, FolderLock, atomic_write_text, remove_own, remove_stale_temps
 
 
 @dataclass(frozen=True)
@@ -65,22 +65,34 @@ class PreparedDataset:
         return [list(p) for p in self.meta.get("flip_pairs") or []]
 
 
-def claim_folder(out: Path, marker: str, state: str, own: tuple[str, ...], overwrite: bool, tool: str) -> None:
+def claim_folder(out: Path, marker: str, state: str, own: tuple[str, ...], overwrite: bool, tool: str) -> FolderLock:
     """Let a writer (``prepare``, ``synth``) use ``out``: a new or empty folder, or one it filled before with the
     same settings (``state`` in ``out/marker``: it continues, keeping finished files, and removes the half-written
     temp files of a killed earlier run). Anything else is refused, so a typo never mixes two datasets;
-    ``overwrite`` removes only the writer's own files (``own``)."""
+    ``overwrite`` removes only the writer's own files (``own``). Returns the folder's lock, held: a second writer
+    started while this one works (the same command in two shells, a job array) is refused instead of racing it;
+    release it when done (``with``)."""
     if out.exists() and not out.is_dir():
         raise DatasetError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if overwrite:
+    filled = out.is_dir() and any(p.name != FolderLock.NAME for p in out.iterdir())
+    if filled and not overwrite and not ((out / marker).is_file() and (out / marker).read_text() == state):
+        why = f"holds a {tool} with other settings" if (out / marker).is_file() else "is not empty"
+        raise DatasetError(f"--out {out} {why}: choose a new folder, or pass --overwrite to replace what {tool} "
+                           f"wrote there")
+    try:  # only now: a refused folder is left as it was
+        lock = FolderLock(out, f"hcml {tool}").acquire()
+    except FolderInUse as e:
+        raise DatasetError(f"--out {out} is in use ({e.holder}); wait for it to end or choose another folder") \
+            from None
+    try:
+        if filled and overwrite:
             remove_own(out, own)
-        elif not ((out / marker).is_file() and (out / marker).read_text() == state):
-            why = f"holds a {tool} with other settings" if (out / marker).is_file() else "is not empty"
-            raise DatasetError(f"--out {out} {why}: choose a new folder, or pass --overwrite to replace what "
-                               f"{tool} wrote there")
         remove_stale_temps(out, recursive=True)
-    atomic_write_text(out / marker, state)
+        atomic_write_text(out / marker, state)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def write_split(path: Path, rows: list[tuple[str, int, int]]) -> None:

@@ -24,6 +24,8 @@ CLASSES = [
     "rotate_cw", "rotate_ccw", "zoom_in", "zoom_out",
     "pan_left", "pan_right", "appear", "disappear",
 ]
+OWN_OUTPUTS = ("train", "val", "test", "train.txt", "val.txt", "test.txt", "classes.txt", "dataset.yaml",
+               ".hcml-synth.json")  # what --overwrite removes
 # Pairs a horizontal flip turns into each other (used by data.flip=swap on this set).
 FLIP_PAIRS = [[0, 1], [4, 5], [8, 9]]
 # Class pairs that differ only in temporal order.
@@ -147,35 +149,34 @@ def generate(out: str | Path, classes: list[str] | None = None, per_class: int =
     settings = json.dumps({"classes": list(names), "per_class": per_class, "val_per_class": val_per_class,
                            "size": size, "frames": frames, "codec": codec, "seed": seed, "fps": fps,
                            **({"test_per_class": test_per_class} if test_per_class else {})})
-    claim_folder(out, ".hcml-synth.json", settings, ("train", "val", "test", "train.txt", "val.txt", "test.txt",
-                                                     "classes.txt",
-                                                     "dataset.yaml", ".hcml-synth.json"), overwrite, "synth")
-    ext = "webm" if codec == "vp9" else "mp4"
-    jobs = []
-    rows: dict[str, list] = {"train": [], "val": [], "test": []}
-    for split, n in (("train", per_class), ("val", val_per_class), ("test", test_per_class)):
-        for new_label, name in enumerate(names):
-            orig = CLASSES.index(name)
-            for i in range(n):
-                rel = f"{split}/{name}/{name}_{i:04d}.{ext}"
-                rows[split].append((rel, new_label, frames))
-                jobs.append((out / rel, orig, clip_seed(seed, split, orig, i)))
-    for d in {p.parent for p, _, _ in jobs}:
-        d.mkdir(parents=True, exist_ok=True)
+    with claim_folder(out, ".hcml-synth.json", settings, OWN_OUTPUTS, overwrite, "synth"):
+        ext = "webm" if codec == "vp9" else "mp4"
+        jobs = []
+        rows: dict[str, list] = {"train": [], "val": [], "test": []}
+        for split, n in (("train", per_class), ("val", val_per_class), ("test", test_per_class)):
+            for new_label, name in enumerate(names):
+                orig = CLASSES.index(name)
+                for i in range(n):
+                    rel = f"{split}/{name}/{name}_{i:04d}.{ext}"
+                    rows[split].append((rel, new_label, frames))
+                    jobs.append((out / rel, orig, clip_seed(seed, split, orig, i)))
+        for d in {p.parent for p, _, _ in jobs}:
+            d.mkdir(parents=True, exist_ok=True)
 
-    def work(job):
-        path, orig, rng = job
-        if path.exists() and path.stat().st_size > 0:  # resumable
-            return
-        encode(render_clip(orig, rng, frames, size), path, codec, fps)
+        def work(job):
+            path, orig, rng = job
+            if path.exists() and path.stat().st_size > 0:  # resumable
+                return
+            encode(render_clip(orig, rng, frames, size), path, codec, fps)
 
-    from tqdm import tqdm
+        from tqdm import tqdm
 
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        list(tqdm(ex.map(work, jobs), total=len(jobs), desc=f"synth {out.name}", disable=not progress, unit="clip"))
-    flip_pairs = [[names.index(CLASSES[a]), names.index(CLASSES[b])] for a, b in FLIP_PAIRS
-                  if CLASSES[a] in names and CLASSES[b] in names]
-    write_prepared(out, list(names), rows["train"], rows["val"],
-                   {"name": "synthetic-motion", "codec": codec, "frames": frames, "size": size, "fps": fps,
-                    "seed": seed, "flip_pairs": flip_pairs}, test=rows["test"])
-    return out
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            list(tqdm(ex.map(work, jobs), total=len(jobs), desc=f"synth {out.name}", disable=not progress,
+                      unit="clip"))
+        flip_pairs = [[names.index(CLASSES[a]), names.index(CLASSES[b])] for a, b in FLIP_PAIRS
+                      if CLASSES[a] in names and CLASSES[b] in names]
+        write_prepared(out, list(names), rows["train"], rows["val"],
+                       {"name": "synthetic-motion", "codec": codec, "frames": frames, "size": size, "fps": fps,
+                        "seed": seed, "flip_pairs": flip_pairs}, test=rows["test"])
+        return out

@@ -202,6 +202,34 @@ def test_short_side_without_reencode_is_an_error(tmp_path):
         prepare("ucf101", tmp_path, tmp_path / "out", short_side=48, progress=False)
 
 
+def test_a_second_writer_into_a_folder_in_use_is_refused_naming_the_first(tmp_path):
+    """The same prepare started twice (two shells, a job array) would encode every video twice and race on the
+    files; the second is refused in one line naming the first, and the folder is usable again once it is gone."""
+    root = tmp_path / "data"
+    write("webm", root / "v0.webm", 12)
+    (root / "train.txt").write_text("v0.webm 0\n")
+    (root / "val.txt").write_text("v0.webm 0\n")
+    out = tmp_path / "out"
+    holder = subprocess.Popen([PY, "-c", "import sys, time; from hcml.files import FolderLock; "
+                               "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+                               str(out)], env=run_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        opts = SourceOptions(train_list=str(root / "train.txt"), val_list=str(root / "val.txt"))
+        with pytest.raises(DatasetError, match=rf"--out {out} is in use \(pid {holder.pid} on .+ since .+\); wait "
+                           "for it to end or choose another folder"):
+            prepare("lists", root, out, opts=opts, frames=4, progress=False)
+        res = subprocess.run([PY, "-m", "hcml.launch.cli", "synth", "--out", str(out), "--per-class", "1"],
+                             env=run_env(), capture_output=True, text=True)
+        assert res.returncode == 2 and f"--out {out} is in use (pid {holder.pid} on" in res.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    report = prepare("lists", root, out, opts=opts, frames=4, progress=False)  # the lock went with its process
+    assert report["usable"] == {"train": 1, "val": 1}
+    assert (out / ".hcml-lock").read_text().startswith("hcml prepare: pid ")  # what a second one is told
+
+
 def test_killed_prepare_continues_and_equals_an_uninterrupted_run(tmp_path):
     """kill -9 halfway through re-encoding; the rerun keeps every finished video and writes the same lists."""
     root = tmp_path / "data"
