@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from hcml.errors import HCMLError
+from hcml.launch.launcher import LAUNCHED
 
 
 
@@ -135,7 +137,11 @@ def cmd_eval(args) -> int:
     from hcml.launch.launcher import Launch, run
 
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:  # views sharded over N processes (GPUs)
-        return run(Launch(args.nproc_per_node), worker_argv(args.argv))
+        from hcml.launch.components import load_trained
+
+        # a bad key, dataset or checkpoint: one line here, not one per worker and torchrun's failure report
+        load_trained(args.checkpoint, resolve_config(args.config), _overrides(args))
+        return run(Launch(args.nproc_per_node), worker_argv(args.argv), interruptible=True)
     return run_eval(resolve_config(args.config), args.checkpoint, _overrides(args), args.out)
 
 
@@ -399,20 +405,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM: a scheduler's stop; SIGUSR1: Slurm's preemption warning) ends a command as Ctrl-C
+    does, through ``finally`` blocks (temp files removed, pending work cancelled), with one line and no traceback.
+    ``hcml train`` replaces these handlers with its own (checkpoint, then exit 0)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+AFTER_STOP = {"prepare": "; the same command continues, keeping every finished video",
+              "synth": "; the same command continues, keeping every finished clip",
+              "eval": "; no report written"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cmd is None:
         build_parser().print_help()
         return 0
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the launcher hands it on to the workers
+    rank = os.environ.get("RANK")
+    where = f" (rank {rank})" if rank not in (None, "0") else ""
+    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         return args.fn(args) or 0
     except HCMLError as e:  # user errors: one clear line, no traceback, exit 2 (in every torchrun worker too)
-        rank = os.environ.get("RANK")
-        where = f" (rank {rank})" if rank not in (None, "0") else ""
         # one write of the whole line: torchrun workers share stderr, and a line under PIPE_BUF is never split
         os.write(2, f"hcml {args.cmd}{where}: error: {e}\n".encode())
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal above
+        signum = getattr(e, "signum", signal.SIGINT)
+        if not where:
+            os.write(2, f"hcml {args.cmd}: stopped by signal {signum}{AFTER_STOP.get(args.cmd, '')}\n".encode())
+        # a worker of hcml's launcher exits 0 (no torchrun failure report); the launcher returns 128 + signal
+        return 0 if os.environ.get(LAUNCHED) else 128 + signum
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,17 @@ def workers(pid: int) -> list[int]:
     return out
 
 
-def run(launch: Launch, argv: list[str]) -> int:
-    """Run torchrun for ``argv`` and return its exit code, forwarding stop signals to the workers."""
-    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT"}  # torchrun keeps the ignored ones
+LAUNCHED = "HCML_LAUNCHED"  # set in the workers: a stop signal is reported by the launcher, not by each worker
+
+
+def run(launch: Launch, argv: list[str], interruptible: bool = False) -> int:
+    """Run torchrun for ``argv`` and return its exit code, forwarding stop signals to the workers.
+
+    ``interruptible``: the command has nothing to checkpoint (``hcml eval``). Its workers, told by ``LAUNCHED``,
+    stop on a stop signal without a torchrun failure report (exit 0); the job then ends 128 + the signal, as an
+    interrupted command does."""
+    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT", LAUNCHED: "1"}  # torchrun keeps the
+    # ignored ones
     proc = subprocess.Popen(launch.torchrun_cmd(argv), env=env, start_new_session=True, preexec_fn=_torchrun_child)
     received: list[int] = []
     delivered: dict[int, int] = {}  # worker pid → how many of the received signals it got
@@ -100,9 +108,10 @@ def run(launch: Launch, argv: list[str]) -> int:
             if received:
                 forward()
             try:
-                return proc.wait(timeout=0.2)
+                code = proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 continue
+            return 128 + received[0] if interruptible and received and code == 0 else code
     finally:
         for s, h in old.items():
             signal.signal(s, h)

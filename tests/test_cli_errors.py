@@ -64,6 +64,7 @@ CASES = [
     ("eval missing checkpoint", "eval --checkpoint {tmp}/nope.pt", r"checkpoint not found: \S+nope.pt", None),
     ("eval weights of other classes", "eval --checkpoint {ckpt} --data {three} --out {tmp}/e", r"does not fit this model.*fc.weight \(4, \d+\) vs \(3, \d+\)", "{tmp}/e"),
     ("eval a recipe of another model", "eval --checkpoint {ckpt} --config k400_r2d50_joint --data {data} --out {tmp}/e", r"does not fit this model \(arch='tiny' here 'r2d50'", "{tmp}/e"),
+    ("eval sharded with a bad value", "eval --checkpoint {ckpt} --nproc-per-node 2 --out {tmp}/e data.eval_split=train", r"key 'data.eval_split' must be one of \('val', 'test'\), got 'train'", "{tmp}/e"),
     ("knn k zero", "knn --checkpoint {ckpt} --k 0", r"--k: must be >= 1, got 0", None),
     ("knn k above the training set", "knn --checkpoint {ckpt} --k 1000 --out {tmp}/k", r"--k 1000: needs 1 <= k <= the 24 training videos", "{tmp}/k"),
     ("gradcam missing video", "gradcam --checkpoint {ckpt} --videos {tmp}/nope.mp4 --out {tmp}/g", r"--videos \S+nope.mp4: missing", "{tmp}/g"),

@@ -71,6 +71,44 @@ def test_a_stop_signal_to_hcml_train_checkpoints_and_every_process_exits_0(tiny_
         assert steps == list(range(1, newest + 3)), steps
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("trained") / "run"
+    res = subprocess.run(hcml_train(tiny_dataset, run, "train.max_steps=1"), env=run_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return list_checkpoints(run / "checkpoints")[-1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_a_sharded_eval_in_one_line_with_no_process_left(tiny_dataset, tiny_checkpoint, tmp_path,
+                                                                             sig):
+    """`hcml eval --nproc-per-node 2` stopped mid-way (a scheduler's SIGTERM, Ctrl-C): the job ends 128 + signal
+    with one line, not torchrun's failure report of every worker; no report is written and no process is left."""
+    out = tmp_path / "eval"
+    cmd = [PY, "-m", "hcml.launch.cli", "eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_dataset),
+           "--nproc-per-node", "2", "--out", str(out), *SMALL, "data.eval_clips=30", "data.eval_crops=3",
+           "train.progress=true"]  # 1080 views: ~20 s on 2 cores; the progress bar says when the loop began
+    proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        err = b""
+        while b"eval:" not in err:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, err.decode()[-3000:]
+            err += chunk
+        os.kill(proc.pid, sig)
+        stdout, rest = proc.communicate(timeout=120)
+    finally:
+        kill_all(out)
+    err = (err + rest).decode()
+    assert proc.returncode == 128 + sig, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "hcml eval" in ln or "Traceback" in ln or "Error" in ln]
+    assert lines == [f"hcml eval: stopped by signal {int(sig)}; no report written"], err[-3000:]
+    assert not (out / "eval.json").exists() and b"top-1" not in stdout
+    time.sleep(0.5)
+    assert processes_of(out) == []
+
+
 def test_a_second_run_into_a_run_dir_in_use_is_refused(tiny_dataset, tmp_path):
     run, log = tmp_path / "run", tmp_path / "log"
     proc = start(hcml_train(tiny_dataset, run, "optim.epochs=50"), log)

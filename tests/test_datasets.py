@@ -230,6 +230,38 @@ def test_a_second_writer_into_a_folder_in_use_is_refused_naming_the_first(tmp_pa
     assert (out / ".hcml-lock").read_text().startswith("hcml prepare: pid ")  # what a second one is told
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_prepare_says_so_in_one_line_and_the_same_command_continues(tmp_path, sig):
+    """Ctrl-C or a scheduler's SIGTERM halfway: exit 128 + signal, one line (no traceback), the videos not started
+    are not encoded, no half-written file is left, and the same command finishes the job."""
+    root = tmp_path / "data"
+    for i in range(12):
+        write("webm", root / f"v{i:02d}.webm", 30)
+    (root / "train.txt").write_text("".join(f"v{i:02d}.webm {i % 2}\n" for i in range(10)))
+    (root / "val.txt").write_text("v10.webm 0\nv11.webm 1\n")
+    cmd = [PY, "-m", "hcml.launch.cli", "prepare", "lists", "--root", str(root), "--train-list", str(root / "train.txt"),
+           "--val-list", str(root / "val.txt"), "--reencode", "vp9", "--frames", "4", "--workers", "1", "--out",
+           str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(list((tmp_path / "out").rglob("v*.webm"))) < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGSTOP)  # the count below is what the signal meets
+    started = len(list((tmp_path / "out").rglob("v*.webm"))) + 1  # the finished ones and the one in progress
+    assert started <= 10, started
+    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert err.splitlines()[-1] == (f"hcml prepare: stopped by signal {int(sig)}; the same command continues, "
+                                    "keeping every finished video") and "Traceback" not in err, err[-2000:]
+    assert len(list((tmp_path / "out").rglob("v*.webm"))) <= started  # the rest was cancelled, not encoded
+    assert not list((tmp_path / "out").rglob(".tmp-*")) and not (tmp_path / "out/train.txt").exists()
+    assert subprocess.run(cmd, env=run_env(), capture_output=True).returncode == 0
+    assert len((tmp_path / "out/train.txt").read_text().splitlines()) == 10
+
+
 def test_killed_prepare_continues_and_equals_an_uninterrupted_run(tmp_path):
     """kill -9 halfway through re-encoding; the rerun keeps every finished video and writes the same lists."""
     root = tmp_path / "data"
