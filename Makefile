@@ -13,7 +13,7 @@ demo: install
 
 test: install
 	@bash scripts/ensure_prometheus.sh
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 gpu-check: install
 	bash launch/device_check.sh run
