@@ -12,6 +12,7 @@ import re
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, IO
 
@@ -86,10 +87,15 @@ class FolderLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise FolderInUse(self.path.parent, holder) from None
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # no locks on this file system (Lustre without
+                # flock, some FUSE mounts): go on unlocked rather than refuse every run
+                warnings.warn(f"{self.path.parent}: the file system does not support locks ({e.strerror}); a second "
+                              f"writer started into this folder would not be refused", stacklevel=2)
+            else:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise FolderInUse(self.path.parent, holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{self.who + ': ' if self.who else ''}pid {os.getpid()} on {socket.gethostname()} since "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)

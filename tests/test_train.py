@@ -157,6 +157,27 @@ def test_a_save_removes_the_temp_file_of_a_killed_save_and_only_that(tmp_path):
     assert files.temp_prefix(d / "ckpt_00000003.pt") == f".tmp-{host}-{os.getpid()}-ckpt_00000003.pt"
 
 
+def test_a_file_system_without_locks_warns_and_goes_on_while_a_held_lock_refuses(tmp_path, monkeypatch):
+    """Lustre mounted without flock or a FUSE mount answers lockf with ENOSYS/ENOLCK: that is not "in use" (which
+    would refuse every run there); only EAGAIN/EACCES, a lock held by another process, refuses."""
+    import errno
+    import fcntl
+
+    def lockf(err):
+        def f(fd, op):
+            raise OSError(err, os.strerror(err))
+        return f
+
+    for err in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+        monkeypatch.setattr(fcntl, "lockf", lockf(err))
+        with pytest.warns(UserWarning, match="does not support locks"):
+            files.FolderLock(tmp_path).acquire().release()
+    for err in (errno.EAGAIN, errno.EACCES):
+        monkeypatch.setattr(fcntl, "lockf", lockf(err))
+        with pytest.raises(files.FolderInUse):
+            files.FolderLock(tmp_path).acquire()
+
+
 def test_eval_cli_rejects_a_corrupted_checkpoint(tmp_path):
     bad = tmp_path / "ckpt_00000001.pt"
     bad.write_bytes(b"\x80\x02garbage")
