@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from hcml.errors import ConfigError
-from hcml.files import FolderInUse, FolderLock, atomic_write_text, remove_own
+from hcml.files import FolderInUse, FolderLock, atomic_write_text, remove_own, remove_stale_temps
 
 OWNER = "run.json"
 SUMMARY = "summary.json"  # written by a run that ended (finished, or stopped by a signal)
@@ -83,11 +83,12 @@ def clear_run(run_dir: Path) -> None:
 
 def preflight(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     """What ``hcml train`` checks before starting any worker: writable, not in use, and no fresh start over
-    another run's checkpoints."""
+    another run's checkpoints; and it removes what a killed writer left half-written."""
     from hcml.launch.checkpoint import list_checkpoints, step_of
 
     check_writable(run_dir)
     RunLock(run_dir).acquire().release()
+    remove_stale_temps(run_dir)  # e.g. a metrics-log trim or summary write cut short by kill -9
     steps = [step_of(p) for p in list_checkpoints(run_dir / "checkpoints")]
     if resume is None and steps and not overwrite:
         raise refuse_fresh_start(run_dir, steps)

@@ -20,6 +20,7 @@ import torch
 from hcml import files
 from hcml.errors import CheckpointError
 from hcml.launch.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from hcml.launch.rundir import preflight
 from tests.conftest import PY, run_env
 from tests.helpers import SMALL, kill_all, losses, wait_for_step
 
@@ -154,6 +155,10 @@ def test_a_save_removes_the_temp_file_of_a_killed_save_and_only_that(tmp_path):
     save_checkpoint(d, 3, {"model": {}, "step": 3})
     assert not killed.exists()
     assert all(p.exists() for p in kept)
+    top = tmp_path / f".tmp-{host}-{dead.pid}-metrics.jsonl.q1"  # the run dir's own files: swept before a start
+    top.write_text("x")
+    preflight(tmp_path, "auto", False)
+    assert not top.exists()
     assert files.temp_prefix(d / "ckpt_00000003.pt") == f".tmp-{host}-{os.getpid()}-ckpt_00000003.pt"
 
 
