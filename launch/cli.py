@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from hcml.errors import HCMLError
@@ -432,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the launcher hands it on to the workers
     rank = os.environ.get("RANK")
     where = f" (rank {rank})" if rank not in (None, "0") else ""
-    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    in_main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGUSR1)} if in_main else {}
     try:
         return args.fn(args) or 0
     except HCMLError as e:  # user errors: one clear line, no traceback, exit 2 (in every torchrun worker too)

@@ -81,8 +81,8 @@ def run(launch: Launch, argv: list[str], interruptible: bool = False) -> int:
     ``interruptible``: the command has nothing to checkpoint (``hcml eval``). Its workers, told by ``LAUNCHED``,
     stop on a stop signal without a torchrun failure report (exit 0); the job then ends 128 + the signal, as an
     interrupted command does."""
-    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT", LAUNCHED: "1"}  # torchrun keeps the
-    # ignored ones
+    # torchrun handles only these; the forwarded ones it ignores (``_torchrun_child``)
+    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT", LAUNCHED: "1"}
     proc = subprocess.Popen(launch.torchrun_cmd(argv), env=env, start_new_session=True, preexec_fn=_torchrun_child)
     received: list[int] = []
     delivered: dict[int, int] = {}  # worker pid → how many of the received signals it got
