@@ -8,9 +8,11 @@ wasted frames per clip. The GOP is set to T·stride (the clip span) so a clip ne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -124,14 +126,15 @@ def gop_for(frames: int, stride: int) -> int:
     return max(1, clip_span(frames, stride))
 
 
-def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop: int, upscale: bool = False) -> None:
+def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop: int, upscale: bool = False,
+             cancel: threading.Event | None = None) -> None:
     """Re-encode with PyAV: every decoded frame kept in presentation order at the source's average rate (a constant
     frame rate: output frame n is source frame n, also for variable-rate and B-frame sources), shorter side
     ``short_side`` (never enlarged unless ``upscale``), GOP = ``gop``, no B-frames, no audio; written to a temp
     name and renamed (an interrupted run never leaves a half file). JPEG frame folders become 12 fps videos."""
     import itertools
 
-    from hcml.pipeline.video import encode_video, read_frames, scaled_size
+    from hcml.pipeline.video import Cancelled, encode_video, read_frames, scaled_size
 
     quality = {"h264": {"preset": "fast", "crf": "20"}, "vp9": {"crf": "30"}}[codec]
     try:
@@ -141,8 +144,9 @@ def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop:
         if first is None:
             raise RuntimeError("no frame decodes")
         size = scaled_size(first.width, first.height, short_side, upscale)
-        encode_video(itertools.chain([first], frames), dst, codec, fps or src_fps, gop, size=size, options=quality)
-    except RuntimeError:
+        encode_video(itertools.chain([first], frames), dst, codec, fps or src_fps, gop, size=size, options=quality,
+                     cancel=cancel)
+    except (RuntimeError, Cancelled):
         raise
     except Exception as e:  # PyAV's errors (corrupt stream, unsupported pixel format, ...)
         raise RuntimeError(f"{type(e).__name__}: {e}") from e
@@ -176,12 +180,13 @@ OWN_OUTPUTS = ("train.txt", "val.txt", "classes.txt", "dataset.yaml", "report.js
 MAX_EXCLUDED = 0.2  # default --max-excluded: Kinetics copies miss a few % of clips; a fifth means a wrong layout
 
 
-def prepare_one(path: Path, s: PrepareSettings, out: Path, fix: str | None) -> tuple[Probe, Path | None]:
+def prepare_one(path: Path, s: PrepareSettings, out: Path, fix: str | None,
+                cancel: threading.Event | None = None) -> tuple[Probe, Path | None]:
     """(probe of the video that will be used, its path) or (the failed probe, None). A source that fails and has a
     published replacement (``fix``) is retried with it."""
     pr = probe_video(path, timestamps="any" if s.reencode != "none" else "unique")
     if not pr.ok and fix:
-        fixed, final = prepare_one(Path(fix), s, out, None)
+        fixed, final = prepare_one(Path(fix), s, out, None, cancel)
         return (replace(fixed, detail=f"replaces {path.name} ({pr.reason})"), final) if final else (pr, None)
     if not pr.ok:
         return pr, None
@@ -194,7 +199,7 @@ def prepare_one(path: Path, s: PrepareSettings, out: Path, fix: str | None) -> t
         final = (out / "videos" / rel).with_suffix(s.ext)
         if not (final.is_file() and final.stat().st_size > 0):  # resumable: finished files are kept
             try:
-                reencode(path, final, s.reencode, s.short_side, pr.fps, s.span, s.upscale)
+                reencode(path, final, s.reencode, s.short_side, pr.fps, s.span, s.upscale, cancel)
             except RuntimeError as e:
                 return replace(pr, ok=False, reason="undecodable", detail=f"re-encode failed: {e}"), None
         fp = probe_video(final, timestamps="increasing")
@@ -204,6 +209,16 @@ def prepare_one(path: Path, s: PrepareSettings, out: Path, fix: str | None) -> t
         return replace(fp, path=str(path), ok=False, reason="too few frames",
                        detail=f"{fp.frames} frames < T·stride span {s.span}"), None
     return replace(fp, path=str(path)) if final is path else fp, final
+
+
+@contextlib.contextmanager
+def _set_on_error(event: threading.Event):
+    """Set ``event`` when the block raises, before the enclosing executor waits for its running jobs."""
+    try:
+        yield
+    except BaseException:
+        event.set()
+        raise
 
 
 def prepare(dataset: str, root: str | Path, out: str | Path, *, opts: SourceOptions | None = None, workers: int = 4,
@@ -233,8 +248,10 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, opts: SourceOpti
                 for p, lab in rows]
         rows: dict[str, list] = {"train": [], "val": []}
         excluded, warnings, codecs, replaced = [], [], set(), 0
-        with ThreadPoolExecutor(max(1, workers)) as ex:
-            results = ex.map(lambda job: prepare_one(job[1], settings, out, src.replacements.get(str(job[1]))), jobs)
+        cancel = threading.Event()  # set when the loop is left by an exception (Ctrl-C, a stop signal)
+        with ThreadPoolExecutor(max(1, workers)) as ex, _set_on_error(cancel):
+            results = ex.map(lambda job: prepare_one(job[1], settings, out, src.replacements.get(str(job[1])),
+                                                     cancel), jobs)
             for (split_name, path, lab), (pr, final) in tqdm(zip(jobs, results), total=len(jobs), unit="video",
                                                               desc=f"prepare {dataset}", disable=not progress):
                 if final is None:

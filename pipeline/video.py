@@ -8,6 +8,7 @@ never leaves a half-written video behind.
 
 from __future__ import annotations
 
+import threading
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
@@ -24,12 +25,18 @@ CODECS = {  # name → (PyAV encoder, container, encoder options)
 }
 
 
+class Cancelled(Exception):
+    """``encode_video`` stopped because its ``cancel`` event was set; nothing was written."""
+
+
 def encode_video(frames: Iterable, path: str | Path, codec: str = "vp9", fps: float = 25, gop: int = 8,
-                 size: tuple[int, int] | None = None, options: dict | None = None) -> int:
+                 size: tuple[int, int] | None = None, options: dict | None = None,
+                 cancel: threading.Event | None = None) -> int:
     """Encode frames (uint8 (H, W, 3) RGB arrays or ``av.VideoFrame``) to ``path``; returns the frame count.
 
     ``gop``: keyframe interval (also the minimum, so every GOP has this length; no B-frames for H.264), ``size``:
     (width, height) to scale to (default: the first frame's). ``options`` override the encoder's defaults.
+    ``cancel``: checked before every frame (a stopped ``prepare`` must not wait for an hour-long source).
     """
     import av
 
@@ -44,6 +51,8 @@ def encode_video(frames: Iterable, path: str | Path, codec: str = "vp9", fps: fl
         with av.open(str(tmp), "w", format=container) as out:
             stream = None
             for f in frames:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"{path}: cancelled")
                 frame = f if isinstance(f, av.VideoFrame) else av.VideoFrame.from_ndarray(
                     np.ascontiguousarray(f), format="rgb24")
                 if stream is None:

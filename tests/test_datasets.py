@@ -230,6 +230,29 @@ def test_a_second_writer_into_a_folder_in_use_is_refused_naming_the_first(tmp_pa
     assert (out / ".hcml-lock").read_text().startswith("hcml prepare: pid ")  # what a second one is told
 
 
+def test_a_cancelled_encode_stops_at_the_next_frame_and_leaves_no_file(tmp_path):
+    """What a stopped prepare sets for the encodes in flight: the frame loop ends at once (an hour-long source is
+    not finished first), nothing under the real name, no temp file."""
+    import threading
+
+    import numpy as np
+
+    from hcml.pipeline.video import Cancelled, encode_video
+
+    cancel, pulled = threading.Event(), []
+
+    def frames():
+        for i in range(1000):
+            pulled.append(i)
+            if i == 5:
+                cancel.set()
+            yield np.zeros((32, 32, 3), np.uint8)
+
+    with pytest.raises(Cancelled):
+        encode_video(frames(), tmp_path / "v.webm", "vp9", cancel=cancel)
+    assert len(pulled) == 6 and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_stopped_prepare_says_so_in_one_line_and_the_same_command_continues(tmp_path, sig):
     """Ctrl-C or a scheduler's SIGTERM halfway: exit 128 + signal, one line (no traceback), the videos not started
