@@ -129,14 +129,14 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        cause = _storage_error(e)
+        cause = storage_error(e)
         if cause is not None:
             raise HCMLError(f"cannot write {path}: {cause.strerror}; what was there before is intact") from None
         raise
     return path
 
 
-def _storage_error(e: BaseException | None) -> OSError | None:
+def storage_error(e: BaseException | None) -> OSError | None:
     """The full-disk / read-only / permission error behind ``e`` (torch.save re-raises it as a RuntimeError)."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):

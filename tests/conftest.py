@@ -1,8 +1,9 @@
-"""Shared fixtures: a tiny synthetic VP9 dataset (made once per session) and GPU markers."""
+"""Shared fixtures: a tiny synthetic VP9 dataset (made once per session), a small real filesystem, GPU markers."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,3 +33,22 @@ def run_env() -> dict:
 
 
 PY = sys.executable
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """A real small filesystem mounted for the test (read-only or nearly full), unmounted after it."""
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): needs root with CAP_SYS_ADMIN")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)])

@@ -230,6 +230,33 @@ def test_a_second_writer_into_a_folder_in_use_is_refused_naming_the_first(tmp_pa
     assert (out / ".hcml-lock").read_text().startswith("hcml prepare: pid ")  # what a second one is told
 
 
+def test_a_full_disk_during_prepare_stops_naming_the_disk_not_the_videos(tmp_path, tmpfs):
+    """The output disk fills up halfway: one line naming the disk, exit 2, finished videos kept, no half file. (It
+    used to exclude every later video as "undecodable": near the end of a Kinetics prepare, under --max-excluded,
+    a silently smaller dataset.) With room made, the same command finishes without redoing a video."""
+    root = tmp_path / "data"
+    for i in range(10):
+        write("webm", root / f"v{i}.webm", 200)
+    (root / "train.txt").write_text("".join(f"v{i}.webm {i % 2}\n" for i in range(8)))
+    (root / "val.txt").write_text("v8.webm 0\nv9.webm 1\n")
+    disk = tmpfs("disk", "size=64k")  # ~3 of the 15 kB outputs fit
+    cmd = [PY, "-m", "hcml.launch.cli", "prepare", "lists", "--root", str(root), "--train-list", str(root / "train.txt"),
+           "--val-list", str(root / "val.txt"), "--reencode", "vp9", "--frames", "4", "--workers", "2", "--out",
+           str(disk / "out")]
+    res = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.splitlines()[-1] == (f"hcml prepare: error: cannot write {disk / 'out/videos'}: No space left "
+                                           "on device; every finished video is kept: make room and run the same "
+                                           "command to continue")
+    done = {p: p.stat().st_mtime_ns for p in (disk / "out").rglob("v*.webm")}
+    assert 1 <= len(done) < 10 and not list((disk / "out").rglob(".tmp-*"))
+    assert not (disk / "out/train.txt").exists() and not (disk / "out/report.json").exists()
+    subprocess.run(["mount", "-o", "remount,size=2m", str(disk)], check=True)
+    assert subprocess.run(cmd, env=run_env(), capture_output=True).returncode == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())
+    assert len((disk / "out/train.txt").read_text().splitlines()) == 8
+
+
 def test_a_cancelled_encode_stops_at_the_next_frame_and_leaves_no_file(tmp_path):
     """What a stopped prepare sets for the encodes in flight: the frame loop ends at once (an hour-long source is
     not finished first), nothing under the real name, no temp file."""
