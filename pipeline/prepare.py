@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import threading
@@ -19,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hcml.errors import DatasetError
-from hcml.files import atomic_write_text, storage_error
+from hcml.files import atomic_write_text
 from hcml.pipeline.prepared import claim_folder, write_prepared
 from hcml.pipeline.sources import SourceOptions, load_source
 
@@ -147,13 +146,9 @@ def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop:
         size = scaled_size(first.width, first.height, short_side, upscale)
         encode_video(itertools.chain([first], frames), dst, codec, fps or src_fps, gop, size=size, options=quality,
                      cancel=cancel)
-    except (RuntimeError, Cancelled):
+    except (RuntimeError, Cancelled, DatasetError):  # DatasetError: the output disk is full, stop everything
         raise
     except Exception as e:  # PyAV's errors (corrupt stream, unsupported pixel format, ...)
-        full = storage_error(e)
-        if full is not None and full.errno != errno.EACCES:  # the output's disk, not this video: stop everything
-            raise DatasetError(f"cannot write {dst.parent}: {full.strerror}; every finished video is kept: make room "
-                               f"and run the same command to continue") from None
         raise RuntimeError(f"{type(e).__name__}: {e}") from e
 
 

@@ -8,6 +8,7 @@ never leaves a half-written video behind.
 
 from __future__ import annotations
 
+import errno
 import threading
 from fractions import Fraction
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Iterable
 
 import numpy as np
 
-from hcml.files import temp_prefix
+from hcml.errors import DatasetError
+from hcml.files import storage_error, temp_prefix
 
 CODECS = {  # name → (PyAV encoder, container, encoder options)
     "h264": ("libx264", "mp4", {"preset": "veryfast", "crf": "18", "bf": "0", "threads": "1"}),
@@ -76,6 +78,12 @@ def encode_video(frames: Iterable, path: str | Path, codec: str = "vp9", fps: fl
             for packet in stream.encode():
                 out.mux(packet)
         tmp.replace(path)
+    except Exception as e:
+        full = storage_error(e)
+        if full is not None and full.errno != errno.EACCES:  # the disk, not this video: the caller must stop
+            raise DatasetError(f"cannot write {path.parent}: {full.strerror}; every finished video is kept: make "
+                               f"room and run the same command to continue") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return n

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -255,6 +256,17 @@ def test_a_full_disk_during_prepare_stops_naming_the_disk_not_the_videos(tmp_pat
     assert subprocess.run(cmd, env=run_env(), capture_output=True).returncode == 0
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
     assert len((disk / "out/train.txt").read_text().splitlines()) == 8
+
+
+def test_a_full_disk_during_synth_is_one_line_too(tmpfs):
+    disk = tmpfs("disk", "size=100k")
+    res = subprocess.run([PY, "-m", "hcml.launch.cli", "synth", "--out", str(disk / "s"), "--per-class", "3"],
+                         env=run_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert re.fullmatch(rf"hcml synth: error: cannot write {re.escape(str(disk))}/s/\S+: No space left on device; "
+                        r"every finished video is kept: make room and run the same command to continue",
+                        res.stderr.splitlines()[-1]), res.stderr[-2000:]
+    assert not list((disk / "s").rglob(".tmp-*"))
 
 
 def test_a_cancelled_encode_stops_at_the_next_frame_and_leaves_no_file(tmp_path):
