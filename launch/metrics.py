@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hcml.errors import ConfigError
-from hcml.files import atomic_write_text
+from hcml.errors import ConfigError, HCMLError
+from hcml.files import atomic_write_text, storage_error
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
@@ -189,15 +190,32 @@ class JsonlLog:
 
     def write(self, **record) -> None:
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            except OSError as e:
+                if storage_error(e) is None:
+                    raise
+                raise HCMLError(f"cannot write {self.path}: {e.strerror}; the checkpoints so far are intact: make "
+                                f"room and continue with --resume auto") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log. A last line cut short (a process killed mid-write, a disk that filled) is
+    left out with a warning, so the run still resumes; a bad line before it is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    out = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines) - 1:
+                raise HCMLError(f"{path}:{i}: not a JSON record ({e.msg}): the log was edited or is corrupt") from None
+            warnings.warn(f"{path}:{i}: a record cut short (a write interrupted), left out", stacklevel=2)
+    return out
 
 
 def plot_run(metrics_path: str | Path, out_png: str | Path) -> Path | None:

@@ -3,7 +3,9 @@ read back through Prometheus' HTTP query API."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -126,6 +128,43 @@ def test_prometheus_scrapes_a_training_run(tiny_dataset, tmp_path):
         prom.wait(timeout=30)
 
 
+def test_a_record_cut_short_does_not_stop_the_resume_and_a_full_disk_is_one_line(tmp_path, tmpfs):
+    """kill -9 (or a full disk) in the middle of a metrics write leaves half a line: the resume's trim leaves it out
+    (with a warning) instead of failing on it, and later records read back. A bad line before the last one is an
+    error naming file and line. A full disk at a write is one HCMLError naming the file."""
+    from hcml.errors import HCMLError
+    from hcml.launch.metrics import JsonlLog, read_jsonl
+
+    log = JsonlLog(tmp_path / "metrics.jsonl")
+    log.reset()
+    for step in (1, 2, 3):
+        log.write(kind="train", step=step, loss=1.0)
+    with open(log.path, "a") as f:
+        f.write('{"time": 1.5, "kind": "tra')  # the torn write
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:4: a record cut short"):
+        assert [r["step"] for r in read_jsonl(log.path)] == [1, 2, 3]
+    with pytest.warns(UserWarning):
+        log.keep_until(2)
+    log.write(kind="train", step=3, loss=0.5)
+    assert [r["step"] for r in read_jsonl(log.path)] == [1, 2, 3]
+    lines = log.path.read_text().splitlines()
+    log.path.write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(HCMLError, match=r"metrics.jsonl:2: not a JSON record"):
+        read_jsonl(log.path)
+
+    disk = tmpfs("disk", "size=64k")
+    full = JsonlLog(disk / "metrics.jsonl")
+    full.reset()
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+        while True:
+            f.write(b"x" * 4096)
+            f.flush()
+    with pytest.raises(HCMLError, match=rf"cannot write {re.escape(str(full.path))}: No space left on device; the "
+                                        r"checkpoints so far are intact"):
+        for _ in range(100):  # the page cache may take a few records before the disk says no
+            full.write(kind="train", step=1, loss=1.0)
+
+
 def test_trimming_the_metrics_log_on_resume_replaces_it_atomically(tmp_path):
     """On resume metrics.jsonl keeps the records up to the restored step. The trim writes a new file and renames it
     into place: a process killed during the rewrite (a second preemption) leaves the old log whole, never a
@@ -141,4 +180,4 @@ def test_trimming_the_metrics_log_on_resume_replaces_it_atomically(tmp_path):
         log.keep_until(3)
         assert [json.loads(line)["step"] for line in before] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in read_jsonl(log.path)] == [1, 2, 3]
-    assert not list(tmp_path.glob(".metrics.jsonl.*"))  # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temp file left behind
