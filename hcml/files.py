@@ -129,11 +129,20 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        cause = storage_error(e)
-        if cause is not None:
-            raise HCMLError(f"cannot write {path}: {cause.strerror}; what was there before is intact") from None
+        failure = write_failure(e, path, "what was there before is intact")
+        if failure is not None:
+            raise failure from None
         raise
     return path
+
+
+def write_failure(e: BaseException, path: str | Path, then: str, ignore: tuple[int, ...] = ()) -> HCMLError | None:
+    """The one-line error for a write to ``path`` that storage refused (``storage_error``; errnos in ``ignore``
+    excepted), ``then`` saying what is intact and what to do; None when ``e`` is not such a failure."""
+    cause = storage_error(e)
+    if cause is None or cause.errno in ignore:
+        return None
+    return HCMLError(f"cannot write {path}: {cause.strerror}; {then}")
 
 
 def storage_error(e: BaseException | None) -> OSError | None:

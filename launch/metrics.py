@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from hcml.errors import ConfigError, HCMLError
-from hcml.files import atomic_write_text, storage_error
+from hcml.files import atomic_write_text, write_failure
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
@@ -194,10 +194,11 @@ class JsonlLog:
                 with self.path.open("a") as f:
                     f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
             except OSError as e:
-                if storage_error(e) is None:
+                failure = write_failure(e, self.path, "the checkpoints so far are intact: make room and continue "
+                                                      "with --resume auto")
+                if failure is None:
                     raise
-                raise HCMLError(f"cannot write {self.path}: {e.strerror}; the checkpoints so far are intact: make "
-                                f"room and continue with --resume auto") from None
+                raise failure from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

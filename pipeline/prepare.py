@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hcml.errors import DatasetError
+from hcml.errors import DatasetError, HCMLError
 from hcml.files import atomic_write_text
 from hcml.pipeline.prepared import claim_folder, write_prepared
 from hcml.pipeline.sources import SourceOptions, load_source
@@ -146,7 +146,7 @@ def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop:
         size = scaled_size(first.width, first.height, short_side, upscale)
         encode_video(itertools.chain([first], frames), dst, codec, fps or src_fps, gop, size=size, options=quality,
                      cancel=cancel)
-    except (RuntimeError, Cancelled, DatasetError):  # DatasetError: the output disk is full, stop everything
+    except (RuntimeError, Cancelled, HCMLError):  # HCMLError: the output disk is full, stop everything
         raise
     except Exception as e:  # PyAV's errors (corrupt stream, unsupported pixel format, ...)
         raise RuntimeError(f"{type(e).__name__}: {e}") from e

@@ -16,8 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
-from hcml.errors import DatasetError
-from hcml.files import storage_error, temp_prefix
+from hcml.files import temp_prefix, write_failure
 
 CODECS = {  # name → (PyAV encoder, container, encoder options)
     "h264": ("libx264", "mp4", {"preset": "veryfast", "crf": "18", "bf": "0", "threads": "1"}),
@@ -79,11 +78,12 @@ def encode_video(frames: Iterable, path: str | Path, codec: str = "vp9", fps: fl
                 out.mux(packet)
         tmp.replace(path)
     except Exception as e:
-        full = storage_error(e)
-        if full is not None and full.errno != errno.EACCES:  # the disk, not this video: the caller must stop
-            raise DatasetError(f"cannot write {path.parent}: {full.strerror}; every finished video is kept: make "
-                               f"room and run the same command to continue") from None
-        raise
+        # the disk, not this video: the caller must stop (EACCES may be the source's, read through ``frames``)
+        failure = write_failure(e, path.parent, "every finished video is kept: make room and run the same command "
+                                                "to continue", ignore=(errno.EACCES,))
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         tmp.unlink(missing_ok=True)
     return n
