@@ -141,12 +141,11 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
         torch.manual_seed(cfg.train.seed)
         model = components.model_from_config(cfg, components.num_classes(cfg, ds)).to(info.device)
         whole = DistInfo(device=info.device, local_rank=info.local_rank)  # every rank: all training clips
-        calibrate_bn(model, components.eval_loader(cfg, ds, ds.train, whole, work / f"lists_calibrate{info.rank}",
-                                                   single_view=True), info)
+        calibrate_bn(model, components.eval_loader(cfg, ds, ds.train, whole, single_view=True), info)
     model = model.to(info.device)
     feats, query = {}, ds.split(cfg.data.eval_split)
     for split, samples in (("train", ds.train), ("query", query)):
-        loader = components.eval_loader(cfg, ds, samples, info, work / f"lists_{split}", single_view=True)
+        loader = components.eval_loader(cfg, ds, samples, info, single_view=True)
         feats[split] = extract_level_features(model, loader, info, len(samples))
     table = knn_table(feats["train"], torch.tensor([s.label for s in ds.train]), feats["query"],
                       torch.tensor([s.label for s in query]), ds.classes, k, info)
@@ -268,7 +267,7 @@ def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out
     for path, pr in probes.items():
         s = known.get(path) or Sample(path, -1, pr.frames)
         loader = components.eval_loader(cfg, ds, [Sample(s.path, max(s.label, 0), s.num_frames)], info,
-                                        out_dir / "lists", single_view=True)
+                                        single_view=True)
         clips, _ = next(iter(loader))
         clip = clips[0, :1].float().to(device)  # (1, 3, T, H, W)
         mean = torch.tensor(cfg.data.mean).view(3, 1, 1, 1)

@@ -48,7 +48,7 @@ def cmd_prepare(args) -> int:
     opts = SourceOptions(split=args.split, train_list=args.train_list, val_list=args.val_list, classes=args.classes)
     report = prepare(args.dataset, args.root, args.out, opts=opts, workers=args.workers, reencode_to=args.reencode,
                      short_side=args.short_side, upscale=args.upscale, frames=args.frames, stride=args.stride,
-                     max_excluded=args.max_excluded, overwrite=args.overwrite)
+                     gop=args.gop, max_excluded=args.max_excluded, overwrite=args.overwrite)
     print(report["summary"])
     print(f"prepared dataset: {Path(args.out).resolve()} (report: {Path(args.out).resolve() / 'report.txt'})")
     return 0
@@ -254,12 +254,15 @@ def add_prepare(p) -> None:
     p.add_argument("--val-list", help="lists: the validation list")
     p.add_argument("--classes", help="lists: class names, one per line (line number = label)")
     p.add_argument("--workers", type=count(1), default=os.cpu_count() or 1)
-    p.add_argument("--reencode", choices=["h264", "vp9", "none"], default="none",
-                   help="h264 for NVDEC (GPU), vp9 for DALI's CPU reader; none keeps the files")
+    p.add_argument("--reencode", choices=["h264", "hevc", "vp9", "none"], default="none",
+                   help="h264 or hevc for NVDEC (GPU), vp9 for DALI's CPU decoder (it takes no H.264); none keeps "
+                   "the files")
+    p.add_argument("--gop", type=count(1), default=16, help="with --reencode: a keyframe every N frames exactly, "
+                   "no scene-cut keyframes (default 16; a random clip decodes ~N/2 frames it does not use)")
     p.add_argument("--short-side", type=count(16), default=None, help="with --reencode: shorter side in pixels "
                    "(default 320; smaller videos keep their size)")
     p.add_argument("--upscale", action="store_true", help="also enlarge videos smaller than --short-side")
-    p.add_argument("--frames", type=count(2), default=16, help="clip length T (sets the GOP and the minimum length)")
+    p.add_argument("--frames", type=count(2), default=16, help="clip length T (with --stride: the minimum video length)")
     p.add_argument("--stride", type=count(1), default=2)
     p.add_argument("--max-excluded", type=float, default=0.2, help="fail when more than this share of the listed "
                    "videos is unusable (default 0.2)")

@@ -61,19 +61,18 @@ def data_spec(cfg: C.Config, ds: PreparedDataset, device: torch.device) -> DataS
     return dataclasses.replace(d, device=ddev, dtype=dtype, flip_pairs=d.flip_pairs or ds.flip_pairs)
 
 
-def train_loader(cfg: C.Config, ds: PreparedDataset, info: DistInfo, work_dir: Path) -> TrainLoader:
-    return TrainLoader(ds.train, data_spec(cfg, ds, info.device), work_dir=work_dir, rank=info.rank,
+def train_loader(cfg: C.Config, ds: PreparedDataset, info: DistInfo) -> TrainLoader:
+    return TrainLoader(ds.train, data_spec(cfg, ds, info.device), gop=ds.gop, rank=info.rank,
                        world=info.world, device_id=info.local_rank, seed=cfg.train.seed)
 
 
-def eval_loader(cfg: C.Config, ds: PreparedDataset, samples: list[Sample], info: DistInfo, work_dir: Path,
+def eval_loader(cfg: C.Config, ds: PreparedDataset, samples: list[Sample], info: DistInfo,
                 single_view: bool = False) -> EvalLoader:
     """Multi-view (``data.eval_clips`` x ``data.eval_crops``) or, for features (KNN, Grad-CAM), one centred clip."""
     spec = data_spec(cfg, ds, info.device)
     if single_view:
         spec = dataclasses.replace(spec, eval_clips=1, eval_crops=1)
-    return EvalLoader(samples, spec, work_dir=work_dir, rank=info.rank, world=info.world,
-                      device_id=info.local_rank)
+    return EvalLoader(samples, spec, rank=info.rank, world=info.world, device_id=info.local_rank, gop=ds.gop)
 
 
 # ------------------------------------------------------------------ model
@@ -242,12 +241,14 @@ def check_runnable(cfg: C.Config, world: int = 1) -> PreparedDataset:
     ``flip=swap``. Raises ConfigError/DatasetError naming the problem and the key."""
     ds = load_prepared(cfg.data.root)
     check_decodable(ds.codecs, dali_device(cfg.data.device), str(Path(cfg.data.root) / "dataset.yaml"))
-    if cfg.data.steps_per_epoch(len(ds.train), world) == 0:  # the loader's own rule (readers included)
-        per = world * max(1, cfg.data.readers)
+    if cfg.data.steps_per_epoch(len(ds.train), world) == 0:  # the loader's own rule
         raise ConfigError(f"{len(ds.train)} training videos in {cfg.data.root} cannot fill one batch of "
-                          f"data.batch_size={cfg.data.batch_size} on each of {world} process(es)"
-                          + (f" x data.readers={cfg.data.readers}" if cfg.data.readers > 1 else "")
-                          + f"; lower data.batch_size to at most {max(1, len(ds.train) // per)}")
+                          f"data.batch_size={cfg.data.batch_size} on each of {world} process(es); lower "
+                          f"data.batch_size to at most {max(1, len(ds.train) // world)}")
+    if cfg.data.keyframe_starts and not ds.gop:
+        raise ConfigError(f"data.keyframe_starts=true needs a fixed keyframe interval, and "
+                          f"{Path(cfg.data.root) / 'dataset.yaml'} records none (gop): prepare it with "
+                          f"`hcml prepare ... --reencode h264|vp9 --gop N`")
     if cfg.data.flip == "swap" and not (cfg.data.flip_pairs or ds.flip_pairs):
         raise ConfigError(f"data.flip=swap needs the label pairs a horizontal flip swaps: set data.flip_pairs or "
                           f"record flip_pairs in {Path(cfg.data.root) / 'dataset.yaml'}")

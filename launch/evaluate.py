@@ -117,7 +117,7 @@ def run_eval(config_path: str | None, checkpoint: str, overrides: list[str], out
     model = components.to_device(model, info, prec)
     out_dir = Path(out) if out else Path(checkpoint).resolve().parent.parent / "eval"
     samples = ds.split(cfg.data.eval_split)  # data.eval_split=test: the held-out split
-    loader = components.eval_loader(cfg, ds, samples, info, out_dir / "lists")
+    loader = components.eval_loader(cfg, ds, samples, info)
     res = evaluate(model, loader, samples, components.num_classes(cfg, ds), info, prec, cfg.train.progress)
     res["split"] = cfg.data.eval_split
     if info.main:

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -56,7 +56,8 @@ class Run:
     data_state: dict | None = None  # this rank's loader position when resuming mid-epoch
     resumed_from: str | None = None
     stopped_by: int | None = None  # the signal that ended the run
-    samples_skipped: int = 0  # training videos DALI could not read, summed over the epochs this process started
+    samples_skipped: int = 0  # training slots whose video could not be read or decoded (replaced), this process
+    named_skips: set = field(default_factory=set)  # their paths, each logged once
     watchdog: Watchdog | None = None
     lock: rundir.RunLock | None = None  # rank 0 holds the run dir while it trains
 
@@ -77,15 +78,16 @@ class Run:
             print(msg, flush=True)
 
     def skipped(self, epoch: int, count: int, paths: list[str]) -> None:
-        """The loader's report of videos DALI dropped at an epoch start: counted, and named once per run."""
-        named = self.samples_skipped > 0
+        """The loader's report of a training video it replaced (it could not be read or decoded): counted by the
+        rank that met it (each rank reads only its shard), each path named once per process."""
         self.samples_skipped += count
-        if self.exporter and self.info.main:
+        if self.exporter:
             self.exporter.observe_skipped(count)
-        if not named:
-            shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-            self.log(f"[data] epoch {epoch}: {count} training video(s) cannot be read and are skipped "
-                     f"(each epoch, every rank alike): {shown or 'see the DALI log'}")
+        new = [p for p in paths if p not in self.named_skips]
+        self.named_skips.update(new)
+        if new:
+            print(f"[data] rank {self.info.rank} epoch {epoch}: replaced by the next video of its shard, and from "
+                  f"now on left out: {', '.join(new)}", flush=True)
 
 
 # ------------------------------------------------------------------ the run
@@ -133,7 +135,7 @@ def setup(cfg: C.Config, resume: str | None, overwrite: bool = False) -> Run:
     model = components.prepare_model(components.model_from_config(cfg, components.num_classes(cfg, ds), log), cfg, info,
                                      prec, log)
     optimizer = components.build_optimizer(model, cfg, info, log)
-    loader = components.train_loader(cfg, ds, info, run_dir / "lists")
+    loader = components.train_loader(cfg, ds, info)
     run = Run(cfg, info, ds, model, model, optimizer,
               torch.amp.GradScaler(info.device.type, enabled=prec.autocast == torch.float16), loader,
               components.schedule(cfg, loader.steps_per_epoch, info), prec,
@@ -289,8 +291,13 @@ def log_step(run: Run, values: dict[str, float], lr: float, clips: int, step_s: 
     if run.step % run.cfg.train.log_every == 0 or run.step == 1:
         run.metrics.write(kind="train", step=run.step, epoch=run.epoch, lr=lr, clips_per_s=clips / step_s,
                           data_wait_s=wait_s, step_s=step_s, data_wait_ratio=wait_s / max(step_s, 1e-9),
-                          samples_skipped=run.samples_skipped,
+                          samples_skipped=skipped_total(run),
                           **{f"loss_{k}" if k != "total" else "loss": v for k, v in values.items()})
+
+
+def skipped_total(run: Run) -> int:
+    """Training videos replaced so far, summed over the ranks (each meets only its own shard's); a collective."""
+    return sum(all_gather_objects(run.samples_skipped, run.info))
 
 
 def save(run: Run) -> None:
@@ -314,7 +321,7 @@ def evaluate_and_log(run: Run) -> dict:
     cfg = run.cfg
     broadcast_buffers(run.model, run.info)  # evaluate the model the checkpoint holds, on every rank
     samples = run.ds.split(cfg.data.eval_split)
-    loader = components.eval_loader(cfg, run.ds, samples, run.info, run.run_dir / "lists")
+    loader = components.eval_loader(cfg, run.ds, samples, run.info)
     res = evaluate(run.model, loader, samples, components.num_classes(cfg, run.ds), run.info, run.prec,
                    cfg.train.progress, on_batch=lambda: run.watchdog.beat(run.step, "eval"))
     res["split"] = cfg.data.eval_split
@@ -331,7 +338,7 @@ def finish(run: Run, t0: float) -> dict:
     summary.json (with the wall seconds since ``t0``); releases the run dir (the process group stays: the entry
     point ends it, after the last run of a plan)."""
     summary = {"step": run.step, "epoch": run.epoch, "resumed_from": run.resumed_from,
-               "stopped_by_signal": run.stopped_by, "samples_skipped": run.samples_skipped,
+               "stopped_by_signal": run.stopped_by, "samples_skipped": skipped_total(run),
                "job": rundir.current_job(), "config_sha256": C.fingerprint(run.cfg)}
     if run.stopped_by is None and run.ds.val and run.cfg.train.phase.classifies:
         summary["eval"] = evaluate_and_log(run)

@@ -1,27 +1,32 @@
-"""DALI video pipelines (train and multi-view eval), one definition for CPU and GPU, and their iterators.
+"""DALI input pipelines (train and multi-view eval) on ``fn.decoders.video``: one graph for CPU and GPU.
 
-Why per-epoch frame-range file lists: ``readers.video`` (GPU) and ``experimental.readers.video`` (CPU + GPU)
-emit *every* sequence of a file, so an epoch would be "all clips" rather than "each video once at a random
-offset". Writing, each epoch, one ``path label start end`` line per video (frame numbers, a start drawn from
-a seeded RNG = temporal jitter, ``step`` larger than the range = exactly one clip per line) and pre-shuffling
-the list with the same seed on every rank gives PySlowFast's sampling with DALI's decoders, exact-once
-sharding (contiguous shards of one shuffled list) and DALI pipeline checkpointing for mid-epoch resume.
+Why this design. DALI's video *readers* decode one sequence at a time (one NVDEC engine busy per pipeline) and
+index every file of their list when the pipeline builds: 56 s of epoch start per rank at 240k lines, rebuilt
+every epoch. Here an external source hands the graph the *encoded bytes* of this rank's shard only, read ahead by
+a thread pool, and ``decoders.video`` decodes every sample of a batch in parallel (DALI's thread pool on the CPU,
+NVDEC on the GPU: ``device="mixed"``), with the augmentation after it on the same device.
 
-GPU: ``experimental.readers.video(device="gpu")`` decodes H.264/HEVC with NVDEC and the whole augmentation
-graph runs on the GPU. CPU: the same reader on ``device="cpu"`` (VP9/VP8/MJPEG only) and the same graph.
+Every random choice -- the epoch's sample order, the rank's contiguous shard, each clip's start (temporal
+jitter), shorter side, crop position and flip -- is this module's seeded function of (seed, epoch, index)
+(:func:`epoch_order`, :func:`draw_clip`), never DALI's RNG. So:
+
+- the pipeline is built once per run, not per epoch, and batch ``g`` of a run is the same tensor whatever
+  ``data.threads`` and ``data.readers`` (pipelines per process) are;
+- a mid-epoch resume needs only (epoch, position, the videos found unreadable): no DALI checkpoint;
+- a video that cannot be read or decoded is replaced in its batch by the next readable video of the same shard
+  (a rule of the shard, not of timing), counted and reported; batches stay full, so every rank runs the same
+  steps and never waits for another at a collective.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
-import sys
-import tempfile
-from contextlib import contextmanager
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +34,9 @@ import torch
 from hcml.errors import ConfigError, DatasetError
 from hcml.pipeline.prepared import Sample
 
-BIG_STEP = 1 << 30  # one sequence per file-list line
-# What DALI's video reader decodes on each device: CPU (FFmpeg's software decoders it ships) and GPU (NVDEC).
+# What DALI's video decoder takes on each device (``fn.decoders.video``, DALI 2.4): the CPU backend VP8/VP9/MJPEG
+# (FFmpeg's software decoders it ships; no H.264), the mixed backend NVDEC's codecs as well. DALI lists MPEG-4
+# Part 2 for the mixed backend too; it is left out until a GPU run shows UCF-101's AVIs decode frame-exact.
 DALI_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"}, "gpu": {"h264", "hevc", "vp8", "vp9", "av1", "mjpeg"}}
 
 
@@ -52,12 +58,14 @@ class DataSpec:
     flip: str = "plain"  # none | plain | swap (swap: mirrored clips of a flip pair take the pair's other label)
     flip_pairs: list[list[int]] = field(default_factory=list)  # empty: the prepared dataset's own (dataset.yaml)
     batch_size: int = 8  # clips per GPU (per process); evaluation forwards 2x as many clips (no activations kept)
-    threads: int = 4  # DALI CPU worker threads per process
+    threads: int = 4  # DALI CPU worker threads per pipeline (CPU decode and augmentation; file reads: `readers`)
     device: str = "auto"  # auto | cpu | gpu: where DALI decodes and augments
     dtype: str = "auto"  # auto | float32 | float16: clip dtype (auto: float16 when the GPU trains in AMP)
-    prefetch: int = 2  # batches DALI prepares ahead (prefetch_queue_depth)
-    readers: int = 1  # training pipelines per process over disjoint sub-shards, batches taken in turn (one DALI
-    #                   pipeline keeps one NVDEC engine busy; H100/H200 have 7): measure with bench pipeline --compare
+    prefetch: int = 2  # batches DALI prepares ahead (prefetch_queue_depth); files are read ahead of that
+    readers: int = 1  # DALI pipelines per process, batches taken in turn (one NVDEC decode stream each): measure
+    #                   with `hcml bench pipeline --compare`; it never changes which batch comes
+    keyframe_starts: bool = False  # train clips start only on keyframes (dataset.yaml's fixed `gop`): no frame
+    #                                decoded in vain, temporal jitter in steps of the GOP
     mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])
     std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])
 
@@ -67,11 +75,10 @@ class DataSpec:
         return clip_span(self.frames, self.stride)
 
     def steps_per_epoch(self, videos: int, world: int) -> int:
-        """Steps every rank runs per epoch over ``videos``: ``R · floor(videos / (world · R) / B)`` with R =
-        ``readers`` (each rank's shard splits into R sub-shards, each a whole number of batches). The one rule for
-        the loader and for ``hcml train``'s check before any process starts."""
-        R = max(1, self.readers)
-        return R * (videos // (world * R) // self.batch_size)
+        """Steps every rank runs per epoch over ``videos``: ``floor(videos / world / B)``, every rank's shard
+        (``floor(videos / world)`` videos at least) filling as many whole batches. The one rule for the loader and
+        for ``hcml train``'s check before any process starts."""
+        return videos // world // self.batch_size
 
     @property
     def eval_rows_per_batch(self) -> int:
@@ -80,7 +87,7 @@ class DataSpec:
 
 
 def clip_span(frames: int, stride: int) -> int:
-    """Frames of the video a clip of ``frames`` frames ``stride`` apart covers (also prepare's GOP)."""
+    """Frames of the video a clip of ``frames`` frames ``stride`` apart covers."""
     return (frames - 1) * stride + 1
 
 
@@ -96,13 +103,13 @@ def dali_device(requested: str) -> str:
 
 
 def check_decodable(codecs: set[str], device: str, where: str) -> None:
-    """Refuse, before any pipeline starts, videos the resolved DALI ``device`` cannot decode (DALI itself would
-    drop them all and fail with "number of input samples: 0")."""
+    """Refuse, before any pipeline starts, videos the resolved DALI ``device`` cannot decode (every batch would
+    fail and every video would be replaced in vain)."""
     bad = sorted(codecs - DALI_CODECS[device])
     if bad:
         fix = ("train on a GPU (data.device=gpu), or prepare a CPU copy with `hcml prepare ... --reencode vp9`"
                if device == "cpu" else "prepare it again with `hcml prepare ... --reencode h264`")
-        raise DatasetError(f"{where}: {'/'.join(bad)} videos cannot be decoded by DALI's {device.upper()} reader "
+        raise DatasetError(f"{where}: {'/'.join(bad)} videos cannot be decoded by DALI's {device.upper()} decoder "
                            f"(it decodes {', '.join(sorted(DALI_CODECS[device]))}): {fix}")
 
 
@@ -112,11 +119,16 @@ def placement(spec: DataSpec, device_id: int | None) -> tuple[str, int | None]:
     return device, ((device_id or 0) if device == "gpu" else None)
 
 
-def clip_start(seed: int, epoch: int, index: int, num_frames: int, span: int) -> int:
-    """Random temporal offset of sample ``index`` in ``epoch``: uniform over the valid starts."""
+# ------------------------------------------------------------------ the seeded sampling rules
+def clip_start(seed: int, epoch: int, index: int, num_frames: int, span: int, gop: int = 0) -> int:
+    """Random temporal offset of sample ``index`` in ``epoch``: uniform over the valid starts, or over the valid
+    keyframes when ``gop`` > 0 (a fixed keyframe interval: every GOP-th frame is one)."""
     if num_frames <= span:
         return 0
-    return int(np.random.default_rng([seed, epoch, index]).integers(0, num_frames - span + 1))
+    rng = np.random.default_rng([seed, epoch, index])
+    if gop > 0:
+        return gop * int(rng.integers(0, (num_frames - span) // gop + 1))
+    return int(rng.integers(0, num_frames - span + 1))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -124,21 +136,36 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 7919]).permutation(n)
 
 
-def write_train_list(path: Path, samples: Sequence[Sample], spec: DataSpec, seed: int, epoch: int,
-                     skip: set[str] = frozenset()) -> None:
-    """One ``path label start end`` line per video (``end`` exclusive), in the epoch's shuffled order; videos in
-    ``skip`` are left out (the others keep their place and start)."""
-    lines = []
-    for i in epoch_order(len(samples), seed, epoch):
-        s = samples[i]
-        if s.path in skip:
-            continue
-        start = clip_start(seed, epoch, int(i), s.num_frames, spec.span)
-        end = start + spec.span
-        if s.num_frames:
-            end = min(end, s.num_frames)  # short videos: edge-padded by the reader
-        lines.append(f"{s.path} {s.label} {start} {end}\n")
-    path.write_text("".join(lines))
+def shard_rows(n: int, rank: int, world: int) -> range:
+    """The contiguous share of ``n`` rows (of an epoch's order, or of the eval views) that ``rank`` reads."""
+    return range(math.floor(n * rank / world), math.floor(n * (rank + 1) / world))
+
+
+class Clip(NamedTuple):
+    """One training clip's random choices: first frame, shorter side (px), crop position (0..1 of the free
+    range, x and y) and horizontal flip."""
+
+    start: int
+    short_side: float
+    pos_x: float
+    pos_y: float
+    mirror: bool
+
+
+def draw_clip(seed: int, epoch: int, index: int, num_frames: int, spec: DataSpec, gop: int = 0,
+              salt: int = 0) -> Clip:
+    """The clip of sample ``index`` in ``epoch``. ``salt`` > 0: the same video standing in for an unreadable one
+    (the salt-th candidate after it in the shard) draws a clip of its own."""
+    start = clip_start(seed, epoch, index, num_frames, spec.span, gop if spec.keyframe_starts else 0)
+    if salt:
+        start = clip_start(seed + 1_000_003 * salt, epoch, index, num_frames, spec.span,
+                           gop if spec.keyframe_starts else 0)
+    rng = np.random.default_rng([seed, epoch, index, 104_729, salt])
+    lo, hi = (float(v) for v in spec.short_side)
+    short = float(rng.uniform(lo, hi)) if hi > lo else lo
+    pos_x, pos_y = (float(v) for v in rng.uniform(0.0, 1.0, 2))
+    mirror = spec.flip != "none" and bool(rng.random() < 0.5)
+    return Clip(start, short, pos_x, pos_y, mirror)
 
 
 def eval_views(num_frames: int, spec: DataSpec) -> list[tuple[int, int]]:
@@ -150,27 +177,69 @@ def eval_views(num_frames: int, spec: DataSpec) -> list[tuple[int, int]]:
     return [(s, min(s + span, num_frames) if num_frames else s + span) for s in starts]
 
 
-def write_eval_list(path: Path, samples: Sequence[Sample], spec: DataSpec, skip: set[str] = frozenset()) -> None:
-    """One line per (video, view); the label column holds the *row index* so that scores map back to videos."""
-    lines, row = [], 0
-    for s in samples:
-        for start, end in eval_views(s.num_frames, spec):
-            if s.path not in skip:
-                lines.append(f"{s.path} {row} {start} {end}\n")
-            row += 1
-    path.write_text("".join(lines))
+# ------------------------------------------------------------------ the graph
+def read_encoded(path: str) -> np.ndarray:
+    """A video file's bytes for the decoder; OSError (with the reason) when it cannot be read or is empty."""
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0:
+        raise OSError(f"{path}: zero-length file")
+    return data
 
 
-def video_reader(file_list: Path, spec: DataSpec, device: str, shard_id: int, num_shards: int):
-    """(T frames (F, H, W, C) uint8, label) per file-list line. Ranges are [start, end): DALI 2.4 reads
-    ``end`` as exclusive even with ``file_list_include_end=True`` (an inclusive end lost a clip's last frame to
-    edge padding), so ends are written exclusive and the flag says so."""
+_MUXERS = {".webm": "webm", ".mkv": "matroska", ".mp4": "mp4", ".mov": "mov", ".m4v": "mp4"}
+
+
+def clip_bytes(data: np.ndarray, path: str, start: int, span: int, gop: int) -> tuple[np.ndarray, int]:
+    """The packets a clip of ``span`` frames from ``start`` needs -- from the keyframe before ``start`` (every
+    ``gop``-th frame, as ``prepare`` writes them) -- remuxed into a small file of their own with timestamps from 0,
+    and the clip's start in it. Why: DALI 2.4's ``decoders.video`` decodes an in-memory video from its first frame
+    up to ``start_frame`` (measured: 80 ms per clip at frame 0, 500 ms at frame 260 of a 320 px VP9 file), so a
+    random clip of a 10 s video would cost ~5x its own frames. Frame n of the result is frame (k + n) of the video
+    only for one packet per frame in presentation order, which is what ``prepare`` writes (no B-frames; its probe
+    checks increasing timestamps); hence only for datasets with a recorded ``gop``. OSError when it cannot be
+    demuxed or is shorter than ``start``."""
+    import io
+
+    import av
+
+    first = (start // gop) * gop
+    try:
+        with av.open(io.BytesIO(data.tobytes())) as inp:
+            st = inp.streams.video[0]
+            packets = []
+            for p in inp.demux(st):
+                if p.size:
+                    packets.append(p)
+                    if len(packets) >= start + span:
+                        break
+            if len(packets) <= start:
+                raise OSError(f"{path}: {len(packets)} frames, a clip starts at frame {start}")
+            sel = packets[first:]
+            base_pts, base_dts = sel[0].pts, sel[0].dts
+            out = io.BytesIO()
+            with av.open(out, "w", format=_MUXERS.get(os.path.splitext(path)[1].lower(), "matroska")) as o:
+                stream = o.add_stream_from_template(st)
+                for p in sel:
+                    if base_pts is not None and p.pts is not None:
+                        p.pts -= base_pts
+                    if base_dts is not None and p.dts is not None:
+                        p.dts -= base_dts
+                    p.stream = stream
+                    o.mux(p)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PyAV's errors for a damaged file
+        raise OSError(f"{path}: cannot be demuxed ({type(e).__name__}: {e})") from None
+    return np.frombuffer(out.getvalue(), dtype=np.uint8), start - first
+
+
+def decode(encoded, start, spec: DataSpec, device: str):
+    """T frames (F, H, W, C) uint8 from ``start``, ``stride`` apart, edge-padded past the end of the video. DALI
+    decodes from the keyframe before ``start``; frame n is the n-th frame in presentation order."""
     from nvidia.dali import fn
 
-    return fn.experimental.readers.video(
-        device=device, file_list=str(file_list), file_list_format="frames", file_list_include_end=False,
-        sequence_length=spec.frames, stride=spec.stride, step=BIG_STEP, pad_mode="edge", random_shuffle=False,
-        shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="Reader")
+    return fn.decoders.video(encoded, device="mixed" if device == "gpu" else "cpu", start_frame=start,
+                             sequence_length=spec.frames, stride=spec.stride, pad_mode="edge")
 
 
 def _crop_resize(video, short_side, pos_x, pos_y, crop: int):
@@ -197,201 +266,349 @@ def _normalize(video, spec: DataSpec, mirror=0):
                                     dtype=types.FLOAT16 if spec.dtype == "float16" else types.FLOAT)
 
 
-def augment_train(video, spec: DataSpec):
-    """(augmented clip, mirror flag) inside a DALI graph: random shorter side and crop position, one window for
-    all frames resized to crop x crop, random horizontal flip (unless ``flip=none``), normalisation."""
-    from nvidia.dali import fn
-
-    lo, hi = (float(v) for v in spec.short_side)
-    short = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-    video = _crop_resize(video, short, fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]),
-                         spec.crop)
-    mirror = fn.random.coin_flip(probability=0.5) if spec.flip != "none" else 0
-    return _normalize(video, spec, mirror), mirror
+def augment_train(video, spec: DataSpec, short_side, pos_x, pos_y, mirror):
+    """The training augmentation inside a DALI graph, with its random values given per sample: one crop window
+    for all frames (shorter side, position) resized to crop x crop, horizontal flip, normalisation (CFHW)."""
+    return _normalize(_crop_resize(video, short_side, pos_x, pos_y, spec.crop), spec, mirror)
 
 
-def build_train_pipeline(file_list: Path, spec: DataSpec, *, device: str, device_id: int | None, shard_id: int,
-                         num_shards: int, seed: int, checkpoint: str | None = None):
-    """Train graph: decode T frames → one random crop window (random shorter side, random position) resized to
-    crop x crop for all frames → flip → normalise (CFHW = the model's C, T, H, W)."""
-    from nvidia.dali import pipeline_def
+def eval_crops(video, spec: DataSpec):
+    """Shorter side → ``eval_short_side``, 1 or 3 crops along the longer side, stacked (crops, C, T, H, W)."""
+    from nvidia.dali import fn, types
 
-    @pipeline_def(enable_checkpointing=True)
-    def train_pipe():
-        video, label = video_reader(file_list, spec, device, shard_id, num_shards)
-        video, mirror = augment_train(video, spec)
-        return video, label, (label * 0 if spec.flip == "none" else mirror)
-
-    pipe = train_pipe(batch_size=spec.batch_size, num_threads=spec.threads, device_id=device_id, seed=seed,
-                      checkpoint=checkpoint, prefetch_queue_depth=spec.prefetch)
-    pipe.build()
-    return pipe
+    shape = fn.cast(video.shape(), dtype=types.FLOAT)  # (F, H, W, C)
+    landscape = shape[2] >= shape[1]
+    positions = (0.5,) if spec.eval_crops == 1 else (0.0, 0.5, 1.0)
+    crops = []
+    for p in positions:
+        px = landscape * p + (1 - landscape) * 0.5
+        py = landscape * 0.5 + (1 - landscape) * p
+        crops.append(_normalize(_crop_resize(video, float(spec.eval_short_side), px, py, spec.crop), spec))
+    return fn.stack(*crops)
 
 
-def build_eval_pipeline(file_list: Path, spec: DataSpec, *, device: str, device_id: int | None, shard_id: int,
-                        num_shards: int):
-    """Eval graph: shorter side → ``eval_short_side``, 1 or 3 crops along the longer side, stacked per sample."""
+def _pipeline(graph: Callable, source: Callable, outputs: int, batch_size: int, spec: DataSpec, device_id):
+    """A built pipeline whose external source (``source()`` → one batch of ``outputs`` columns, encoded bytes
+    first, then int32/float32 scalars per sample) feeds ``graph(*columns)``."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def
-    def eval_pipe():
-        video, row = video_reader(file_list, spec, device, shard_id, num_shards)
-        shape = fn.cast(video.shape(), dtype=types.FLOAT)  # (F, H, W, C)
-        landscape = shape[2] >= shape[1]
-        positions = (0.5,) if spec.eval_crops == 1 else (0.0, 0.5, 1.0)
-        crops = []
-        for p in positions:
-            px = landscape * p + (1 - landscape) * 0.5
-            py = landscape * 0.5 + (1 - landscape) * p
-            crops.append(_normalize(_crop_resize(video, float(spec.eval_short_side), px, py, spec.crop), spec))
-        return fn.stack(*crops), row
+    def pipe():
+        cols = fn.external_source(source=source, num_outputs=outputs, batch=True,
+                                  dtype=[types.UINT8, types.INT32] + [types.FLOAT] * (outputs - 2))
+        return graph(*cols)
 
-    pipe = eval_pipe(batch_size=spec.eval_rows_per_batch, num_threads=spec.threads, device_id=device_id, seed=0,
-                     prefetch_queue_depth=spec.prefetch)
-    pipe.build()
-    return pipe
+    p = pipe(batch_size=batch_size, num_threads=spec.threads, device_id=device_id, seed=0,
+             prefetch_queue_depth=spec.prefetch)
+    p.build()
+    return p
 
 
-# What DALI's readers print (C++, to fd 2) for a file-list line they drop while the pipeline builds.
-_DROPPED = (re.compile(r'Failed to open video file "(.+?)"'), re.compile(r"Empty frame range .* for file (.+?)\. Skipping"))
+def to_torch(out, device_id: int | None) -> torch.Tensor:
+    """A DALI batch (TensorList, CPU or GPU) copied into a new torch tensor on the pipeline's device."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    tensor = out.as_tensor()
+    device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+    t = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(tensor, t, cuda_stream=stream)
+    return t
 
 
-@contextmanager
-def dropped_files() -> Iterator[list[str]]:
-    """Paths of the videos DALI's reader drops while pipelines build inside the block (unreadable, missing, or
-    shorter than the listed range): it indexes every file then, so a file that broke after ``prepare`` costs its
-    line, not the run. DALI's per-file lines are summarised by the caller; everything else on fd 2 passes on."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    paths: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
+def _last_line(e: Exception) -> str:
+    """The reason in a DALI error: the first line after "encountered:" (not its C++ context or traceback)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    keep = [ln for ln in after if not ln.startswith("C++ context") and "no longer valid" not in ln]
+    text = keep[0] if keep else type(e).__name__
+    return text.replace('Assert on "frames_decoders_[s]->IsValid()" failed: ', "")[:200]
+
+
+class _Decodes:
+    """The decoder alone, one sample at a time: which samples of a batch that DALI refused are at fault (its
+    error does not always name the sample). Built on first use, rebuilt after each failure (a DALI pipeline is
+    unusable after an error)."""
+
+    def __init__(self, spec: DataSpec, device: str, device_id):
+        self.spec, self.device, self.device_id = spec, device, device_id
+        self._pipe, self._item = None, None
+
+    def fails(self, encoded: np.ndarray, start: int) -> str:
+        """"" when (encoded, start) decodes, else DALI's reason."""
+        if self._pipe is None:
+            self._pipe = _pipeline(lambda enc, st: decode(enc, st, self.spec, self.device), lambda: self._item, 2,
+                                   1, self.spec, self.device_id)
+        self._item = ([encoded], [np.array(start, dtype=np.int32)])
         try:
-            yield paths
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            other = []
-            for line in tmp.read().decode(errors="replace").splitlines():
-                m = next((m for m in (p.search(line) for p in _DROPPED) if m), None)
-                paths.append(m.group(1)) if m else other.append(line)
-            if other:
-                os.write(2, ("\n".join(other) + "\n").encode())
+            for _ in range(self.spec.prefetch):  # the queue holds `prefetch` copies of the same sample
+                self._pipe.run()
+            return ""
+        except Exception as e:  # noqa: BLE001 - whatever DALI raised is the reason
+            self._pipe = None
+            return _last_line(e) or "undecodable"
 
 
-_NO_FRAMES = re.compile(r'video file "(.+?)"')
+class _Batch(NamedTuple):
+    key: tuple  # what the loader asked for: (epoch, position) or eval batch number
+    labels: list[int]  # per sample (training: after the flip swap) or eval rows
+    items: list[tuple[int, np.ndarray, int]]  # (dataset index, encoded bytes, start) per sample
 
 
-def build_skipping_unreadable(build: Callable[[], list], unreadable: set[str]) -> tuple[list, list[str]]:
-    """``build()`` (which writes the file list without ``unreadable`` and builds the pipelines), retried without
-    each video that makes DALI's reader fail to build (a file that opens but holds no decodable frame); returns
-    (what build returned, every video dropped or left out). Every rank meets the same files the same way, so
-    the shards still partition what is left."""
-    dropped: list[str] = []  # over all attempts: DALI may name a file only once per process
-    while True:
-        with dropped_files() as named:
-            try:
-                result = build()
-            except RuntimeError as e:
-                m = _NO_FRAMES.search(str(e))
-                if not m or m.group(1) in unreadable:
-                    raise
-                unreadable.add(m.group(1))
-                result = None
-        dropped += named
-        if result is not None:
-            return result, sorted(set(dropped) | unreadable)
+class _Source:
+    """The external source of one pipeline: each call plans the next batch in ``keys`` (the loader's order for
+    this pipeline) and remembers it, so that the batch DALI delivers is matched with its labels and bytes."""
+
+    def __init__(self, keys: Iterator, plan: Callable[[object], tuple[list, _Batch]]):
+        self.keys, self.plan, self.planned = keys, plan, deque()
+        self.error: BaseException | None = None
+
+    def __call__(self):
+        try:
+            columns, batch = self.plan(next(self.keys))
+        except BaseException as e:  # raised again by the loader, as it is (DALI would wrap it)
+            self.error = e
+            raise
+        self.planned.append(batch)
+        return columns
 
 
-def kept_samples(pipe) -> int:
-    """Samples the reader of a built pipeline will emit per epoch (all shards), after it dropped unreadable ones."""
-    return int(pipe.reader_meta("Reader")["epoch_size"])
+class _Files:
+    """What the decoder gets for each clip -- the file's bytes, or with a known GOP only the packets the clip
+    needs (:func:`clip_bytes`) -- prepared ahead on a thread pool (file reads and PyAV's demuxing release the
+    GIL), so the DALI source rarely waits."""
+
+    def __init__(self, threads: int, span: int, gop: int):
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="hcml-read")
+        self._ahead: dict[object, Future] = {}
+        self._lock = threading.Lock()
+        self.span, self.gop = span, gop
+        self.bytes_read = 0
+
+    def read(self, path: str) -> np.ndarray:
+        data = read_encoded(path)
+        with self._lock:
+            self.bytes_read += data.size
+        return data
+
+    def clip(self, path: str, start: int | None, data: np.ndarray | None = None) -> tuple[np.ndarray, int | None]:
+        """(encoded bytes for the decoder, the clip's first frame in them); ``start`` None: the whole file's bytes.
+        OSError when it cannot be read."""
+        data = self.read(path) if data is None else data
+        if start is None or not self.gop:
+            return data, start
+        return clip_bytes(data, path, start, self.span, self.gop)
+
+    def want(self, key, path: str, start: int | None) -> None:
+        if key not in self._ahead:
+            self._ahead[key] = self._pool.submit(self.clip, path, start)
+
+    def get(self, key, path: str, start: int | None) -> tuple[np.ndarray, int | None]:
+        """:meth:`clip`, made ahead under ``key`` (for the same path and start) or now."""
+        fut = self._ahead.pop(key, None)
+        return fut.result() if fut is not None else self.clip(path, start)
+
+    def forget(self) -> None:
+        for f in self._ahead.values():
+            f.cancel()
+        self._ahead.clear()
+
+    def close(self) -> None:
+        self.forget()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Pipelines:
+    """``n`` DALI pipelines over one sequence of batch keys, batch k from pipeline k mod n, rebuilt from any key
+    (a resume, or after a video DALI could not decode)."""
+
+    def __init__(self, n: int, build: Callable[[Callable], object], keys_from: Callable[[object, int, int], Iterator],
+                 plan: Callable, device_id):
+        self.n, self.build, self.keys_from, self.plan, self.device_id = n, build, keys_from, plan, device_id
+        self.pipes: list = []
+        self.sources: list[_Source] = []
+        self.next_key = None
+        self.turn = 0
+        self.failed: list[_Batch] = []  # after take() raised: the batches the failing pipeline held, oldest first
+
+    def open(self, key) -> None:
+        self.close()
+        self.sources = [_Source(self.keys_from(key, k, self.n), self.plan) for k in range(self.n)]
+        self.pipes = [self.build(src) for src in self.sources]
+        self.next_key, self.turn = key, 0
+
+    def take(self) -> tuple[torch.Tensor, _Batch]:
+        """The next batch: (clips, its plan). Raises what DALI or the source raised; then ``open`` again."""
+        k = self.turn
+        try:
+            out = self.pipes[k].run()
+        except BaseException as e:
+            err = self.sources[k].error
+            self.failed = list(self.sources[k].planned)  # the refused batch first
+            self.close()
+            if err is not None and err is not e and not isinstance(err, StopIteration):
+                raise err from None
+            raise
+        batch = self.sources[k].planned.popleft()
+        self.turn = (k + 1) % self.n
+        return to_torch(out[0], self.device_id), batch
+
+    def close(self) -> None:
+        self.pipes, self.sources = [], []  # DALI frees a pipeline with its last reference
+        self.next_key = None
 
 
 class TrainLoader:
     """One rank's training batches, epoch by epoch, with a resumable position.
 
-    Every rank runs the same number of steps per epoch (``R · floor(N / (world · R) / B)`` with ``R`` =
-    ``spec.readers``), so DDP never waits on a rank whose shard happens to be one sample shorter. With R > 1 the
-    rank's shard is split into R contiguous sub-shards, each read by its own DALI pipeline, and batches are taken
-    from them in turn; the sub-shards partition the list, so every video still comes once per epoch.
-    ``device_id``: the CUDA device of a GPU pipeline.
+    Epoch e's order is :func:`epoch_order`; rank r reads the contiguous share :func:`shard_rows` of it and its
+    first ``steps_per_epoch x B`` slots make the batches (every rank runs the same number of steps). The pipelines
+    are built at the first batch and serve every later epoch; ``epoch(e, state)`` at any other position (a resume)
+    rebuilds them there. ``device_id``: the CUDA device of a GPU pipeline; ``gop``: the dataset's fixed keyframe
+    interval (``data.keyframe_starts``).
 
-    A video DALI cannot open (it broke after ``prepare``) is dropped from the epoch by DALI on every rank alike;
-    the epoch then has ``floor(kept / (world · R) / B) · R`` steps (a step fewer at most per B lost videos),
-    and ``on_skip(epoch, count, paths)`` reports it once per epoch start.
+    A video that cannot be read (missing, empty, unreadable) or decoded (DALI refuses its batch; the decoder alone
+    then finds which sample) is replaced in its slot by the next readable video of the rank's shard, with a clip
+    drawn for it, and remembered for the rest of the run (and in :meth:`state`, so that a resume replaces the
+    same way); ``on_skip(epoch, 1, [path])`` reports each replacement. A DALI failure costs its batch's decode.
     """
 
-    def __init__(self, samples: Sequence[Sample], spec: DataSpec, *, work_dir: Path, rank: int = 0, world: int = 1,
-                 device_id: int | None = None, seed: int = 0,
+    def __init__(self, samples: Sequence[Sample], spec: DataSpec, *, rank: int = 0, world: int = 1,
+                 device_id: int | None = None, seed: int = 0, gop: int = 0,
                  on_skip: Callable[[int, int, list[str]], None] | None = None):
         if not samples:
             raise DatasetError("no training videos (train.txt is empty)")
-        self.samples, self.spec, self.work_dir = list(samples), spec, Path(work_dir)
+        self.samples, self.spec = samples, spec
         self.device, self.device_id = placement(spec, device_id)
-        self.rank, self.world, self.seed = rank, world, seed
+        self.rank, self.world, self.seed, self.gop = rank, world, seed, gop
         self.readers = max(1, spec.readers)
         self.steps_per_epoch = spec.steps_per_epoch(len(self.samples), world)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{len(self.samples)} training videos cannot fill one batch of data.batch_size="
-                              f"{spec.batch_size} on each of {world} process(es) x data.readers={self.readers}; "
-                              f"lower data.batch_size to at most {max(1, len(self.samples) // (world * self.readers))}")
-        self._iters: list = []
-        self._epoch = -1
-        self._pos = 0
-        self._epoch_steps = self.steps_per_epoch
+                              f"{spec.batch_size} on each of {world} process(es); lower data.batch_size to at most "
+                              f"{max(1, len(self.samples) // world)}")
+        if spec.keyframe_starts and gop <= 0:
+            raise ConfigError("data.keyframe_starts=true needs a dataset with a fixed keyframe interval (`gop` in "
+                              "dataset.yaml, written by `hcml prepare --reencode h264|vp9`)")
         self.on_skip = on_skip
-        self.unreadable: set[str] = set()  # videos that stop DALI's reader from building: left out of the lists
+        self.unreadable: dict[str, str] = {}  # path → why: left out of every later batch, replaced
         self._swap = None
         if spec.flip == "swap":
             if not spec.flip_pairs:
                 raise ConfigError("data.flip=swap needs label pairs that a horizontal flip swaps: none in data.flip_pairs "
                                   "nor in the dataset's dataset.yaml (flip_pairs)")
             n = max(max(max(p) for p in spec.flip_pairs), max(s.label for s in self.samples)) + 1
-            swap = torch.arange(n)
+            swap = list(range(n))
             for a, b in spec.flip_pairs:
                 swap[a], swap[b] = b, a
             self._swap = swap
+        self._shards: dict[int, np.ndarray] = {}
+        self._files = _Files(max(2, spec.threads), spec.span, gop)
+        self._decodes = _Decodes(spec, self.device, self.device_id)
+        self._pipes = _Pipelines(self.readers, self._build, self._keys, self._plan, self.device_id)
+        self._epoch, self._pos = -1, 0
+        self._ahead = spec.prefetch + 2  # batches whose files are read before DALI asks for them
 
-    def _start(self, epoch: int, checkpoints: list | None):
-        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    # -- the rules: which video and clip each slot holds
+    def shard(self, epoch: int) -> np.ndarray:
+        """Dataset indices of this rank's share of ``epoch``'s order (its first steps x B slots are batched)."""
+        if epoch not in self._shards:
+            rows = shard_rows(len(self.samples), self.rank, self.world)
+            self._shards = {e: s for e, s in self._shards.items() if e >= epoch - 1}
+            self._shards[epoch] = epoch_order(len(self.samples), self.seed, epoch)[rows.start:rows.stop]
+        return self._shards[epoch]
 
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        lst = self.work_dir / f"train_epoch{epoch}_rank{self.rank}.txt"
-        R = self.readers
+    def _advance(self, key: tuple[int, int], n: int) -> tuple[int, int]:
+        epoch, pos = key
+        pos += n
+        return epoch + pos // self.steps_per_epoch, pos % self.steps_per_epoch
 
-        def build():
-            write_train_list(lst, self.samples, self.spec, self.seed, epoch, skip=self.unreadable)
-            # k = 0 with R = 1 is exactly the single-pipeline loader (same shard, same seed)
-            return [build_train_pipeline(lst, self.spec, device=self.device, device_id=self.device_id,
-                                         shard_id=self.rank * R + k, num_shards=self.world * R,
-                                         seed=self.seed * 1000 + epoch * 10 + self.rank + 100_003 * k,
-                                         checkpoint=checkpoints[k] if checkpoints else None) for k in range(R)]
+    def _keys(self, key, k: int, n: int) -> Iterator[tuple[int, int]]:
+        key = self._advance(key, k)
+        while True:
+            yield key
+            key = self._advance(key, n)
 
-        pipes, dropped = build_skipping_unreadable(build, self.unreadable)
-        self._iters = [DALIGenericIterator([pipe], ["clips", "labels", "mirror"], reader_name="Reader",
-                                           last_batch_policy=LastBatchPolicy.DROP, auto_reset=False) for pipe in pipes]
-        kept = kept_samples(pipes[0])
-        self._epoch_steps = self.spec.steps_per_epoch(kept, self.world)
-        if kept < len(self.samples) and self.on_skip:
-            self.on_skip(epoch, len(self.samples) - kept, dropped)
-        if self._epoch_steps == 0:
-            raise DatasetError(f"epoch {epoch}: DALI could read only {kept} of {len(self.samples)} training videos, "
-                               f"too few for one batch of {self.spec.batch_size} per process; unreadable: "
-                               f"{', '.join(dropped[:3]) or 'see the DALI log'}")
-        self._epoch = epoch
+    def _want(self, key: tuple[int, int]) -> None:
+        epoch, pos = key
+        shard, B = self.shard(epoch), self.spec.batch_size
+        for slot in range(pos * B, (pos + 1) * B):
+            index = int(shard[slot])
+            s = self.samples[index]
+            if s.path not in self.unreadable:
+                clip = draw_clip(self.seed, epoch, index, s.num_frames, self.spec, self.gop)
+                self._files.want((epoch, slot), s.path, clip.start)
 
+    def _slot(self, epoch: int, slot: int) -> tuple[int, np.ndarray, int, Clip]:
+        """(dataset index, encoded bytes, first frame in them, clip) of ``slot``: its own video, or the first
+        readable one after it in the shard."""
+        shard = self.shard(epoch)
+        for j in range(len(shard)):
+            index = int(shard[(slot + j) % len(shard)])
+            s = self.samples[index]
+            if s.path in self.unreadable:
+                continue
+            clip = draw_clip(self.seed, epoch, index, s.num_frames, self.spec, self.gop, salt=j)
+            try:
+                data, start = self._files.get((epoch, slot) if j == 0 else None, s.path, clip.start)
+            except OSError as e:
+                self._mark(epoch, s.path, e.strerror or str(e))
+                continue
+            if j:
+                self._report(epoch, self.samples[int(shard[slot])].path)
+            return index, data, start, clip
+        raise DatasetError(f"epoch {epoch}: none of the {len(shard)} videos of rank {self.rank}'s shard can be "
+                           f"read or decoded; e.g. {next(iter(self.unreadable.items()), ('?', '?'))}")
+
+    def _mark(self, epoch: int, path: str, why: str) -> None:
+        self.unreadable[path] = why
+
+    def _report(self, epoch: int, path: str) -> None:
+        if self.on_skip:
+            self.on_skip(epoch, 1, [f"{path} ({self.unreadable.get(path, '?')})"])
+
+    def _plan(self, key: tuple[int, int]) -> tuple[list, _Batch]:
+        epoch, pos = key
+        for n in range(1, self._ahead + 1):
+            self._want(self._advance(key, n))
+        B = self.spec.batch_size
+        items, labels, cols = [], [], ([], [], [], [], [], [])
+        for slot in range(pos * B, (pos + 1) * B):
+            index, data, start, clip = self._slot(epoch, slot)
+            label = self.samples[index].label
+            if self._swap is not None and clip.mirror and label < len(self._swap):
+                label = self._swap[label]
+            items.append((index, data, start))
+            labels.append(label)
+            for col, v in zip(cols, (data, np.array(start, np.int32), np.array(clip.short_side, np.float32),
+                                     np.array(clip.pos_x, np.float32), np.array(clip.pos_y, np.float32),
+                                     np.array(float(clip.mirror), np.float32))):
+                col.append(v)
+        return list(cols), _Batch(key, labels, items)
+
+    def _build(self, source: _Source):
+        from nvidia.dali import fn, types
+
+        def graph(enc, start, short, px, py, mirror):
+            video = decode(enc, start, self.spec, self.device)
+            return augment_train(video, self.spec, short, px, py, fn.cast(mirror, dtype=types.INT32))
+
+        return _pipeline(graph, source, 6, self.spec.batch_size, self.spec, self.device_id)
+
+    # -- iteration
     @property
     def finished(self) -> bool:
         """The current epoch has yielded all of its steps."""
-        return self._pos >= self._epoch_steps
+        return self._pos >= self.steps_per_epoch
+
+    @property
+    def bytes_read(self) -> int:
+        """Encoded bytes this rank has read so far (its shard's files only)."""
+        return self._files.bytes_read
 
     def state(self) -> dict:
-        """Resumable position: epoch, batches consumed, and each pipeline's DALI checkpoint (reader + RNG)."""
-        cps = [it.checkpoints()[0] for it in self._iters] or None
-        return {"epoch": self._epoch, "position": self._pos, "dali": cps}
+        """Resumable position: epoch, batches consumed, and the videos found unreadable (path → why)."""
+        return {"epoch": self._epoch, "position": self._pos, "unreadable": dict(self.unreadable)}
 
     def cycle(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of epoch 0, 1, 2, ... without end (benchmarks)."""
@@ -402,73 +619,170 @@ class TrainLoader:
 
     def epoch(self, epoch: int, state: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (clips (B, 3, T, H, W), labels (B,)) for the rest of ``epoch`` (from ``state`` if resuming)."""
-        self._pos = 0
-        checkpoints = None
+        self._epoch, self._pos = epoch, 0
         if state and state.get("epoch") == epoch:
             self._pos = int(state.get("position", 0))
-            checkpoints = state.get("dali")
-            if isinstance(checkpoints, str):  # a checkpoint written by the single-pipeline loader
-                checkpoints = [checkpoints]
-            if checkpoints is not None and len(checkpoints) != self.readers:
-                raise ConfigError(f"the checkpoint's loader ran {len(checkpoints)} reader pipeline(s), this run has "
-                                  f"data.readers={self.readers}: resume with the same data.readers")
-        self._start(epoch, checkpoints)
-        if checkpoints is None and self._pos:  # no DALI checkpoint: skip decoded batches (augmentation RNG differs)
-            for i in range(self._pos):
-                next(self._iters[i % self.readers])
-        while self._pos < self._epoch_steps:
-            batch = next(self._iters[self._pos % self.readers])[0]
-            labels = batch["labels"].view(-1).long()
-            if self._swap is not None:
-                mirrored = batch["mirror"].view(-1).to(labels.device).bool()
-                labels = torch.where(mirrored, self._swap.to(labels.device)[labels], labels)
+            self.unreadable.update(state.get("unreadable") or {})
+        while self._pos < self.steps_per_epoch:
+            clips, batch = self._take((epoch, self._pos))
             self._pos += 1
-            yield batch["clips"], labels
-        self._iters = []
+            yield clips, torch.tensor(batch.labels, dtype=torch.long, device=clips.device)
+
+    def _take(self, key: tuple[int, int]) -> tuple[torch.Tensor, _Batch]:
+        for _ in range(self.spec.batch_size + 2):  # each retry marks at least one video, or raises
+            if self._pipes.next_key != key:
+                self._files.forget()
+                self._pipes.open(key)
+            try:
+                clips, batch = self._pipes.take()
+            except (DatasetError, ConfigError):
+                raise
+            except Exception:  # noqa: BLE001 - DALI refused a batch: find its culprit, or re-raise
+                if not self._find_undecodable(key[0], self._pipes.failed[:1]):
+                    raise
+                continue
+            assert batch.key == key, (batch.key, key)
+            self._pipes.next_key = self._advance(key, 1)
+            return clips, batch
+        raise RuntimeError(f"batch {key}: DALI failed {self.spec.batch_size + 2} times in a row")
+
+    def _find_undecodable(self, epoch: int, batches: list[_Batch]) -> bool:
+        found = False
+        for batch in batches:
+            for index, data, start in batch.items:
+                why = self._decodes.fails(data, start)
+                if why:
+                    self._mark(epoch, self.samples[index].path, f"cannot be decoded: {why}")
+                    found = True
+        return found
+
+    def close(self) -> None:
+        """Stop the pipelines and the read-ahead (also when the loader is garbage-collected)."""
+        self._pipes.close()
+        self._files.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 class EvalLoader:
     """Multi-view eval batches for this rank's shard: (clips (B, crops, 3, T, H, W), view rows (B,)).
 
-    Rows are indices into the eval list (``video = row // eval_clips``); with ``pad_last_batch`` and the PARTIAL
-    policy every row of the shard comes exactly once, and shards partition the rows, so gathering (row, score)
-    pairs over ranks scores every video once. ``spec.eval_clips``/``eval_crops`` set the views (KNN and Grad-CAM
-    pass a spec with 1 and 1).
+    Rows are indices into the (video, view) list (``video = row // eval_clips``); the rank reads the contiguous
+    share :func:`shard_rows` of them, so gathering (row, score) pairs over ranks scores every video once, and each
+    rank reads only its share's files. ``spec.eval_clips``/``eval_crops`` set the views (KNN and Grad-CAM pass a
+    spec with 1 and 1). A video that cannot be read or decoded loses its views: it is listed in ``dropped``
+    (``dropped_why``: path → reason), the other rows go on. A pass builds its pipeline once.
     """
 
-    def __init__(self, samples: Sequence[Sample], spec: DataSpec, *, work_dir: Path, rank: int = 0, world: int = 1,
-                 device_id: int | None = None):
-        self.samples, self.spec, self.work_dir = list(samples), spec, Path(work_dir)
+    def __init__(self, samples: Sequence[Sample], spec: DataSpec, *, rank: int = 0, world: int = 1,
+                 device_id: int | None = None, gop: int = 0):
+        self.samples, self.spec = samples, spec
         self.device, self.device_id = placement(spec, device_id)
-        self.rank, self.world = rank, world
-        self.dropped: list[str] = []  # videos DALI could not open in the last pass (their views never come)
+        self.rank, self.world, self.gop = rank, world, gop
+        self.dropped: list[str] = []  # videos that could not be read or decoded in the last pass
+        self.dropped_why: dict[str, str] = {}
 
     @property
     def num_rows(self) -> int:
         return len(self.samples) * self.spec.eval_clips
 
-    def __iter__(self):
-        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.samples:
             return
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        lst = self.work_dir / f"eval_rank{self.rank}.txt"
-        unreadable: set[str] = set()
+        self.dropped, self.dropped_why = [], {}
+        it = _EvalPass(self)
+        try:
+            yield from it
+        finally:
+            it.close()
 
-        def build():
-            write_eval_list(lst, self.samples, self.spec, skip=unreadable)
-            return build_eval_pipeline(lst, self.spec, device=self.device, device_id=self.device_id,
-                                       shard_id=self.rank, num_shards=self.world)
-
-        pipe, self.dropped = build_skipping_unreadable(build, unreadable)
-        it = DALIGenericIterator([pipe], ["clips", "rows"], reader_name="Reader",
-                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-        for batch in it:
-            yield batch[0]["clips"], batch[0]["rows"].view(-1).long()
+    def _drop(self, path: str, why: str) -> None:
+        if path not in self.dropped_why:
+            self.dropped_why[path] = why
+            self.dropped.append(path)
 
 
-def shard_rows(n: int, rank: int, world: int) -> range:
-    """The rows DALI assigns to ``rank`` (contiguous split): for tests and cross-checks."""
-    return range(math.floor(n * rank / world), math.floor(n * (rank + 1) / world))
+class _EvalPass:
+    """One pass over an :class:`EvalLoader`'s rows: a cursor that the DALI source advances batch by batch (rows
+    of dropped videos are passed over), reset to a batch's first row when DALI refused that batch."""
+
+    def __init__(self, loader: EvalLoader):
+        self.loader, self.spec = loader, loader.spec
+        rows = shard_rows(loader.num_rows, loader.rank, loader.world)
+        self.rows = range(rows.start, rows.stop)
+        self.cursor = 0
+        self.last: tuple[int, np.ndarray] | None = None  # (video, bytes): its next views reuse them
+        self.files = _Files(max(2, self.spec.threads), self.spec.span, loader.gop)
+        self.decodes = _Decodes(self.spec, loader.device, loader.device_id)
+        build = lambda source: _pipeline(  # noqa: E731
+            lambda enc, st: eval_crops(decode(enc, st, self.spec, loader.device), self.spec), source, 2,
+            self.spec.eval_rows_per_batch, self.spec, loader.device_id)
+        self.pipes = _Pipelines(1, build, lambda key, k, n: iter(lambda: key, object()), self._plan,
+                                loader.device_id)
+
+    def _bad(self, video: int) -> bool:
+        return self.loader.samples[video].path in self.loader.dropped_why
+
+    def _plan(self, _key) -> tuple[list, _Batch]:
+        K, B = self.spec.eval_clips, self.spec.eval_rows_per_batch
+        samples = self.loader.samples
+        first = self.cursor
+        encs, starts, items, kept = [], [], [], []
+        while len(kept) < B and self.cursor < len(self.rows):
+            row = self.rows[self.cursor]
+            self.cursor += 1
+            video = row // K
+            if self._bad(video):
+                continue
+            s = samples[video]
+            try:
+                if self.last is None or self.last[0] != video:
+                    self.last = (video, self.files.get(video, s.path, None)[0])
+                data, start = self.files.clip(s.path, eval_views(s.num_frames, self.spec)[row % K][0], self.last[1])
+            except OSError as e:
+                self.loader._drop(s.path, e.strerror or str(e))
+                continue
+            encs.append(data)
+            starts.append(np.array(start, np.int32))
+            items.append((video, data, start))
+            kept.append(row)
+        if not kept:
+            raise StopIteration
+        ahead = self.rows[self.cursor:self.cursor + (self.spec.prefetch + 2) * B]
+        for video in dict.fromkeys(r // K for r in ahead):
+            if not self._bad(video):
+                self.files.want(video, samples[video].path, None)
+        return [encs, starts], _Batch(first, kept, items)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.pipes.open(0)
+        while True:
+            try:
+                clips, batch = self.pipes.take()
+            except StopIteration:
+                return
+            except (DatasetError, ConfigError):
+                raise
+            except Exception:  # noqa: BLE001 - DALI refused a batch: drop its culprit(s) and go on from there
+                pending = self.pipes.failed
+                found = False
+                for video, data, start in pending[0].items if pending else []:
+                    why = self.decodes.fails(data, start)
+                    if why:
+                        self.loader._drop(self.loader.samples[video].path, f"cannot be decoded: {why}")
+                        found = True
+                if not found:
+                    raise
+                self.cursor, self.last = pending[0].key, None
+                self.files.forget()
+                self.pipes.open(pending[0].key)
+                continue
+            yield clips, torch.tensor(batch.labels, dtype=torch.long, device=clips.device)
+
+    def close(self) -> None:
+        self.pipes.close()
+        self.files.close()

@@ -1,9 +1,12 @@
 """``hcml prepare``: probe every video of a public dataset, optionally re-encode to a DALI-friendly form, and write
 a prepared dataset directory plus a report of every unusable file (never silently dropped).
 
-Why re-encode: NVDEC decodes H.264/HEVC (and the CPU reader VP9/VP8/MJPEG), not the MPEG-4 Part 2 in UCF-101's
-AVIs; and a random clip is decoded from the preceding keyframe, so x264's default GOP of 250 would cost ~125
-wasted frames per clip. The GOP is set to T·stride (the clip span) so a clip never waits for more than one span.
+Why re-encode: DALI's CPU decoder takes VP9/VP8/MJPEG only (not H.264), NVDEC H.264/HEVC/VP9/AV1; and a random clip
+is decoded from the keyframe before its start, so x264's default GOP of 250 (plus scene-cut keyframes) costs ~125
+frames decoded in vain per clip: ~156 decoded for 31 used at T = 16, stride 2. ``--gop`` (default 16) writes a
+fixed keyframe interval with no scene cuts (~39 decoded for 31; with ``data.keyframe_starts`` none in vain), and one
+shorter side for every video, so that videos of one aspect share one coded size (NVDEC reuses a decoder only for
+an identical size; a new one costs 100-300 ms). Both are recorded in dataset.yaml (``gop``, ``coded_sizes``).
 """
 
 from __future__ import annotations
@@ -121,9 +124,9 @@ def probe_video(path: str | Path, min_frames: int = 1, timestamps: str = "unique
         return p
 
 
-def gop_for(frames: int, stride: int) -> int:
-    """Keyframe interval = clip span, so a random clip decodes at most one span of frames it does not use."""
-    return max(1, clip_span(frames, stride))
+GOP = 16  # default --gop: frames decoded per clip ~ span + GOP / 2 at random starts
+REENCODE = ("h264", "hevc", "vp9")
+QUALITY = {"h264": {"preset": "fast", "crf": "20"}, "hevc": {"preset": "fast", "crf": "24"}, "vp9": {"crf": "30"}}
 
 
 def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop: int, upscale: bool = False,
@@ -136,7 +139,7 @@ def reencode(src: Path, dst: Path, codec: str, short_side: int, fps: float, gop:
 
     from hcml.pipeline.video import Cancelled, encode_video, read_frames, scaled_size
 
-    quality = {"h264": {"preset": "fast", "crf": "20"}, "vp9": {"crf": "30"}}[codec]
+    quality = QUALITY[codec]
     try:
         frames, src_fps = read_frames(src)
         frames = iter(frames)
@@ -159,20 +162,21 @@ class PrepareSettings:
 
     dataset: str
     root: str
-    reencode: str = "none"  # h264 | vp9 | none
+    reencode: str = "none"  # h264 | hevc | vp9 | none
     short_side: int = 320  # with reencode
     upscale: bool = False
     frames: int = 16
     stride: int = 2
     split: int = 1
+    gop: int = GOP  # with reencode: keyframe every gop frames, no others
 
     @property
     def span(self) -> int:
-        return gop_for(self.frames, self.stride)
+        return clip_span(self.frames, self.stride)
 
     @property
     def ext(self) -> str | None:
-        return {"h264": ".mp4", "vp9": ".webm"}.get(self.reencode)
+        return {"h264": ".mp4", "hevc": ".mp4", "vp9": ".webm"}.get(self.reencode)
 
 
 OWN_OUTPUTS = ("train.txt", "val.txt", "classes.txt", "dataset.yaml", "report.json", "report.txt", "videos",
@@ -199,7 +203,7 @@ def prepare_one(path: Path, s: PrepareSettings, out: Path, fix: str | None,
         final = (out / "videos" / rel).with_suffix(s.ext)
         if not (final.is_file() and final.stat().st_size > 0):  # resumable: finished files are kept
             try:
-                reencode(path, final, s.reencode, s.short_side, pr.fps, s.span, s.upscale, cancel)
+                reencode(path, final, s.reencode, s.short_side, pr.fps, s.gop, s.upscale, cancel)
             except RuntimeError as e:
                 return replace(pr, ok=False, reason="undecodable", detail=f"re-encode failed: {e}"), None
         fp = probe_video(final, timestamps="increasing")
@@ -223,7 +227,7 @@ def _set_on_error(event: threading.Event):
 
 def prepare(dataset: str, root: str | Path, out: str | Path, *, opts: SourceOptions | None = None, workers: int = 4,
             reencode_to: str = "none", short_side: int | None = None, upscale: bool = False, frames: int = 16,
-            stride: int = 2, max_excluded: float = MAX_EXCLUDED, overwrite: bool = False,
+            stride: int = 2, gop: int = GOP, max_excluded: float = MAX_EXCLUDED, overwrite: bool = False,
             progress: bool = True) -> dict:
     """Write a prepared dataset directory under ``out`` and ``out/report.json`` + ``out/report.txt``. Raises
     DatasetError (after writing the report) when nothing is usable or more than ``max_excluded`` of the listed
@@ -231,14 +235,18 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, opts: SourceOpti
     from tqdm import tqdm
 
     if short_side is not None and reencode_to == "none":
-        raise DatasetError(f"--short-side {short_side} needs --reencode h264|vp9 (with --reencode none the files "
-                           f"are kept as they are)")
+        raise DatasetError(f"--short-side {short_side} needs --reencode {'|'.join(REENCODE)} (with --reencode none "
+                           f"the files are kept as they are)")
+    if reencode_to not in (*REENCODE, "none"):
+        raise DatasetError(f"--reencode {reencode_to!r}: expected one of {', '.join(REENCODE)}, none")
+    if gop < 1:
+        raise DatasetError(f"--gop {gop}: the keyframe interval must be >= 1 frame")
     opts = opts or SourceOptions()
     src = load_source(dataset, root, opts)
     out = Path(os.path.abspath(Path(out).expanduser()))
     root = Path(os.path.abspath(Path(root).expanduser()))
     settings = PrepareSettings(dataset, str(root), reencode_to, short_side or 320, upscale, frames, stride,
-                               opts.split)
+                               opts.split, gop if reencode_to != "none" else 0)
     if src.listed and not (src.train or src.val):
         raise DatasetError(f"prepare {dataset}: none of the {src.listed} listed videos exists under {root} (first: "
                            f"{src.missing[0][1]}); see docs/DATASETS.md for the layout")
@@ -247,7 +255,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, opts: SourceOpti
         jobs = [(split_name, Path(p), lab) for split_name, rows in (("train", src.train), ("val", src.val))
                 for p, lab in rows]
         rows: dict[str, list] = {"train": [], "val": []}
-        excluded, warnings, codecs, replaced = [], [], set(), 0
+        excluded, warnings, codecs, replaced, sizes = [], [], set(), 0, {}
         cancel = threading.Event()  # set when the loop is left by an exception (Ctrl-C, a stop signal)
         with ThreadPoolExecutor(max(1, workers)) as ex, _set_on_error(cancel):
             results = ex.map(lambda job: prepare_one(job[1], settings, out, src.replacements.get(str(job[1])),
@@ -259,6 +267,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, opts: SourceOpti
                     continue
                 replaced += pr.detail.startswith("replaces ") or str(path) in src.fixes_used
                 codecs.add(pr.codec)
+                sizes[f"{pr.width}x{pr.height}"] = sizes.get(f"{pr.width}x{pr.height}", 0) + 1
                 if pr.vfr and reencode_to == "none":
                     warnings.append({"path": pr.path, "warning": "variable frame rate (frame-indexed clips are still "
                                      "exact; timestamps are not); --reencode makes it constant"})
@@ -281,8 +290,14 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, opts: SourceOpti
         reencoded = reencode_to != "none"
         meta = {"name": dataset, "codec": reencode_to if reencoded else "as-is", "codecs": sorted(codecs),
                 "frames": frames, "stride": stride, "short_side": settings.short_side if reencoded else None,
-                "flip_pairs": src.flip_pairs, "source_root": str(root)}
+                "flip_pairs": src.flip_pairs, "source_root": str(root),
+                "gop": settings.gop if reencoded else None,  # keyframes exactly every gop frames (None: as-is)
+                "coded_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1]))}  # WxH → videos
         write_prepared(out, src.classes, rows["train"], rows["val"], meta)
+        if reencoded and len(sizes) > 1:
+            top = ", ".join(f"{k} ({v})" for k, v in list(meta["coded_sizes"].items())[:3])
+            report["summary"] += (f"\n{len(sizes)} coded sizes (source aspect ratios differ; NVDEC makes a decoder per "
+                                  f"size): {top}{' ...' if len(sizes) > 3 else ''}")
         gpu_only = sorted(codecs - DALI_CPU_CODECS)
         if gpu_only:
             report["summary"] += (f"\nnote: {'/'.join(gpu_only)} decodes only with DALI's GPU reader "

@@ -8,13 +8,15 @@ Layout::
     DIR/dataset.yaml  codec, frames, size, fps, num_classes, name
 
 The optional third column (frame count, from probing) lets the loader pick random temporal offsets without
-opening the file; DALI's own file_list is generated from it per epoch (see ``pipeline/loader.py``).
+opening the file (see ``pipeline/loader.py``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -22,8 +24,9 @@ from hcml.errors import DatasetError
 from hcml.files import FolderInUse, FolderLock, atomic_write_text, remove_own, remove_stale_temps
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(NamedTuple):
+    """One listed video. A tuple, not a dataclass: a Kinetics list holds 240k of them per rank, built in < 1 s."""
+
     path: str  # absolute
     label: int
     num_frames: int  # 0 if unknown
@@ -58,6 +61,11 @@ class PreparedDataset:
             return set(self.meta["codecs"])
         codec = self.meta.get("codec")
         return {codec} if codec and codec != "as-is" else set()
+
+    @property
+    def gop(self) -> int:
+        """The fixed keyframe interval ``prepare`` encoded with (0: not fixed, or not recorded)."""
+        return int(self.meta.get("gop") or 0)
 
     @property
     def flip_pairs(self) -> list[list[int]]:
@@ -112,17 +120,22 @@ def write_prepared(root: str | Path, classes: list[str], train, val, meta: dict,
 
 
 def _read_split(root: Path, name: str, num_classes: int) -> list[Sample]:
+    """The rows of one split. Paths are joined to the root resolved once (no call to the file system per line:
+    a 240k-line list loads in well under a second) and normalised, not resolved: a symlink inside the dataset
+    stays as listed."""
     path = root / name
     if not path.is_file():
         raise DatasetError(f"{path}: missing (a prepared dataset needs train.txt, val.txt, classes.txt)")
+    base = str(root.resolve())
+    join, norm = os.path.join, os.path.normpath
     out = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
         parts = line.rsplit(maxsplit=2)
         try:
             if len(parts) == 3 and parts[2].lstrip("-").isdigit() and parts[1].lstrip("-").isdigit():
                 rel, lab, nf = parts[0], int(parts[1]), int(parts[2])
+            elif not parts:
+                continue
             else:
                 rel, lab = line.rsplit(maxsplit=1)
                 lab, nf = int(lab), 0
@@ -130,7 +143,7 @@ def _read_split(root: Path, name: str, num_classes: int) -> list[Sample]:
             raise DatasetError(f"{path}:{i}: expected 'path label [num_frames]', got {line!r}") from None
         if not 0 <= lab < num_classes:
             raise DatasetError(f"{path}:{i}: label {lab} outside [0, {num_classes}) of classes.txt")
-        out.append(Sample(str((root / rel).resolve()), lab, nf))
+        out.append(Sample(norm(join(base, rel)), lab, nf))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Video encoding with PyAV (libx264, libvpx-vp9 and mpeg4 ship inside its wheel): the synthetic set, the
+"""Video encoding with PyAV (libx264, libx265, libvpx-vp9 and mpeg4 ship inside its wheel): the synthetic set, the
 re-encoding of ``hcml prepare`` and the test fixtures. No ffmpeg executable is needed, so a GPU machine without a
 package index can make its own H.264 data from one 35 MB wheel.
 
@@ -18,8 +18,10 @@ import numpy as np
 
 from hcml.files import temp_prefix, write_failure
 
-CODECS = {  # name → (PyAV encoder, container, encoder options)
-    "h264": ("libx264", "mp4", {"preset": "veryfast", "crf": "18", "bf": "0", "threads": "1"}),
+CODECS = {  # name → (PyAV encoder, container, encoder options); keyframes every `gop` frames exactly (no scene cuts)
+    "h264": ("libx264", "mp4", {"preset": "veryfast", "crf": "18", "bf": "0", "threads": "1", "x264-params": "scenecut=0"}),
+    "hevc": ("libx265", "mp4", {"preset": "fast", "crf": "22",
+                                "x265-params": "scenecut=0:bframes=0:open-gop=0:pools=1:log-level=error"}),
     "vp9": ("libvpx-vp9", "webm", {"crf": "18", "b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "0",
                                    "threads": "1"}),
     "mpeg4": ("mpeg4", "avi", {"threads": "1"}),  # UCF-101's format (test fixtures)
@@ -35,7 +37,8 @@ def encode_video(frames: Iterable, path: str | Path, codec: str = "vp9", fps: fl
                  cancel: threading.Event | None = None) -> int:
     """Encode frames (uint8 (H, W, 3) RGB arrays or ``av.VideoFrame``) to ``path``; returns the frame count.
 
-    ``gop``: keyframe interval (also the minimum, so every GOP has this length; no B-frames for H.264), ``size``:
+    ``gop``: keyframe interval (also the minimum, and no scene-cut keyframes, so keyframes fall on every gop-th
+    frame exactly; no B-frames for H.264/HEVC), ``size``:
     (width, height) to scale to (default: the first frame's). ``options`` override the encoder's defaults.
     ``cancel``: checked before every frame (a stopped ``prepare`` must not wait for an hour-long source).
     """
@@ -65,6 +68,9 @@ def encode_video(frames: Iterable, path: str | Path, codec: str = "vp9", fps: fl
                     stream.codec_context.gop_size = gop
                     stream.options = {**opts, "g": str(gop), "keyint_min": str(gop), **(options or {})}
                 frame = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
+                # A decoded source frame keeps its picture type, and an encoder makes every frame marked I a
+                # keyframe: the source's scene cuts would come back, off the fixed GOP.
+                frame.pict_type = 0  # AV_PICTURE_TYPE_NONE: the encoder decides, by `gop` alone
                 # Output frame n is input frame n, at a constant rate. The time base must be set with the pts: a
                 # decoded frame keeps its source's (1/1000 for WebM, 1/12800 for MP4), and PyAV rescales pts from
                 # it to the encoder's, which turned n into 0 for every frame.

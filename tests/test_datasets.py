@@ -194,7 +194,7 @@ def test_h264_kept_as_is_fails_cpu_training_preflight_naming_the_fix(tmp_path):
     assert "decodes only with DALI's GPU reader" in report["summary"]
     assert load_prepared(tmp_path / "out").codecs == {"h264"}
     cfg = load_config(None, [f"data.root={tmp_path / 'out'}", "data.device=cpu", "data.batch_size=1"])
-    with pytest.raises(DatasetError, match=r"h264 videos cannot be decoded by DALI's CPU reader.*--reencode vp9"):
+    with pytest.raises(DatasetError, match=r"h264 videos cannot be decoded by DALI's CPU decoder.*--reencode vp9"):
         check_runnable(cfg)
 
 

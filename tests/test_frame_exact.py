@@ -1,6 +1,7 @@
 """Frame exactness from the files users download to the frames the model sees: every source kind goes through
-`prepare` (re-encoded) and through the reader graph the training loader runs; each returned frame must be the
-frame number that was asked for. The frames carry their own number (tests/videos.py)."""
+`prepare` (re-encoded) and through the decode graph the training loader runs (encoded bytes → `decoders.video`
+at the clip starts the loader draws); each returned frame must be the frame number that was asked for. The
+frames carry their own number (tests/videos.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hcml.pipeline.loader import DataSpec, clip_start, video_reader, write_train_list
+from hcml.pipeline.loader import DataSpec, _pipeline, clip_bytes, decode, draw_clip, read_encoded
 from hcml.pipeline.prepare import prepare, probe_video
-from hcml.pipeline.prepared import Sample, load_prepared
+from hcml.pipeline.prepared import load_prepared
 from hcml.pipeline.sources import SourceOptions
 from tests.conftest import requires_cuda
 from tests.videos import KINDS, decoded_indices, frame_index, packet_pts, write
@@ -34,27 +35,25 @@ def lists_dataset(root: Path, paths: list[Path]) -> SourceOptions:
     return SourceOptions(train_list=str(root / "train_list.txt"), val_list=str(root / "val_list.txt"))
 
 
-def read_clips(file_list_rows: list[tuple[str, int, int, int]], tmp: Path, spec: DataSpec, device: str = "cpu"):
-    """(label, frame numbers) of every clip the loader's reader returns for ``(path, label, start, end)`` rows."""
-    from nvidia.dali import pipeline_def
+def read_clips(rows: list[tuple[str, int, int]], spec: DataSpec, device: str = "cpu", gop: int = 0):
+    """(label, frame numbers) of every clip the loader's decode graph returns for ``(path, label, start)`` rows;
+    ``gop``: as the loader does for a dataset with a recorded GOP, only the packets from the keyframe before."""
+    queue = list(rows)
 
-    lst = tmp / "list.txt"
-    lst.write_text("".join(f"{p} {lab} {s} {e}\n" for p, lab, s, e in file_list_rows))
+    def source():
+        path, _, start = queue[0] if queue else rows[-1]
+        queue[:1] = []
+        data = read_encoded(path)
+        data, start = clip_bytes(data, path, start, spec.span, gop) if gop else (data, start)
+        return [data], [np.array(start, np.int32)]
 
-    @pipeline_def
-    def pipe():
-        video, label = video_reader(lst, spec, device, 0, 1)
-        return video, label
-
-    p = pipe(batch_size=1, num_threads=1, device_id=0 if device == "gpu" else None, seed=0)
-    p.build()
+    p = _pipeline(lambda enc, st: decode(enc, st, spec, device), source, 2, 1, spec, 0 if device == "gpu" else None)
     out = []
-    for _ in range(len(file_list_rows)):
-        video, label = p.run()
+    for path, label, _ in rows:
+        video, = p.run()
         if device == "gpu":
             video = video.as_cpu()
-        clip = np.array(video.at(0))
-        out.append((int(np.array(label.at(0)).ravel()[0]), [frame_index(f) for f in clip]))
+        out.append((label, [frame_index(f) for f in np.array(video.at(0))]))
     return out
 
 
@@ -72,26 +71,24 @@ def test_prepare_keeps_every_frame_of_every_source_kind(sources, tmp_path, codec
         assert all(b > a for a, b in zip(pts, pts[1:])), (kind, pts[:10])  # strictly increasing, file order
         assert decoded_indices(Path(s.path)) == list(range(FRAMES)), kind  # output frame n = source frame n
         assert s.num_frames == FRAMES, kind
-    # the loader's reader, on the ranges the loader writes: frame start + stride·k, exactly
+    # the loader's decode graph, at the clip starts the loader draws: frame start + stride·k, exactly
     device = "gpu" if codec == "h264" else "cpu"
     spec = DataSpec(frames=8, stride=2, device=device)
-    samples = [Sample(s.path, s.label, s.num_frames) for s in ds.train]
-    write_train_list(tmp_path / "epoch.txt", samples, spec, seed=3, epoch=1)
-    rows = [tuple(line.split()) for line in (tmp_path / "epoch.txt").read_text().splitlines()]
-    got = read_clips([(p, int(lab), int(s), int(e)) for p, lab, s, e in rows], tmp_path, spec, device)
-    for label, frames in got:
-        start = clip_start(3, 1, label, FRAMES, spec.span)
-        assert frames == [start + 2 * k for k in range(8)], (order[label], start, frames)
+    rows = [(s.path, s.label, draw_clip(3, 1, s.label, s.num_frames, spec).start) for s in ds.train]
+    assert ds.gop == 16  # prepare's default, recorded: the loader cuts each clip at the keyframe before it
+    for gop in (0, ds.gop):
+        for (_, _, start), (label, frames) in zip(rows, read_clips(rows, spec, device, gop)):
+            assert frames == [start + 2 * k for k in range(8)], (order[label], start, gop, frames)
 
 
 @pytest.mark.parametrize("kind", ["webm", "vfr-webm"])
 def test_sources_kept_as_they_are_read_frame_exact(sources, tmp_path, kind):
-    """--reencode none: DALI's CPU reader on the VP9 source itself, constant and variable frame rate."""
+    """--reencode none: DALI's CPU decoder on the VP9 source itself, constant and variable frame rate."""
     path = sources[1][kind]
     assert probe_video(path).ok
     spec = DataSpec(frames=6, stride=3)
-    rows = [(str(path), i, start, start + spec.span) for i, start in enumerate((0, 7, FRAMES - spec.span))]
-    for (_, _, start, _), (_, frames) in zip(rows, read_clips(rows, tmp_path, spec)):
+    rows = [(str(path), i, start) for i, start in enumerate((0, 7, FRAMES - spec.span))]
+    for (_, _, start), (_, frames) in zip(rows, read_clips(rows, spec)):
         assert frames == [start + 3 * k for k in range(6)]
 
 
@@ -99,10 +96,8 @@ def test_short_video_is_edge_padded_not_shifted(sources, tmp_path):
     """A video shorter than the span: the clip starts at frame 0 and repeats the last frame."""
     path = sources[1]["webm"]
     spec = DataSpec(frames=8, stride=8)  # span 57 > 40 frames
-    write_train_list(tmp_path / "e.txt", [Sample(str(path), 0, FRAMES)], spec, seed=0, epoch=0)
-    _, lab, s, e = (tmp_path / "e.txt").read_text().split()
-    assert (int(s), int(e)) == (0, FRAMES)
-    (_, frames), = read_clips([(str(path), 0, 0, FRAMES)], tmp_path, spec)
+    assert all(draw_clip(0, 0, i, FRAMES, spec).start == 0 for i in range(20))
+    (_, frames), = read_clips([(str(path), 0, 0)], spec)
     assert frames == [0, 8, 16, 24, 32, 39, 39, 39]
 
 

@@ -12,7 +12,7 @@ from matplotlib.image import imsave
 from hcml.errors import DatasetError
 from hcml.pipeline.prepared import load_prepared
 from hcml.pipeline.sources import SourceOptions, left_right_pairs, load_source
-from hcml.pipeline.prepare import gop_for, probe_video
+from hcml.pipeline.prepare import probe_video
 from hcml.pipeline.synth import encode, render_clip
 
 
@@ -23,7 +23,7 @@ def clip(path: Path, label: int = 0, frames: int = 20, codec: str = "vp9") -> Pa
 
 
 def avi_mpeg4(path: Path, frames: int = 20) -> Path:
-    """UCF-101's real format: MPEG-4 Part 2 in AVI (decodable neither by DALI's CPU reader nor by NVDEC)."""
+    """UCF-101's real format: MPEG-4 Part 2 in AVI (not decoded by DALI's CPU decoder; not taken on NVDEC here either)."""
     from hcml.pipeline.video import encode_video
 
     encode_video(render_clip(0, np.random.default_rng(0), frames, 48), path, "mpeg4", 25, 12)
@@ -142,9 +142,9 @@ def test_prepare_ucf101_reencodes_reports_bad_files_and_trains(tmp_path):
     ds = load_prepared(out)
     assert all(s.path.endswith(".webm") and "g09" not in s.path and "g10" not in s.path for s in ds.train + ds.val)
     assert "zero-length: 1" in (out / "report.txt").read_text()
-    # the re-encoded files are what DALI's CPU reader can decode (MPEG-4 AVI is not)
+    # the re-encoded files are what DALI's CPU decoder takes (MPEG-4 AVI is not)
     spec = DataSpec(frames=4, stride=2, crop=32, short_side=[40, 40], batch_size=2, threads=1, device="cpu")
-    tl = TrainLoader(ds.train, spec, work_dir=tmp_path / "w")
+    tl = TrainLoader(ds.train, spec)
     x, y = next(iter(tl.epoch(0)))
     assert x.shape == (2, 3, 4, 32, 32)
     # resumable: a second run re-encodes nothing and gives the same lists
@@ -179,9 +179,51 @@ def test_prepare_without_reencode_rejects_mpeg4_and_fails_naming_the_fix(tmp_pat
     assert not (tmp_path / "out/train.txt").exists()
 
 
-def test_gop_from_clip_span():
-    assert gop_for(16, 2) == 31
-    assert gop_for(32, 1) == 32
+def keyframes(path: Path) -> tuple[list[int], list[int]]:
+    """(frames whose packet is a keyframe: where a decoder can start, intra-coded frames: scene cuts included)."""
+    import av
+
+    with av.open(str(path)) as c:
+        packets = [p.is_keyframe for p in c.demux(video=0) if p.size]
+    with av.open(str(path)) as c:
+        intra = [i for i, f in enumerate(c.decode(video=0)) if f.key_frame or int(f.pict_type) == 1]  # AV_PICTURE_TYPE_I
+    return [i for i, k in enumerate(packets) if k], intra
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc", "vp9"])
+def test_prepare_writes_a_fixed_gop_without_scene_cuts_and_records_it(tmp_path, codec):
+    """--gop 8: keyframes at frames 0, 8, 16, ... exactly, even across a hard scene cut at frame 13 (an encoder
+    left alone puts a keyframe there); dataset.yaml records the GOP and the coded sizes; two sources of one aspect
+    but different sizes come out at one coded size."""
+    import yaml
+
+    from hcml.pipeline.prepare import prepare
+    from hcml.pipeline.video import encode_video
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "src"
+    lines = []
+    for i, (w, h) in enumerate([(96, 64), (144, 96)]):
+        a, b = ((rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(2))
+        frames = [a] * 13 + [b] * 27  # a hard cut at frame 13
+        encode_video(frames, root / f"v{i}.mp4", "h264", 25, gop=250,
+                     options={"x264-params": "scenecut=40", "keyint_min": "1"})  # as x264 is by default
+        lines.append(f"v{i}.mp4 {i}")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    (root / "val.txt").write_text(lines[0] + "\n")
+    assert 13 in keyframes(root / "v0.mp4")[1]  # the source has its scene-cut intra frame
+    opts = SourceOptions(train_list=str(root / "train.txt"), val_list=str(root / "val.txt"))
+    prepare("lists", root, tmp_path / "out", opts=opts, reencode_to=codec, short_side=48, gop=8, frames=4,
+            workers=2, progress=False)
+    ds = load_prepared(tmp_path / "out")
+    for s in ds.train:
+        assert keyframes(Path(s.path)) == ([0, 8, 16, 24, 32],) * 2, s.path
+        assert s.num_frames == 40
+    meta = yaml.safe_load((tmp_path / "out/dataset.yaml").read_text())
+    assert meta["gop"] == 8 and ds.gop == 8
+    assert meta["coded_sizes"] == {"72x48": 3}  # 2 train + 1 val video, one size
+    with pytest.raises(DatasetError, match="--gop 0"):
+        prepare("lists", root, tmp_path / "out2", opts=opts, reencode_to=codec, gop=0, progress=False)
 
 
 def test_left_right_pairs():

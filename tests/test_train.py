@@ -330,8 +330,9 @@ def test_a_signal_that_lands_during_the_agreement_is_kept(monkeypatch):
 
 @pytest.mark.slow
 def test_a_video_that_broke_after_prepare_costs_its_clip_not_the_run(tiny_dataset, tmp_path):
-    """One training video overwritten with garbage after prepare: the 2-process run finishes both epochs, names the
-    file once, and counts the skip in metrics.jsonl and summary.json (and the Prometheus counter, test_metrics)."""
+    """One training video overwritten with garbage after prepare: the 2-process run runs every step of both epochs
+    (the video is replaced in its batch, the batch stays full), names the file once, and counts the replacements
+    over both ranks in metrics.jsonl and summary.json (and the Prometheus counter, test_metrics)."""
     import shutil
 
     data = tmp_path / "data"
@@ -342,15 +343,17 @@ def test_a_video_that_broke_after_prepare_costs_its_clip_not_the_run(tiny_datase
     res = subprocess.run(train_cmd(data, run, "train.max_steps=8"), capture_output=True, text=True, env=run_env(),
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("cannot be read and are skipped") == 1
-    assert broken.name in res.stdout
+    named = [ln for ln in res.stdout.splitlines() if "replaced by the next video of its shard" in ln]
+    assert 1 <= len(named) <= 2 and len({ln.split()[2] for ln in named}) == len(named)  # once per rank that met it
+    assert all(ln.count(broken.name) == 1 and "cannot be decoded" in ln for ln in named)
     summary = json.loads((run / "summary.json").read_text())
-    # 23 readable / 2 ranks / batch 2 → 5 steps in epoch 0 (6 with all 24), then 3 of epoch 1 up to step 8
+    # 24 videos / 2 ranks / batch 2 → 6 full steps in epoch 0 whatever breaks, then 2 of epoch 1 up to step 8
     assert summary["step"] == 8
     assert summary["epoch"] == 1
-    assert summary["samples_skipped"] == 2
-    assert [r["samples_skipped"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "train"] == [1] * 5 + [2] * 3
+    assert summary["samples_skipped"] in (1, 2)  # once in epoch 0; in epoch 1 if its slot came up (or was planned)
+    logged = [r["samples_skipped"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"]
+    assert len(logged) == 8 and logged == sorted(logged) and logged[5] >= 1 and logged[-1] <= summary["samples_skipped"]
 
 
 @pytest.mark.slow

@@ -70,6 +70,14 @@ class PyAVClips(torch.utils.data.Dataset):
 def time_batches(batches, n: int, warmup: int, frames: int) -> dict:
     """Clips/s over ``n`` batches after ``warmup`` untimed ones (pipeline start, prefetch queue drained)."""
     it = iter(batches)
+    try:
+        return _time(it, n, warmup, frames)
+    finally:
+        if hasattr(it, "close"):
+            it.close()  # a loader's pipelines and threads end here, before the next loader starts
+
+
+def _time(it, n: int, warmup: int, frames: int) -> dict:
     for _ in range(warmup):
         next(it)
     got, per_batch = 0, []
@@ -120,16 +128,19 @@ def bench_pipeline(data: str, config: str | None = None, device: str = "auto", b
     res = {"data": str(data), "videos": len(ds.train), "device": spec.device, "threads": spec.threads,
            "batch": spec.batch_size, "frames": spec.frames, "crop": spec.crop, "cpu_cores": os.cpu_count(),
            "warmup_batches": warmup, "loaders": {}}
+    # PyAV first: its DataLoader forks worker processes, which must not inherit DALI's running threads
+    res["loaders"]["pyav"] = time_batches(_pyav(ds.train, spec, spec.threads), batches, 2, spec.frames)
     with tempfile.TemporaryDirectory() as tmp:
-        res["loaders"]["dali"] = time_batches(readers.experimental(ds.train, spec, Path(tmp) / "dali"), batches,
-                                              warmup, spec.frames)
+        res["loaders"]["dali"] = time_batches(readers.loader(ds.train, spec, Path(tmp), gop=ds.gop), batches, warmup,
+                                              spec.frames)
         if compare:
             cands = {}  # every design in readers.CANDIDATES (a new one is timed by adding it there)
             for name, make in readers.CANDIDATES.items():
-                if name == "experimental":  # the loader itself: timed above; here with several pipelines
-                    cands.update({f"experimental x{n}": (lambda n=n, make=make: make(
-                        ds.train, spec, Path(tmp) / f"x{n}", pipelines=n))
-                        for n in pipelines if len(ds.train) >= n * spec.batch_size})
+                if name == "loader":  # the loader itself: timed above; here with several pipelines per process
+                    cands.update({f"loader x{n}": (lambda n=n, make=make: make(ds.train, spec, Path(tmp), pipelines=n,
+                                                                                 gop=ds.gop)) for n in pipelines})
+                    if ds.gop:
+                        cands["loader, whole files"] = lambda make=make: make(ds.train, spec, Path(tmp))
                 else:
                     cands[name] = lambda make=make: make(ds.train, spec, Path(tmp))
             for name, make in cands.items():
@@ -137,7 +148,6 @@ def bench_pipeline(data: str, config: str | None = None, device: str = "auto", b
                     res["loaders"][name] = time_batches(make(), batches, warmup, spec.frames)
                 except Exception as e:  # a candidate that cannot run here is reported, not fatal
                     res["loaders"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    res["loaders"]["pyav"] = time_batches(_pyav(ds.train, spec, spec.threads), batches, 2, spec.frames)
     pyav = res["loaders"]["pyav"]["clips_per_s"]
     for r in res["loaders"].values():
         if "clips_per_s" in r:
