@@ -13,6 +13,7 @@ opening the file (see ``pipeline/loader.py``).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,23 +128,31 @@ def _read_split(root: Path, name: str, num_classes: int) -> list[Sample]:
     if not path.is_file():
         raise DatasetError(f"{path}: missing (a prepared dataset needs train.txt, val.txt, classes.txt)")
     base = str(root.resolve())
-    join, norm = os.path.join, os.path.normpath
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.rsplit(maxsplit=2)
-        try:
-            if len(parts) == 3 and parts[2].lstrip("-").isdigit() and parts[1].lstrip("-").isdigit():
-                rel, lab, nf = parts[0], int(parts[1]), int(parts[2])
-            elif not parts:
-                continue
-            else:
-                rel, lab = line.rsplit(maxsplit=1)
-                lab, nf = int(lab), 0
-        except ValueError:
-            raise DatasetError(f"{path}:{i}: expected 'path label [num_frames]', got {line!r}") from None
-        if not 0 <= lab < num_classes:
-            raise DatasetError(f"{path}:{i}: label {lab} outside [0, {num_classes}) of classes.txt")
-        out.append(Sample(norm(join(base, rel)), lab, nf))
+    collecting = gc.isenabled()
+    gc.disable()  # 240k new tuples would trigger the cyclic collector dozens of times, for nothing
+    try:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            parts = line.rsplit(maxsplit=2)
+            try:
+                if len(parts) == 3 and parts[2].lstrip("-").isdigit() and parts[1].lstrip("-").isdigit():
+                    rel, lab, nf = parts[0], int(parts[1]), int(parts[2])
+                elif not parts:
+                    continue
+                else:
+                    rel, lab = line.rsplit(maxsplit=1)
+                    lab, nf = int(lab), 0
+            except ValueError:
+                raise DatasetError(f"{path}:{i}: expected 'path label [num_frames]', got {line!r}") from None
+            if not 0 <= lab < num_classes:
+                raise DatasetError(f"{path}:{i}: label {lab} outside [0, {num_classes}) of classes.txt")
+            full = rel if rel.startswith("/") else f"{base}/{rel}"
+            if "/." in full or "//" in full:  # ../ or ./ or a doubled slash: normalise (cheap when not needed)
+                full = os.path.normpath(full)
+            out.append(Sample(full, lab, nf))
+    finally:
+        if collecting:
+            gc.enable()
     return out
 
 

@@ -83,6 +83,41 @@ def test_each_sample_once_per_epoch_across_two_shards(tiny_dataset, tmp_path):
     assert sorted(seen) == list(range(24))  # 2 shards × 3 steps × 4 = 24: each exactly once
 
 
+def test_a_list_loads_without_a_file_system_call_per_line(tmp_path, monkeypatch):
+    """A prepared list is joined to its root resolved once: 5,000 lines make no per-line stat/resolve, relative
+    paths are normalised, absolute ones kept, and a symlink inside the dataset stays as listed (not resolved)."""
+    import os
+
+    from hcml.pipeline import prepared as P
+
+    root = tmp_path / "ds"
+    (root / "v").mkdir(parents=True)
+    os.symlink(tmp_path, root / "link")
+    (root / "classes.txt").write_text("a\nb\n")
+    rows = [f"v/{i}.webm {i % 2} 32" for i in range(5000)] + ["../other/x.webm 1 10", "/abs/y.webm 0", "link/z.webm 1 5"]
+    (root / "train.txt").write_text("\n".join(rows) + "\n")
+    (root / "val.txt").write_text("")
+    calls = {"resolve": 0, "stat": 0}
+    real_resolve, real_stat = Path.resolve, os.stat
+
+    def resolve(self, *a, **k):
+        calls["resolve"] += 1
+        return real_resolve(self, *a, **k)
+
+    def stat(p, *a, **k):
+        calls["stat"] += 1
+        return real_stat(p, *a, **k)
+
+    monkeypatch.setattr(Path, "resolve", resolve)
+    monkeypatch.setattr(os, "stat", stat)
+    ds = P.load_prepared(root)
+    assert calls["resolve"] <= 3 and calls["stat"] <= 20, calls  # per split and file, not per line
+    base = str(root.resolve())
+    assert ds.train[0] == Sample(f"{base}/v/0.webm", 0, 32)
+    assert ds.train[-3:] == [Sample(str(tmp_path / "other/x.webm"), 1, 10), Sample("/abs/y.webm", 0, 0),
+                             Sample(f"{base}/link/z.webm", 1, 5)]
+
+
 def test_shard_rows_partition():
     parts = [shard_rows(10, r, 3) for r in range(3)]
     assert [len(p) for p in parts] == [3, 3, 4]

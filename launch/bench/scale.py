@@ -161,6 +161,8 @@ def run(args) -> dict:
     spec = DataSpec(frames=16, stride=2, crop=224, short_side=[256, 320], batch_size=8, threads=args.threads,
                     device=args.device)
     res["lists"] = {}
+    warm, _ = _big_list(real, "warmup", vids, 2 * 8 * args.ranks)  # DALI, PyAV and the pool start once, untimed
+    _epoch_start(lambda: TrainLoader(warm.train, spec, rank=0, world=args.ranks, gop=warm.gop).cycle(), spec, 2)
     big = None
     for name, lines in (("small", max(10, args.lines // 10)), ("big", args.lines)):
         ds, load_s = _big_list(real, name, vids, lines)
