@@ -287,7 +287,8 @@ def eval_crops(video, spec: DataSpec):
     return fn.stack(*crops)
 
 
-def _pipeline(graph: Callable, source: Callable, outputs: int, batch_size: int, spec: DataSpec, device_id):
+def _pipeline(graph: Callable, source: Callable, outputs: int, batch_size: int, spec: DataSpec, device_id,
+              prefetch: int | None = None):
     """A built pipeline whose external source (``source()`` → one batch of ``outputs`` columns, encoded bytes
     first, then int32/float32 scalars per sample) feeds ``graph(*columns)``."""
     from nvidia.dali import fn, pipeline_def, types
@@ -299,7 +300,7 @@ def _pipeline(graph: Callable, source: Callable, outputs: int, batch_size: int, 
         return graph(*cols)
 
     p = pipe(batch_size=batch_size, num_threads=spec.threads, device_id=device_id, seed=0,
-             prefetch_queue_depth=spec.prefetch)
+             prefetch_queue_depth=prefetch or spec.prefetch)
     p.build()
     return p
 
@@ -338,11 +339,10 @@ class _Decodes:
         """"" when (encoded, start) decodes, else DALI's reason."""
         if self._pipe is None:
             self._pipe = _pipeline(lambda enc, st: decode(enc, st, self.spec, self.device), lambda: self._item, 2,
-                                   1, self.spec, self.device_id)
+                                   1, self.spec, self.device_id, prefetch=1)  # one run = this sample, none ahead
         self._item = ([encoded], [np.array(start, dtype=np.int32)])
         try:
-            for _ in range(self.spec.prefetch):  # the queue holds `prefetch` copies of the same sample
-                self._pipe.run()
+            self._pipe.run()
             return ""
         except Exception as e:  # noqa: BLE001 - whatever DALI raised is the reason
             self._pipe = None
@@ -375,8 +375,8 @@ class _Source:
 
 class _Files:
     """What the decoder gets for each clip -- the file's bytes, or with a known GOP only the packets the clip
-    needs (:func:`clip_bytes`) -- prepared ahead on a thread pool (file reads and PyAV's demuxing release the
-    GIL), so the DALI source rarely waits."""
+    needs (:func:`clip_bytes`) -- prepared ahead on a thread pool (file reads release the GIL, PyAV's demuxing
+    mostly), so the DALI source rarely waits."""
 
     def __init__(self, threads: int, span: int, gop: int):
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="hcml-read")

@@ -383,6 +383,20 @@ def test_unreadable_videos_are_replaced_and_every_rank_runs_its_steps(broken_dat
     assert "05.webm" in named and "17.webm" in named
 
 
+def test_two_undecodable_videos_in_one_batch_are_both_found(broken_dataset):
+    """One batch of all 24 videos holding both broken ones: DALI refuses it once, the decoder alone names each
+    culprit (not its neighbours), and the batch comes full without them; evaluation drops exactly those two."""
+    tl = TrainLoader(broken_dataset, spec(batch_size=24))
+    (_, y), = list(tl.epoch(0))
+    assert len(y) == 24 and not {5, 17} & set(y.tolist())
+    assert sorted(Path(p).name for p in tl.unreadable) == ["05.webm", "17.webm"]
+    assert all("cannot be decoded" in why for why in tl.unreadable.values())
+    el = EvalLoader(broken_dataset, spec(eval_clips=1, eval_crops=1, batch_size=24))
+    rows = [r for _, rr in el for r in rr.tolist()]
+    assert sorted(rows) == sorted(set(range(24)) - {5, 17})
+    assert sorted(Path(p).name for p in el.dropped) == ["05.webm", "17.webm"]
+
+
 def test_resume_with_an_unreadable_video_is_bit_exact(broken_dataset, tmp_path):
     one = spec(batch_size=3)
     ref = [x.clone() for x, _ in TrainLoader(broken_dataset, one, seed=5).epoch(0)]
