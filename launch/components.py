@@ -16,7 +16,7 @@ from torch import nn
 from hcml.errors import CheckpointError, ConfigError, DatasetError
 from hcml.launch import config as C
 from hcml.launch.checkpoint import load_checkpoint
-from hcml.launch.distributed import DistInfo
+from hcml.launch.distributed import GlobalBatchNorm, DistInfo
 from hcml.model import HCML
 from hcml.pipeline.loader import DataSpec, EvalLoader, TrainLoader, check_decodable, dali_device
 from hcml.pipeline.prepared import PreparedDataset, Sample, load_prepared
@@ -154,13 +154,14 @@ def freeze_unused(model: HCML, cfg: C.Config) -> None:
 
 
 def sync_bn(model: nn.Module, cfg: C.Config, info: DistInfo, log=print) -> nn.Module:
-    """``train.bn=global``: SyncBatchNorm across ranks (apex's when importable). It runs only on CUDA; on CPU/gloo
-    each process keeps its own statistics, and the log says so."""
+    """``train.bn=global``: BN statistics of the whole global batch. On CUDA SyncBatchNorm (apex's when importable);
+    elsewhere (CPU/gloo, where torch's SyncBatchNorm refuses to run) :class:`GlobalBatchNorm`, the same arithmetic
+    through differentiable all-reduces."""
     if cfg.train.bn != "global" or not info.distributed:
         return model
     if info.device.type != "cuda":
-        log("[bn] bn=global requested but SyncBatchNorm runs only on CUDA: using per-process BN statistics")
-        return model
+        log("[bn] global BN via hcml's GlobalBatchNorm (all-reduced statistics; SyncBatchNorm runs only on CUDA)")
+        return GlobalBatchNorm.convert(model)
     try:  # NGC images ship apex; its SyncBN is the faster one there
         from apex.parallel import convert_syncbn_model
 

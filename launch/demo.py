@@ -316,10 +316,9 @@ def run_demo(out: Path, nproc: int = 2, quick: bool = False, seeds: int = 1) -> 
                   "margin_spread": rep["margin_spread"]}
         atomic_write_text(out / SPREAD_FILE, json.dumps(spread, indent=1))
     ssl_cfg = load_config(resolve_recipe("demo_ssl"))
-    bn_note = ("global BN across the processes, as in the paper" if ssl_cfg.train.bn == "global" and
-               torch.cuda.is_available() else
-               f"BN statistics per process over {ssl_cfg.data.batch_size} clips stand in for the paper's global BN: "
-               f"SyncBatchNorm runs only on CUDA")
+    bn_note = ("global BN across the processes, as in the paper" if ssl_cfg.train.bn == "global" else
+               f"BN statistics per process over {ssl_cfg.data.batch_size} clips (train.bn=local) stand in for the "
+               f"paper's global BN")
     rep.update(split="test", test_videos=len(ds.test), classes=ds.classes, bn_note=bn_note, smoke_test=quick)
     video = next((s.path for s in ds.test if ds.classes[s.label] == "pan_left"), ds.test[0].path)
     pngs = run_gradcam(None, str(list_checkpoints(arm_dir / "hcml" / "checkpoints")[-1]), [video],

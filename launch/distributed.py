@@ -96,3 +96,58 @@ def barrier(info: DistInfo) -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the whole global batch, on any backend (gloo on CPU
+    included): per-channel count, sum and sum of squares are all-reduced in the forward, through
+    ``torch.distributed.nn.all_reduce``, whose backward all-reduces the matching gradient terms, so input and
+    parameter gradients are those of one process holding the whole batch. ``torch.nn.SyncBatchNorm`` does the
+    same on CUDA only (torch 2.13: "expected input tensor to be on GPU or XPU or privateuseone"). Any input rank
+    (2D, 3D, channels_last or not); evaluation uses the running statistics as usual."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn import all_reduce
+
+        dims = [d for d in range(x.dim()) if d != 1]
+        xf = x.float()
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float32, device=x.device)
+        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        C = x.shape[1]
+        n = stats[-1]
+        mean = stats[:C] / n
+        var = (stats[C:2 * C] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
+        shape = [1, C] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+    @classmethod
+    def convert(cls, module: torch.nn.Module) -> torch.nn.Module:
+        """Every BatchNorm*d of ``module`` replaced by a GlobalBatchNorm holding the same parameters and buffers."""
+        out = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            if module.affine:
+                with torch.no_grad():
+                    out.weight, out.bias = module.weight, module.bias
+            if module.track_running_stats:
+                out.running_mean, out.running_var = module.running_mean, module.running_var
+                out.num_batches_tracked = module.num_batches_tracked
+            out.train(module.training)
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert(child))
+        return out

@@ -2,7 +2,7 @@
 process the user started, a stopped worker, a worker killed under two torchrun agents (two "nodes", c10d on
 127.0.0.1), checkpoints visible to one node only, and a second run into a run dir in use.
 
-SyncBatchNorm runs only on CUDA, so these runs use per-process BN (train.bn=local, in SMALL)."""
+These runs use per-process BN (train.bn=local, in SMALL); global BN on CPU: tests/test_global_bn.py."""
 
 from __future__ import annotations
 

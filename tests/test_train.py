@@ -1,6 +1,6 @@
 """The driver end to end on CPU: torchrun (gloo, 2 processes), checkpoints, resume, signals, NaN guard.
 
-SyncBatchNorm runs only on CUDA, so these CPU/gloo runs use per-process BN (train.bn=local); the SyncBN path
+These CPU/gloo runs use per-process BN (train.bn=local) unless a test says otherwise; the SyncBN path
 is exercised by the GPU check script.
 """
 
@@ -354,6 +354,18 @@ def test_a_video_that_broke_after_prepare_costs_its_clip_not_the_run(tiny_datase
     logged = [r["samples_skipped"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
               if r["kind"] == "train"]
     assert len(logged) == 8 and logged == sorted(logged) and logged[5] >= 1 and logged[-1] <= summary["samples_skipped"]
+
+
+@pytest.mark.slow
+def test_global_bn_trains_on_cpu_with_two_processes(tiny_dataset, tmp_path):
+    """train.bn=global on gloo: the model's BatchNorms become GlobalBatchNorm and the run trains (equality with one
+    process holding the whole batch: tests/test_global_bn.py)."""
+    run = tmp_path / "run"
+    res = subprocess.run(train_cmd(tiny_dataset, run, "train.max_steps=3", "train.bn=global"), capture_output=True,
+                         text=True, env=run_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[bn] global BN via hcml's GlobalBatchNorm" in res.stdout
+    assert json.loads((run / "summary.json").read_text())["step"] == 3
 
 
 @pytest.mark.slow
