@@ -86,6 +86,7 @@ class CheckpointConfig:
 class MetricsConfig:
     port: int = 0  # Prometheus port base (rank i uses port + local_rank); 0 = off
     next_free_port: bool = True  # if the port is taken, use the next free one (and say which)
+    tensorboard: bool = False  # also write every metrics.jsonl series as TensorBoard scalars, RUN_DIR/tensorboard/
 
 
 @dataclass

@@ -170,16 +170,33 @@ class PrometheusExporter:
 
 
 class JsonlLog:
-    """``metrics.jsonl``: one JSON record per logged step/eval. Only rank 0 writes (``enabled``)."""
+    """``metrics.jsonl``: one JSON record per logged step/eval. Only rank 0 writes (``enabled``).
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    ``tensorboard``: a folder (``RUN_DIR/tensorboard``) where every numeric field of every record is also written
+    as a TensorBoard scalar ``<kind>/<field>`` at the record's step, so the curves are exactly the log's; a resume
+    purges the events after the restored step (TensorBoard's ``purge_step``), so a curve continues without
+    duplicate steps."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, tensorboard: str | Path | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.tensorboard = Path(tensorboard) if tensorboard else None
+        self._tb = None
+
+    def _writer(self, purge_step: int | None = None):
+        if self._tb is None and self.tensorboard is not None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.tensorboard), purge_step=purge_step)
+        return self._tb
 
     def reset(self) -> None:
         """A fresh run starts an empty log (a second run into the same directory must not append to the first)."""
         if self.enabled:
             self.path.write_text("")
+            if self.tensorboard is not None and self.tensorboard.is_dir():
+                for f in self.tensorboard.glob("events.out.tfevents.*"):
+                    f.unlink()
 
     def keep_until(self, step: int) -> None:
         """On resume: drop the records after the restored step (those steps run again and are logged again)."""
@@ -187,18 +204,34 @@ class JsonlLog:
             keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
             # atomic: a second preemption during the rewrite must not cost the run its history
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        self.close()
+        self._writer(purge_step=step + 1)
 
     def write(self, **record) -> None:
         if self.enabled:
+            record = {"time": round(time.time(), 3), **record}
             try:
                 with self.path.open("a") as f:
-                    f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+                    f.write(json.dumps(record) + "\n")
             except OSError as e:
                 failure = write_failure(e, self.path, "the checkpoints so far are intact: make room and continue "
                                                       "with --resume auto")
                 if failure is None:
                     raise
                 raise failure from None
+            tb = self._writer()
+            if tb is not None:
+                kind, step = record.get("kind", "train"), int(record.get("step", 0))
+                for key, value in record.items():
+                    if key not in ("time", "step", "kind") and isinstance(value, (int, float)) \
+                            and not isinstance(value, bool):
+                        tb.add_scalar(f"{kind}/{key}", value, global_step=step, walltime=record["time"])
+                tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -139,7 +139,8 @@ def setup(cfg: C.Config, resume: str | None, overwrite: bool = False) -> Run:
     run = Run(cfg, info, ds, model, model, optimizer,
               torch.amp.GradScaler(info.device.type, enabled=prec.autocast == torch.float16), loader,
               components.schedule(cfg, loader.steps_per_epoch, info), prec,
-              JsonlLog(run_dir / "metrics.jsonl", enabled=info.main), lock=lock)
+              JsonlLog(run_dir / "metrics.jsonl", enabled=info.main,
+                       tensorboard=run_dir / "tensorboard" if cfg.metrics.tensorboard else None), lock=lock)
     loader.on_skip = run.skipped
     restore(run, resume, overwrite)
     if info.main:
@@ -346,6 +347,7 @@ def finish(run: Run, t0: float) -> dict:
     if run.info.main:
         plot_run(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
         atomic_write_text(run.run_dir / rundir.SUMMARY, json.dumps(summary, indent=1))
+    run.metrics.close()
     if run.exporter:
         run.exporter.close()
     run.watchdog.stop()

@@ -181,3 +181,47 @@ def test_trimming_the_metrics_log_on_resume_replaces_it_atomically(tmp_path):
         assert [json.loads(line)["step"] for line in before] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in read_jsonl(log.path)] == [1, 2, 3]
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temp file left behind
+
+
+def _events(folder) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) per scalar tag, as TensorBoard itself reads the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    series = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: points for tag, points in series.items() if points}  # a purged tag keeps its name, no point
+
+
+def test_tensorboard_mirrors_metrics_jsonl_and_a_resume_continues_without_duplicate_steps(tmp_path):
+    """Every numeric field of every record becomes the scalar <kind>/<field> at its step; a resume from step 3
+    (keep_until, as train.restore does) purges the later events, so each curve has every step once and equals the
+    log that survives."""
+    import pytest
+
+    from hcml.launch.metrics import JsonlLog, read_jsonl
+
+    log = JsonlLog(tmp_path / "metrics.jsonl", tensorboard=tmp_path / "tb")
+    log.reset()
+    for step in range(1, 7):
+        log.write(kind="train", step=step, epoch=0, loss=10.0 - step, lr=0.1, samples_skipped=0)
+    log.write(kind="eval", step=6, epoch=0, top1=12.5, top5=50.0, split="val")
+    log.close()
+    # the job is preempted after its step-3 checkpoint: the resume runs steps 4-6 again, with other values
+    log = JsonlLog(tmp_path / "metrics.jsonl", tensorboard=tmp_path / "tb")
+    log.keep_until(3)
+    for step in range(4, 7):
+        log.write(kind="train", step=step, epoch=0, loss=100.0 + step, lr=0.05, samples_skipped=1)
+    log.close()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    ev = _events(tmp_path / "tb")
+    assert set(ev) == {"train/epoch", "train/loss", "train/lr", "train/samples_skipped"}  # the eval after step 3 is gone
+    for tag, points in ev.items():
+        kind, field = tag.split("/")
+        want = [(r["step"], float(r[field])) for r in records if r["kind"] == kind]
+        assert [s for s, _ in points] == list(range(1, 7)), tag  # every step once
+        assert points == [(s, pytest.approx(v)) for s, v in want], tag
+    assert ev["train/loss"][3][1] == pytest.approx(104.0)
+    log = JsonlLog(tmp_path / "metrics.jsonl", tensorboard=tmp_path / "tb")
+    log.reset()  # a fresh run into the folder starts empty curves, as it starts an empty log
+    assert not list((tmp_path / "tb").glob("events.out.tfevents.*"))

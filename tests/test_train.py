@@ -359,13 +359,23 @@ def test_a_video_that_broke_after_prepare_costs_its_clip_not_the_run(tiny_datase
 @pytest.mark.slow
 def test_global_bn_trains_on_cpu_with_two_processes(tiny_dataset, tmp_path):
     """train.bn=global on gloo: the model's BatchNorms become GlobalBatchNorm and the run trains (equality with one
-    process holding the whole batch: tests/test_global_bn.py)."""
+    process holding the whole batch: tests/test_global_bn.py); with metrics.tensorboard=true its curves are
+    metrics.jsonl's."""
     run = tmp_path / "run"
-    res = subprocess.run(train_cmd(tiny_dataset, run, "train.max_steps=3", "train.bn=global"), capture_output=True,
-                         text=True, env=run_env(), timeout=600)
+    res = subprocess.run(train_cmd(tiny_dataset, run, "train.max_steps=3", "train.bn=global",
+                                   "metrics.tensorboard=true"), capture_output=True, text=True, env=run_env(),
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "[bn] global BN via hcml's GlobalBatchNorm" in res.stdout
     assert json.loads((run / "summary.json").read_text())["step"] == 3
+    # metrics.tensorboard=true: rank 0's curves, with the steps and values of metrics.jsonl
+    from tests.test_metrics import _events
+
+    ev = _events(run / "tensorboard")
+    train = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [(s, round(v, 4)) for s, v in ev["train/loss"]] == [(r["step"], round(r["loss"], 4)) for r in train]
+    assert {"train/lr", "train/clips_per_s", "train/data_wait_ratio", "train/samples_skipped", "eval/top1",
+            "eval/top5"} <= set(ev)
 
 
 @pytest.mark.slow
