@@ -195,7 +195,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from hcml.launch.demo import run_demo
 
-    return run_demo(Path(args.out), nproc=args.nproc, quick=args.quick, seeds=args.seeds)
+    return run_demo(Path(args.out), nproc=args.nproc, quick=args.quick, seeds=args.seeds, study=args.study)
 
 
 def _bench_args_checked(args) -> None:
@@ -275,6 +275,9 @@ def add_demo(p) -> None:
     p.add_argument("--quick", action="store_true", help="a much shorter run: a smoke test, no conclusion drawn")
     p.add_argument("--seeds", type=count(1), default=1, help="run every arm over seeds 0..N-1 and report mean ± sd "
                    "(and write the spread a single run is judged against)")
+    p.add_argument("--study", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the SSL study's arms (the paper's protocol, the paper's loss with global BN, 10%% "
+                        "labels: docs/DEMO.md); default: on with --seeds > 1, off for a single run")
 
 
 def add_run_args(p, config_required: bool) -> None:

@@ -19,7 +19,7 @@ from hcml.launch.checkpoint import load_checkpoint
 from hcml.launch.distributed import GlobalBatchNorm, DistInfo
 from hcml.model import HCML
 from hcml.pipeline.loader import DataSpec, EvalLoader, TrainLoader, check_decodable, dali_device
-from hcml.pipeline.prepared import PreparedDataset, Sample, load_prepared
+from hcml.pipeline.prepared import PreparedDataset, Sample, label_subset, load_prepared
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,13 @@ def data_spec(cfg: C.Config, ds: PreparedDataset, device: torch.device) -> DataS
     return dataclasses.replace(d, device=ddev, dtype=dtype, flip_pairs=d.flip_pairs or ds.flip_pairs)
 
 
+def train_videos(cfg: C.Config, ds: PreparedDataset) -> list[Sample]:
+    """The training videos a run learns from: all of them, or the labelled share ``data.label_fraction``."""
+    return label_subset(ds.train, cfg.data.label_fraction, cfg.data.label_seed)
+
+
 def train_loader(cfg: C.Config, ds: PreparedDataset, info: DistInfo) -> TrainLoader:
-    return TrainLoader(ds.train, data_spec(cfg, ds, info.device), gop=ds.gop, rank=info.rank,
+    return TrainLoader(train_videos(cfg, ds), data_spec(cfg, ds, info.device), gop=ds.gop, rank=info.rank,
                        world=info.world, device_id=info.local_rank, seed=cfg.train.seed)
 
 
@@ -242,10 +247,12 @@ def check_runnable(cfg: C.Config, world: int = 1) -> PreparedDataset:
     ``flip=swap``. Raises ConfigError/DatasetError naming the problem and the key."""
     ds = load_prepared(cfg.data.root)
     check_decodable(ds.codecs, dali_device(cfg.data.device), str(Path(cfg.data.root) / "dataset.yaml"))
-    if cfg.data.steps_per_epoch(len(ds.train), world) == 0:  # the loader's own rule
-        raise ConfigError(f"{len(ds.train)} training videos in {cfg.data.root} cannot fill one batch of "
+    n = len(train_videos(cfg, ds))
+    if cfg.data.steps_per_epoch(n, world) == 0:  # the loader's own rule
+        share = f" (data.label_fraction={cfg.data.label_fraction} of {len(ds.train)})" if n < len(ds.train) else ""
+        raise ConfigError(f"{n} training videos in {cfg.data.root}{share} cannot fill one batch of "
                           f"data.batch_size={cfg.data.batch_size} on each of {world} process(es); lower "
-                          f"data.batch_size to at most {max(1, len(ds.train) // world)}")
+                          f"data.batch_size to at most {max(1, n // world)}")
     if cfg.data.keyframe_starts and not ds.gop:
         raise ConfigError(f"data.keyframe_starts=true needs a fixed keyframe interval, and "
                           f"{Path(cfg.data.root) / 'dataset.yaml'} records none (gop): prepare it with "

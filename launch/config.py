@@ -31,6 +31,10 @@ class DataConfig(DataSpec):
 
     root: str = ""  # a prepared dataset directory (train.txt, val.txt, classes.txt, dataset.yaml)
     eval_split: str = "val"  # the split a run's final evaluation reports: val (selection) | test (held out)
+    # < 1: train on a seeded, class-balanced share of the labelled training videos (the label-scarce protocol:
+    # pre-train without labels on all of them, then fine-tune on few); pipeline.prepared.label_subset
+    label_fraction: float = 1.0
+    label_seed: int = 0  # the subset's seed: fixed apart from train.seed, so every seed trains on the same videos
 
 
 @dataclass
@@ -308,9 +312,14 @@ def validate(cfg: Config) -> None:
             ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, ">= 0"),
             ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep >= 1, ">= 1"),
             ("data.crop", d.crop, d.crop >= 8, ">= 8"),
-            ("data.stride", d.stride, d.stride >= 1, ">= 1")):
+            ("data.stride", d.stride, d.stride >= 1, ">= 1"),
+            ("data.label_fraction", d.label_fraction, 0 < d.label_fraction <= 1, "in (0, 1]")):
         if not ok:
             raise ConfigError(f"{key} must be {need}, got {value}")
+    if cfg.train.phase is Phase.SSL and d.label_fraction < 1:
+        raise ConfigError(f"data.label_fraction={d.label_fraction} with train.phase=ssl: the self-supervised phase "
+                          "uses no labels and trains on every training video; set it for the joint or finetune "
+                          "phase that follows")
     if cfg.train.phase is Phase.SSL and not m.motion:
         raise ConfigError("train.phase=ssl needs model.motion=true (the SSL losses live in the motion module)")
 

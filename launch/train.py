@@ -60,6 +60,7 @@ class Run:
     named_skips: set = field(default_factory=set)  # their paths, each logged once
     watchdog: Watchdog | None = None
     lock: rundir.RunLock | None = None  # rank 0 holds the run dir while it trains
+    setup_seconds: float = 0.0  # from train() to the first step: model, loader, resume
 
     @property
     def run_dir(self) -> Path:
@@ -98,6 +99,7 @@ def train(cfg: C.Config, resume: str | None = None, overwrite: bool = False, sto
     t0 = time.time()
     stop = stop or _StopSignal()
     run = setup(cfg, resume, overwrite)
+    run.setup_seconds = time.time() - t0
     from tqdm import tqdm
 
     bar = tqdm(total=run.max_steps, initial=run.step, desc=str(cfg.train.phase), unit="step", dynamic_ncols=True,
@@ -160,7 +162,9 @@ def setup(cfg: C.Config, resume: str | None, overwrite: bool = False) -> Run:
     run.watchdog.start()
     run.log(f"[train] {cfg.model.arch} motion={cfg.model.motion} phase={cfg.train.phase} world={info.world} "
             f"device={info.device} data={loader.device} amp={prec.autocast} compile={prec.compile} "
-            f"channels_last={prec.channels_last} steps/epoch={loader.steps_per_epoch} lr={run.sched.base_lr:g}")
+            f"channels_last={prec.channels_last} steps/epoch={loader.steps_per_epoch} lr={run.sched.base_lr:g}"
+            + (f" labelled videos={len(loader.samples)} of {len(ds.train)} (data.label_fraction="
+               f"{cfg.data.label_fraction})" if cfg.data.label_fraction < 1 else ""))
     return run
 
 
@@ -340,9 +344,12 @@ def finish(run: Run, t0: float) -> dict:
     point ends it, after the last run of a plan)."""
     summary = {"step": run.step, "epoch": run.epoch, "resumed_from": run.resumed_from,
                "stopped_by_signal": run.stopped_by, "samples_skipped": skipped_total(run),
-               "job": rundir.current_job(), "config_sha256": C.fingerprint(run.cfg)}
+               "job": rundir.current_job(), "config_sha256": C.fingerprint(run.cfg),
+               "setup_seconds": run.setup_seconds}
     if run.stopped_by is None and run.ds.val and run.cfg.train.phase.classifies:
+        t_eval = time.time()
         summary["eval"] = evaluate_and_log(run)
+        summary["eval_seconds"] = time.time() - t_eval
     summary["seconds"] = time.time() - t0
     if run.info.main:
         plot_run(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -154,6 +155,23 @@ def _read_split(root: Path, name: str, num_classes: int) -> list[Sample]:
         if collecting:
             gc.enable()
     return out
+
+
+def label_subset(samples: list[Sample], fraction: float, seed: int = 0) -> list[Sample]:
+    """A class-balanced share of ``samples``: per class ``round(fraction x n)`` videos (at least one), drawn by a
+    seeded permutation, in the list's own order. The same arguments give the same subset on every machine (a
+    label-scarce comparison trains every arm on the same videos)."""
+    if fraction >= 1:
+        return list(samples)
+    by_class: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_class.setdefault(s.label, []).append(i)
+    rng = random.Random(seed)
+    keep = set()
+    for label in sorted(by_class):
+        idx = by_class[label]
+        keep.update(rng.sample(idx, max(1, round(fraction * len(idx)))))
+    return [s for i, s in enumerate(samples) if i in keep]
 
 
 def load_prepared(root: str | Path) -> PreparedDataset:
