@@ -146,6 +146,34 @@ def cmd_eval(args) -> int:
     return run_eval(resolve_config(args.config), args.checkpoint, _overrides(args), args.out)
 
 
+def cmd_predict(args) -> int:
+    from hcml.launch.launcher import Launch, run
+    from hcml.launch.predict import STATUS_ENV, Request, check_request, collect_videos, parse_views, run_predict
+
+    req = Request(args.checkpoint, collect_videos(args.videos, args.list, args.dir or []), args.top_k,
+                  parse_views(args.views) if args.views else None, args.out, args.decoder, args.device, args.classes)
+    trained = check_request(req)  # a bad checkpoint, --views or --out: one line here, not one per worker
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:  # videos sharded over N processes (GPUs)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            status = Path(tmp) / "failed"
+            os.environ[STATUS_ENV] = str(status)
+            try:
+                rc = run(Launch(args.nproc_per_node), worker_argv(args.argv), interruptible=True)
+            finally:
+                del os.environ[STATUS_ENV]
+            return rc or int(status.is_file() and int(status.read_text() or 0) > 0)
+    return run_predict(req, trained)
+
+
+def cmd_export(args) -> int:
+    from hcml.launch.export import run_export
+
+    return run_export(args.checkpoint, args.out, args.frames, args.crop, args.dynamic_batch, args.dtype, args.aoti,
+                      args.classes, args.device)
+
+
 def cmd_knn(args) -> int:
     from hcml.launch.analysis import run_knn
 
@@ -314,6 +342,43 @@ def add_eval(p) -> None:
                    "(torchrun; one per GPU)")
 
 
+def add_predict(p) -> None:
+    p.add_argument("videos", nargs="*", metavar="VIDEO", help="video files (any container/codec FFmpeg reads)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of hcml train (ckpt_<step>.pt)")
+    p.add_argument("--list", default=None, metavar="FILE", help="a file of video paths, one per line (relative "
+                   "to the file's folder; # comments)")
+    p.add_argument("--dir", action="append", metavar="DIR", help="every video file under DIR, recursively "
+                   "(repeatable)")
+    p.add_argument("--top-k", type=count(1), default=5, help="class names with probabilities per video (default 5)")
+    p.add_argument("--views", default=None, metavar="KxC", help="K clips x C crops (1 or 3) per video; default: "
+                   "the checkpoint's data.eval_clips x data.eval_crops, as hcml eval")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the predictions to FILE.jsonl or FILE.csv")
+    p.add_argument("--decoder", default="auto", choices=("auto", "dali", "pyav"), help="auto: DALI where it "
+                   "decodes the codec (GPU: H.264/HEVC/VP9/AV1...; CPU: VP8/VP9/MJPEG), PyAV otherwise")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"), help="where the model (and DALI) "
+                   "run; auto: the GPU when there is one")
+    p.add_argument("--classes", default=None, metavar="FILE", help="class names, one per line, for a checkpoint "
+                   "that holds none (saved before 2026-12-03)")
+    p.add_argument("--nproc-per-node", type=count(1), default=0, help="shard the videos over N processes "
+                   "(torchrun; one per GPU)")
+
+
+def add_export(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of hcml train (ckpt_<step>.pt)")
+    p.add_argument("--out", required=True, metavar="FILE.pt2", help="the torch.export program (load it with "
+                   "`import hcml.ops; torch.export.load(FILE)`)")
+    p.add_argument("--frames", type=count(1), default=None, help="T of the input clips (default: the checkpoint's "
+                   "data.frames)")
+    p.add_argument("--crop", type=count(1), default=None, help="S of the S x S input (default: data.crop)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size from 1 to 4096 (default: batch 1)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the program runs (a CUDA "
+                   "export runs on the GPU)")
+    p.add_argument("--aoti", default=None, metavar="FILE.pt2", help="also compile an AOTInductor package (needs a "
+                   "C++ compiler; it calls the cost-volume op back through Python: README, Exporting)")
+    p.add_argument("--classes", default=None, metavar="FILE", help="class names for a checkpoint that holds none")
+
+
 def add_knn(p) -> None:
     p.add_argument("--config", default=None, help="default: the config stored in the checkpoint")
     p.add_argument("--checkpoint", required=True)
@@ -369,6 +434,10 @@ COMMANDS = {
     "demo": ("synthetic set → SSL then joint HCML vs controls, 2-process training → report", add_demo, cmd_demo),
     "train": ("train per a YAML recipe (--nproc-per-node N: torchrun, signals handled)", add_train, cmd_train),
     "eval": ("multi-view evaluation of a checkpoint", add_eval, cmd_eval),
+    "predict": ("label raw videos (files, --list, --dir) with a checkpoint: top-k class names", add_predict,
+                cmd_predict),
+    "export": ("torch.export a checkpoint's inference network (.pt2; optionally AOTInductor) for serving",
+               add_export, cmd_export),
     "knn": ("per-level KNN on motion features (the paper's Table 7)", add_knn, cmd_knn),
     "gradcam": ("Grad-CAM++ strips of the last conv layer (the paper's Fig. 6)", add_gradcam, cmd_gradcam),
     "info": ("per-stage shapes, parameters and GMACs of a model", add_info, cmd_info),
@@ -428,7 +497,7 @@ def _interrupt(signum, frame):
 
 AFTER_STOP = {"prepare": "; the same command continues, keeping every finished video",
               "synth": "; the same command continues, keeping every finished clip",
-              "eval": "; no report written"}
+              "eval": "; no report written", "predict": "; no predictions written"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ def precision(cfg: C.Config, device: torch.device) -> Precision:
 
 
 # ------------------------------------------------------------------ data
-def data_spec(cfg: C.Config, ds: PreparedDataset, device: torch.device) -> DataSpec:
+def data_spec(cfg: C.Config, ds: PreparedDataset | None, device: torch.device) -> DataSpec:
     """The config's data section with ``auto`` resolved: DALI device (GPU when CUDA is usable), clip dtype
     (float16 when a GPU trains in AMP, else float32) and the flip pairs (the dataset's own unless set)."""
     d = cfg.data
@@ -58,7 +58,7 @@ def data_spec(cfg: C.Config, ds: PreparedDataset, device: torch.device) -> DataS
     dtype = d.dtype
     if dtype == "auto":
         dtype = "float16" if ddev == "gpu" and precision(cfg, device).autocast is not None else "float32"
-    return dataclasses.replace(d, device=ddev, dtype=dtype, flip_pairs=d.flip_pairs or ds.flip_pairs)
+    return dataclasses.replace(d, device=ddev, dtype=dtype, flip_pairs=d.flip_pairs or (ds.flip_pairs if ds else []))
 
 
 def train_videos(cfg: C.Config, ds: PreparedDataset) -> list[Sample]:
@@ -118,6 +118,54 @@ def check_compatible(ck: dict, model: nn.Module, path: str | Path, cfg: C.Config
 
 def num_classes(cfg: C.Config, ds: PreparedDataset) -> int:
     return cfg.model.num_classes or ds.num_classes
+
+
+@dataclass
+class Trained:
+    """A trained network for inference away from its dataset: ``hcml predict`` and ``hcml export``."""
+
+    cfg: C.Config
+    model: HCML
+    classes: list[str]
+    classes_from: str  # where the names came from: "checkpoint", a classes.txt path, or "indices"
+
+
+def read_classes(path: str | Path, n: int, what: str) -> list[str]:
+    """One class name per line; exactly ``n`` of them (the classifier's outputs)."""
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise DatasetError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+    if len(names) != n:
+        raise DatasetError(f"{what} {path}: {len(names)} class names, the checkpoint's classifier has {n} outputs")
+    return names
+
+
+def load_for_inference(checkpoint: str, classes_file: str | None = None) -> Trained:
+    """The checkpoint's network and its class names, with no dataset needed: the names travel inside checkpoints
+    (since 2026-12-03); an older one takes them from ``classes_file``, else from its dataset's classes.txt when
+    that is still where it was trained, else they are printed as indices (``class_<i>``)."""
+    ck = load_checkpoint(checkpoint)
+    cfg = C.from_dict(ck["config"])
+    cfg.model.init_from = ""  # the checkpoint holds all the weights
+    if "fc.weight" not in ck["model"]:
+        raise CheckpointError(f"{checkpoint} has no classifier (fc.weight): not an hcml classification model")
+    n = int(ck["model"]["fc.weight"].shape[0])
+    model = model_from_config(cfg, n, log=lambda *_: None)
+    check_compatible(ck, model, checkpoint, cfg)
+    model.load_state_dict(ck["model"])
+    if classes_file:
+        return Trained(cfg, model, read_classes(classes_file, n, "--classes"), str(classes_file))
+    if ck.get("classes"):  # a classifier wider than the dataset (model.num_classes) has unnamed outputs
+        names = list(ck["classes"])[:n]
+        return Trained(cfg, model, names + [f"class_{i}" for i in range(len(names), n)], "checkpoint")
+    own = Path(cfg.data.root) / "classes.txt"
+    if cfg.data.root and own.is_file():
+        try:
+            return Trained(cfg, model, read_classes(own, n, "classes of the training dataset"), str(own))
+        except DatasetError:
+            pass
+    return Trained(cfg, model, [f"class_{i}" for i in range(n)], "indices")
 
 
 def load_trained(checkpoint: str, config_path: str | None = None, overrides: list[str] | None = None

@@ -36,6 +36,18 @@ def per_video(rows: list[torch.Tensor], values: dict[str, list[torch.Tensor]], n
     return sums, seen.view(n_videos, views).sum(1)
 
 
+@torch.no_grad()
+def score_views(model: nn.Module, clips: torch.Tensor, prec: components.Precision, device: torch.device
+                ) -> torch.Tensor:
+    """Class probabilities of a batch of views (B, crops, 3, T, H, W): the softmax averaged over each view's
+    crops, (B, classes) on the CPU. A video's score is the mean over its views (``hcml eval``, ``hcml predict``)."""
+    B, V = clips.shape[:2]
+    x = prec.to_input(clips.reshape(B * V, *clips.shape[2:]), device)
+    with prec.autocast_ctx(device):
+        logits = model(x, with_nce=False)["logits"]
+    return logits.float().softmax(-1).view(B, V, -1).mean(1).cpu()
+
+
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
     """Top-1 % per class (NaN for a class with no video)."""
     return [float((pred[labels == c] == c).float().mean() * 100) if (labels == c).any() else float("nan")
@@ -53,12 +65,8 @@ def evaluate(model: nn.Module, loader: EvalLoader, samples, num_classes: int, in
     model.eval()
     rows, scores = [], []
     for clips, r in tqdm(loader, desc="eval", disable=not (progress and info.main), leave=False):
-        B, V = clips.shape[:2]
-        x = prec.to_input(clips.reshape(B * V, *clips.shape[2:]), info.device)
-        with prec.autocast_ctx(info.device):
-            logits = model(x, with_nce=False)["logits"]
         rows.append(r.cpu())
-        scores.append(logits.float().softmax(-1).view(B, V, -1).mean(1).cpu())
+        scores.append(score_views(model, clips, prec, info.device))
         if on_batch:
             on_batch()  # progress for the stall watchdog
     model.train(was_training)

@@ -316,6 +316,7 @@ def save(run: Run) -> None:
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch, "per_rank": per_rank,
             "config": C.to_dict(run.cfg),  # the schedule is a function of the config and the step
+            "classes": run.ds.classes,  # inference (hcml predict, export) needs no dataset
         }, keep=run.cfg.checkpoint.keep)
     barrier(run.info)
     if run.exporter:

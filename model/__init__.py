@@ -2,7 +2,7 @@
 nothing here knows DALI, torchrun or files."""
 
 from hcml.model.backbone import ARCHS, build_backbone
-from hcml.model.hcml import HCML, LEVELS, HCMLSpec
+from hcml.model.hcml import HCML, LEVELS, Classifier, HCMLSpec
 from hcml.model.losses import Phase, phase_loss
 
 
@@ -11,4 +11,4 @@ def build_model(arch: str, num_classes: int, **kwargs) -> HCML:
     return HCML(HCMLSpec(arch=arch, num_classes=num_classes, **kwargs))
 
 
-__all__ = ["ARCHS", "HCML", "HCMLSpec", "LEVELS", "Phase", "build_backbone", "build_model", "phase_loss"]
+__all__ = ["ARCHS", "Classifier", "HCML", "HCMLSpec", "LEVELS", "Phase", "build_backbone", "build_model", "phase_loss"]

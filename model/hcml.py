@@ -123,3 +123,15 @@ class HCML(nn.Module):
         if not self.motion_enabled:
             raise RuntimeError("motion_features needs a model built with motion=True")
         return self._run(x, False)[1]
+
+
+class Classifier(nn.Module):
+    """HCML as inference sees it: clips (B, 3, T, H, W) → class logits (B, classes), no contrastive terms. The
+    module ``hcml export`` traces, so a serving stack gets a plain tensor-in, tensor-out graph."""
+
+    def __init__(self, model: HCML):
+        super().__init__()
+        self.model = model
+
+    def forward(self, clips: Tensor) -> Tensor:
+        return self.model(clips, with_nce=False)["logits"]

@@ -242,6 +242,22 @@ def decode(encoded, start, spec: DataSpec, device: str):
                              sequence_length=spec.frames, stride=spec.stride, pad_mode="edge")
 
 
+def crop_window(h, w, short_side, pos_x, pos_y, crop: int, minimum=min):
+    """The window (y0, x0, height, width), in source pixels, that becomes a crop x crop output: the crop at
+    relative position (pos_x, pos_y) of the frame scaled to ``short_side``. The one rule for the DALI graph (on
+    its data nodes, ``minimum=dali.math.min``) and for PyAV-decoded frames (:mod:`hcml.pipeline.rawvideo`)."""
+    scale = short_side / minimum(h, w)  # source px → resized px
+    win_h, win_w = minimum(crop / scale, h), minimum(crop / scale, w)
+    return pos_y * (h - win_h), pos_x * (w - win_w), win_h, win_w
+
+
+def eval_positions(landscape, crops: int) -> list[tuple]:
+    """Relative (pos_x, pos_y) of the 1 (centre) or 3 eval crops, spread along the longer side; ``landscape``
+    is 1/True when width >= height (a DALI data node or a Python bool)."""
+    return [(landscape * p + (1 - landscape) * 0.5, landscape * 0.5 + (1 - landscape) * p)
+            for p in ((0.5,) if crops == 1 else (0.0, 0.5, 1.0))]
+
+
 def _crop_resize(video, short_side, pos_x, pos_y, crop: int):
     """Resize only the window that becomes the output: the crop of ``crop`` px at relative position (pos_x,
     pos_y) of the video scaled to ``short_side``, expressed in source pixels, is resampled straight to
@@ -250,10 +266,7 @@ def _crop_resize(video, short_side, pos_x, pos_y, crop: int):
     from nvidia.dali import fn, math as dmath, types
 
     shape = fn.cast(video.shape(), dtype=types.FLOAT)  # (F, H, W, C)
-    h, w = shape[1], shape[2]
-    scale = short_side / dmath.min(h, w)  # source px → resized px
-    win_h, win_w = dmath.min(crop / scale, h), dmath.min(crop / scale, w)  # the window in source px
-    y0, x0 = pos_y * (h - win_h), pos_x * (w - win_w)
+    y0, x0, win_h, win_w = crop_window(shape[1], shape[2], short_side, pos_x, pos_y, crop, dmath.min)
     return fn.resize(video, roi_start=fn.stack(y0, x0), roi_end=fn.stack(y0 + win_h, x0 + win_w),
                      size=[crop, crop], antialias=False)
 
@@ -277,14 +290,8 @@ def eval_crops(video, spec: DataSpec):
     from nvidia.dali import fn, types
 
     shape = fn.cast(video.shape(), dtype=types.FLOAT)  # (F, H, W, C)
-    landscape = shape[2] >= shape[1]
-    positions = (0.5,) if spec.eval_crops == 1 else (0.0, 0.5, 1.0)
-    crops = []
-    for p in positions:
-        px = landscape * p + (1 - landscape) * 0.5
-        py = landscape * 0.5 + (1 - landscape) * p
-        crops.append(_normalize(_crop_resize(video, float(spec.eval_short_side), px, py, spec.crop), spec))
-    return fn.stack(*crops)
+    return fn.stack(*(_normalize(_crop_resize(video, float(spec.eval_short_side), px, py, spec.crop), spec)
+                      for px, py in eval_positions(shape[2] >= shape[1], spec.eval_crops)))
 
 
 def _pipeline(graph: Callable, source: Callable, outputs: int, batch_size: int, spec: DataSpec, device_id,

@@ -25,6 +25,19 @@ def tiny_dataset(tmp_path_factory) -> Path:
                           val_per_class=3, seed=1, workers=2, progress=False)
 
 
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    """A tiny model trained 4 epochs on the tiny set (its predictions differ per video): predict and export."""
+    from tests.helpers import SMALL
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    r = subprocess.run([PY, "-m", "hcml.launch.cli", "train", "--config", "demo", "--data", str(tiny_dataset),
+                        "--run-dir", str(run), *SMALL, "optim.epochs=4"], capture_output=True, text=True,
+                       env=run_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return sorted((run / "checkpoints").glob("ckpt_*.pt"))[-1]
+
+
 def run_env() -> dict:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -18,7 +19,7 @@ def hcml(*args: str, timeout: int = 600, cwd=None) -> subprocess.CompletedProces
 
 def test_help_lists_the_subcommands():
     out = hcml("--help").stdout
-    for cmd in ("synth", "demo", "train", "eval", "prepare", "info", "knn", "gradcam", "bench"):
+    for cmd in ("synth", "demo", "train", "eval", "predict", "export", "prepare", "info", "knn", "gradcam", "bench"):
         assert cmd in out
 
 
@@ -171,9 +172,34 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "helped" not in report  # no conclusion from a few steps
     assert rep["smoke_test"]
     assert rep["knn"]["random_init_calibrated"]
-    # a second demo into the same folder replaces its own runs (the run dirs refuse a fresh start otherwise)
-    again = hcml("demo", "--out", str(out), "--quick", timeout=900)
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and f"The result as a picture: {out / 'report.png'}" in report
+    t = rep["timing"]  # where the time went, the parts adding up to the whole
+    parts = t["dataset"] + t["trainings"] + t["knn"] + t["gradcam"] + t["report"]
+    assert parts <= t["total"] + 0.5 and parts >= 0.9 * t["total"] - 2, t
+    assert t["trainings"] == pytest.approx(t["launch"] + t["run_setups"] + t["training_steps"] + t["final_evals"])
+    assert min(t["launch"], t["run_setups"], t["training_steps"], t["final_evals"]) > 0, t
+    # a second demo into the same folder replaces its own runs (the run dirs refuse a fresh start otherwise), here
+    # with the SSL study's arms: the paper's protocol, global BN in the paper-loss SSL phase, 10 % of the labels
+    again = hcml("demo", "--out", str(out), "--quick", "--study", timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    study = {"hcml_paper_protocol", "hcml_paper_loss_global_bn", "scarce_motion_no_nce", "scarce_joint_only",
+             "scarce_hcml"}
+    assert set(rep["models"]) == {"baseline", "motion_no_nce", "joint_only", "hcml", "hcml_paper_loss"} | study
+    m = rep["models"]
+    assert m["hcml_paper_protocol"]["steps"] == m["joint_only"]["steps"] + rep["ssl_steps"]  # SSL, then it all
+    assert m["scarce_hcml"]["steps"] - m["scarce_hcml"]["ssl_steps"] == m["scarce_joint_only"]["steps"]
+    assert m["scarce_joint_only"]["steps"] == m["scarce_motion_no_nce"]["steps"]
+    sub = rep["label_subset"]  # 10 % of 6 per class rounds to 1 per class: 12 videos, the ones the arms trained on
+    assert sub["fraction"] == 0.1 and len(sub["videos"]) == 12
+    assert sorted(v.split("/")[1] for v in sub["videos"]) == sorted(rep["classes"])
+    assert "labelled videos=12 of 72" in again.stdout
+    assert set(rep["knn"]["ssl"]) == {"ssl", "ssl_paper_loss", "ssl_paper_loss_global_bn"}
+    cfg = (out / "ssl_paper_loss_global_bn" / "config.yaml").read_text()
+    assert "bn: global" in cfg and "nce_negatives: all" in cfg
+    assert "hcml_paper_loss_global_bn-hcml_paper_loss" in rep["margins"]
+    assert "The SSL study" in (out / "report.txt").read_text()
 
 
 @pytest.mark.slow
@@ -235,6 +261,32 @@ def test_demo_noise_rule_and_seed_aggregation():
     assert agg["margin_spread"]["joint_only-motion_no_nce"]["top1_sd"] == pytest.approx(2.0)
     assert agg["knn"]["ssl"]["ssl"]["low"] == 10.0
     assert agg["seeds"] == [0, 1, 2]
+
+
+def test_label_subset_is_class_balanced_seeded_and_in_list_order():
+    """data.label_fraction's subset against hand counts: round(fraction x n) per class (at least one), the same
+    for the same seed, another for another seed, in the list's own order; 1.0 keeps everything."""
+    from hcml.pipeline.prepared import Sample, label_subset
+
+    samples = [Sample(f"v{i}.webm", i % 3, 32) for i in range(30)] + [Sample("rare.webm", 3, 32)]
+    sub = label_subset(samples, 0.2, seed=0)
+    counts = {c: sum(s.label == c for s in sub) for c in range(4)}
+    assert counts == {0: 2, 1: 2, 2: 2, 3: 1}  # 20 % of 10 per class; the class of one video keeps it
+    assert sub == [s for s in samples if s in sub]  # list order
+    assert label_subset(samples, 0.2, seed=0) == sub
+    assert label_subset(samples, 0.2, seed=1) != sub
+    assert label_subset(samples, 1.0) == samples
+
+
+def test_label_fraction_is_checked():
+    from hcml.errors import ConfigError
+    from hcml.launch.config import load_config, resolve_recipe
+
+    for ov, says in ((["data.label_fraction=0"], "in (0, 1]"), (["data.label_fraction=1.5"], "in (0, 1]"),
+                     (["data.label_fraction=0.1", "train.phase=ssl"], "uses no labels")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config(resolve_recipe("demo"), ov)
+    assert load_config(resolve_recipe("demo_scarce")).data.label_fraction == 0.1
 
 
 def test_demo_recipes_split_the_same_step_total():

@@ -141,7 +141,7 @@ def test_gradcam_names_are_unique_for_clips_of_the_same_name():
 
 def test_files_honour_the_umask_and_a_second_user_reads_them(tiny_dataset):
     """Under umask 022 every file hcml writes (dataset lists, dataset.yaml, videos, prepare's report, checkpoints,
-    the atomic temp-and-rename ones included) is 0644 and a different user can read it."""
+    predictions, exported programs, the atomic temp-and-rename ones included) is 0644 and a different user can read it."""
     if os.getuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to read the files as a second user")
     shared = Path(tempfile.mkdtemp(prefix="hcml-shared-"))
@@ -155,7 +155,11 @@ def test_files_honour_the_umask_and_a_second_user_reads_them(tiny_dataset):
                 + " ".join(SMALL) + " data.batch_size=1 train.max_steps=1",
                 f"ls {shared}/synth/train/*/*.webm | sed 's|{shared}/synth/||; s|$| 0|' > {shared}/list.txt && "
                 f"{PY} -m hcml.launch.cli prepare lists --root {shared}/synth --train-list {shared}/list.txt "
-                f"--val-list {shared}/list.txt --reencode vp9 --frames 4 --out {shared}/prepared"]
+                f"--val-list {shared}/list.txt --reencode vp9 --frames 4 --out {shared}/prepared",
+                f"{PY} -m hcml.launch.cli predict --checkpoint {shared}/run/checkpoints/ckpt_00000001.pt "
+                f"--dir {shared}/synth/val --out {shared}/predictions.csv",
+                f"{PY} -m hcml.launch.cli export --checkpoint {shared}/run/checkpoints/ckpt_00000001.pt "
+                f"--out {shared}/model.pt2"]
         for cmd in cmds:
             res = subprocess.run(["bash", "-c", umask + cmd], env=env, capture_output=True, text=True, timeout=300)
             assert res.returncode == 0, res.stderr[-2000:]
@@ -170,6 +174,7 @@ def test_files_honour_the_umask_and_a_second_user_reads_them(tiny_dataset):
         assert any(p.suffix == ".pt" for p in files)
         assert any(p.name == "train.txt" for p in files)
         assert (shared / "prepared/report.json").is_file()
+        assert (shared / "predictions.csv").is_file() and (shared / "model.pt2").is_file()
         assert list((shared / "prepared/videos").rglob("*.webm"))
         dirs = {str(p): oct(p.stat().st_mode & 0o777) for p in shared.rglob("*") if p.is_dir()
                 and p.stat().st_mode & 0o777 != 0o755}
