@@ -81,7 +81,8 @@ MARGINS = (("hcml", "motion_no_nce"), ("joint_only", "motion_no_nce"), ("hcml", 
            ("scarce_hcml", "scarce_joint_only"), ("scarce_hcml", "scarce_motion_no_nce"),
            ("scarce_joint_only", "scarce_motion_no_nce"))
 SPREAD_FILE = "demo_spread.json"
-PLAN_SECONDS = "__plan_seconds__"  # train_all's wall time, beside the summaries
+PLAN_SECONDS = "__plan_seconds__"
+SEED_REPORT = "seed_report.json"  # one seed's figures under --seeds, written as soon as the seed is done  # train_all's wall time, beside the summaries
 NOISE_SDS = 2  # a margin counts only above this many standard deviations of its seed-to-seed spread
 
 
@@ -254,13 +255,9 @@ def dataset(out: Path, quick: bool):
     return data, load_prepared(data)
 
 
-def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool, study: bool = False) -> dict:
-    """Every arm once with ``train.seed=seed`` (with ``study``, the SSL study's arms too): {models, nce, knn,
-    steps, ...} for the report."""
-    from hcml.launch.checkpoint import list_checkpoints
-
-    split = "test"
-    common = [f"train.seed={seed}", f"data.eval_split={split}"]
+def seed_plan(out: Path, data: Path, seed: int, quick: bool, study: bool):
+    """The SSL runs, the arms and the plan entries of one seed (the trainings ``run_seed`` runs)."""
+    common = [f"train.seed={seed}", "data.eval_split=test"]
     quick_ov = ["optim.epochs=2", "optim.warmup_epochs=1"] if quick else []
     ssl_quick = ["optim.epochs=1", "optim.warmup_epochs=0"] if quick else []
     data_ov = [f"data.root={data}"]
@@ -276,6 +273,23 @@ def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool, stud
         entries.append(PlanEntry(key, resolve_recipe(arm.recipe), [*data_ov, f"run_dir={out / key}",
                                                                    *arm.overrides, *common, *tail],
                                  overwrite=True, init_from_run=str(out / arm.ssl) if arm.ssl else None))
+    return ssl_runs, arms, entries
+
+
+def plan_fingerprint(entries) -> dict[str, str]:
+    """Each training's resolved config, hashed: a finished seed is reused only for exactly these trainings."""
+    from hcml.launch.config import fingerprint
+
+    return {e.name: fingerprint(load_config(e.config, e.overrides)) for e in entries}
+
+
+def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool, study: bool = False) -> dict:
+    """Every arm once with ``train.seed=seed`` (with ``study``, the SSL study's arms too): {models, nce, knn,
+    steps, ...} for the report."""
+    from hcml.launch.checkpoint import list_checkpoints
+
+    split = "test"
+    ssl_runs, arms, entries = seed_plan(out, data, seed, quick, study)
     done = train_all(entries, out, nproc)
     ssl_ckpts = {key: list_checkpoints(out / key / "checkpoints")[-1] for key in ssl_runs}
     steps = {key: done[key]["step"] for key in ssl_runs}
@@ -305,7 +319,8 @@ def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool, stud
               "knn": time.time() - t_knn, "per_run": {k: v["seconds"] for k, v in runs.items()}}
     timing["launch"] = timing["trainings"] - sum(v["seconds"] for v in runs.values())
     rep = {"seed": seed, "models": models, "nce": nce, "knn": knn, "steps": max(main.values()),
-           "ssl_steps": steps["ssl"], "margins": margins(models), "timing": timing}
+           "ssl_steps": steps["ssl"], "margins": margins(models), "timing": timing,
+           "plan": plan_fingerprint(entries)}
     if study:
         cfg = load_config(resolve_recipe("demo_scarce"))
         subset = label_subset(ds.train, cfg.data.label_fraction, cfg.data.label_seed)
@@ -418,8 +433,16 @@ def run_demo(out: Path, nproc: int = 2, quick: bool = False, seeds: int = 1, stu
     else:
         per_seed = []
         for s in range(seeds):  # each seed's figures kept on disk as soon as they exist
+            kept = out / f"seed{s}" / SEED_REPORT
+            if kept.is_file():  # a seed an interrupted --seeds run finished: reused if its trainings are these
+                prev = json.loads(kept.read_text())
+                if prev.get("plan") == plan_fingerprint(seed_plan(out / f"seed{s}", data, s, quick, study)[2]):
+                    print(f"[demo] seed {s}: reusing the figures a finished earlier run left in {kept} (the same "
+                          f"trainings; delete the file to train it again)", flush=True)
+                    per_seed.append(prev)
+                    continue
             per_seed.append(run_seed(out / f"seed{s}", data, ds, s, nproc, quick, study))
-            atomic_write_text(out / f"seed{s}" / "seed_report.json", json.dumps(per_seed[-1], indent=1))
+            atomic_write_text(kept, json.dumps(per_seed[-1], indent=1))
         rep = {**aggregate(per_seed), "per_seed": per_seed}
         arm_dir = out / "seed0"
         spread = {"command": f"hcml demo --seeds {seeds}", "measured": time.strftime("%Y-%m-%d"),

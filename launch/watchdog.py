@@ -8,7 +8,8 @@ When this rank has made no step for the timeout it writes one line and exits wit
 ends (or restarts) the job. Who stalled: a rank whose thread went silent (stopped, SIGSTOP, a frozen node), else a
 rank still waiting for data while the others wait in a collective (a wedged read), else all ranks look alike (a
 hung collective or GPU) and the line says so. It also exits when its parent is gone (torchrun killed): no orphan
-keeps training.
+keeps training. A pause of the whole process or machine (a VM snapshot or live migration, SIGSTOP to the job,
+a suspended laptop) shows as the thread's own tick coming far too late: that time is not counted as a stall.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Watchdog(threading.Thread):
         self.interval = max(0.5, min(10.0, timeout_s / 10))
         self.on_tick = on_tick  # called with seconds since the last step (Prometheus gauge)
         self.step, self.phase, self.t_progress = 0, "start", time.time()
+        self.frozen_s = 0.0  # seconds this process was frozen (its ticks came late), in all
+        self.frozen_at_beat = 0.0  # frozen_s when the loop last beat: what counts since
         # under torchrun only: a process started from a shell may outlive it on purpose (nohup)
         self.parent = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
         self._stop = threading.Event()
@@ -36,15 +39,26 @@ class Watchdog(threading.Thread):
 
     def beat(self, step: int, phase: str) -> None:
         """From the training loop: cheap, no I/O."""
-        self.step, self.phase, self.t_progress = step, phase, time.time()
+        self.step, self.phase, self.t_progress, self.frozen_at_beat = step, phase, time.time(), self.frozen_s
 
     def stop(self) -> None:
         self._stop.set()
 
+    def idle(self, now: float) -> float:
+        """Seconds without a step, less the time the process spent frozen since the last one."""
+        return now - self.t_progress - (self.frozen_s - self.frozen_at_beat)
+
     def run(self) -> None:
+        last = time.time()
         while not self._stop.wait(self.interval):
             now = time.time()
-            idle = now - self.t_progress
+            late = now - last - self.interval
+            last = now
+            if late > max(10.0, 3 * self.interval):  # not scheduled for that long: the process was frozen
+                self.frozen_s += late
+                os.write(2, f"hcml train (rank {self.rank}): warning: this process was frozen for {late:.0f} s (a "
+                            f"paused VM or node, SIGSTOP); not counted as a stall\n".encode())
+            idle = self.idle(now)
             if self.on_tick:
                 self.on_tick(idle)
             views = self._exchange(now)
@@ -72,7 +86,7 @@ class Watchdog(threading.Thread):
 
     def verdict(self, views: dict[int, dict], now: float) -> str:
         since = datetime.datetime.fromtimestamp(self.t_progress).strftime("%H:%M:%S")
-        head = f"stalled: no step for {now - self.t_progress:.0f} s (train.stall_timeout_s={self.timeout_s:g}) " \
+        head = f"stalled: no step for {self.idle(now):.0f} s (train.stall_timeout_s={self.timeout_s:g}) " \
                f"after step {self.step} at {since}"
         deaf = min(self.timeout_s / 2, 3 * self.interval + 5)  # several missed heartbeats, well inside the timeout
         silent = sorted(r for r in range(self.world) if r not in views or now - views[r]["alive"] > deaf)

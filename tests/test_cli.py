@@ -289,6 +289,20 @@ def test_label_fraction_is_checked():
     assert load_config(resolve_recipe("demo_scarce")).data.label_fraction == 0.1
 
 
+def test_a_finished_seed_is_reused_only_for_the_same_trainings(tmp_path):
+    """`demo --seeds N` keeps each finished seed's figures; a rerun reuses them only when every training of that
+    seed resolves to the same config (another seed, the study on or off, or a recipe change retrains)."""
+    from hcml.launch.demo import plan_fingerprint, seed_plan
+
+    def fp(seed, study, out=tmp_path / "seed0"):
+        return plan_fingerprint(seed_plan(out, tmp_path / "data", seed, False, study)[2])
+
+    assert fp(0, True) == fp(0, True)
+    assert fp(0, True) != fp(1, True)
+    assert fp(0, False) != fp(0, True) and set(fp(0, True)) > set(fp(0, False))
+    assert fp(0, False, tmp_path / "elsewhere") != fp(0, False)
+
+
 def test_demo_recipes_split_the_same_step_total():
     """HCML's two phases together train exactly as many epochs as the controls, on the same data settings."""
     from hcml.launch.config import load_config, resolve_recipe

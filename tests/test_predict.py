@@ -5,12 +5,10 @@ while the others go on."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

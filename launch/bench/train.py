@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 
