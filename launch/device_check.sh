@@ -4,15 +4,17 @@
 #   run      carry [".device_payload"]   bash launch/device_check.sh run
 #
 # Stages run in order of value, each under its own time limit and only while the budget allows it:
-#   1 op build (JIT, only the device's arch; spatial-correlation-sampler built beside it from a source copy in
-#     .device_payload/scs when carried, else reported "not compared")   2 op correctness (GPU tests: every
+#   1 op build (JIT, only the device's arch; training needs it; spatial-correlation-sampler built beside it from a
+#     source copy in .device_payload/scs when carried, else reported "not compared")
+#   2 input and end to end, which need DALI from .dali_payload (two more calls, see
+#     ../shared/tools/dali_device_payload.sh and `stage` below; without it they are reported as skipped): pipeline
+#     compare with NVDEC utilisation (nvidia-smi dmon), a short training run (SyncBN with as many processes as
+#     GPUs), predict on H.264 through NVDEC, export for CUDA in bf16
+#   3 op correctness (GPU tests: every
 #     kernel family x dtype x layout against the CPU op, tensor vs CUDA cores, dispatch counters, the models'
 #     steps on the tensor-core path)
-#   3 op timing (bench op: N calls per event pair, warm and L2-flushed, tensor- and CUDA-core kernels, % of each
-#     one's roofline; the models' shapes)
-#   4 model compare + profile (bench model --compare --profile)   5 pipeline compare and 6 a short training run
-#     (SyncBN with as many processes as GPUs): these need DALI, which comes in .dali_payload (two more calls,
-#     see ../shared/tools/dali_device_payload.sh and `stage` below); without it they are reported as skipped.
+#   4 op timing (bench op: N calls per event pair, warm and L2-flushed, tensor- and CUDA-core kernels, % of each
+#     one's roofline; the models' shapes)   5 model compare + profile (bench model --compare --profile)
 # HCML_CHECK_ONLY=op stops after the op stages; HCML_CHECK_NCU=1 adds an Nsight Compute pass over the op's two
 # tensor-core kernels that serve bf16 ($OUT/ncu_op.txt). $OUT/report.json is rewritten after every stage and on exit (also when killed), so a call cut short still says
 # what ran. Make the payload here first:
@@ -123,6 +125,34 @@ export -f build_scs build_op build_both
 export ARCH OUT SITE
 stage "op build" 240 bash -c build_both
 
+# Input and end to end first (never measured in their current form), then what serves a trained model, then the op.
+if [ "${HCML_CHECK_ONLY:-}" = op ]; then
+  echo "HCML_CHECK_ONLY=op: no input, training, predict or export stages"
+elif python3 -c "import nvidia.dali" 2>/dev/null; then
+  stage "synthetic H.264 set" 90 hcml synth --out /tmp/h264 --codec h264 --size 320 --frames 48 --per-class 20 \
+    --val-per-class 2 --workers 16
+  # NVDEC utilisation beside the loaders' clips/s (the dec column of `nvidia-smi dmon -s u`)
+  (nvidia-smi dmon -s u -d 1 > "$OUT/nvdec_dmon.txt" 2>&1 &) ; sleep 0.2
+  stage "pipeline compare" 90 sh -c "hcml bench pipeline --data /tmp/h264 --config k400_r2d50_joint --device gpu --threads 16 --compare --batches 30 --json > $OUT/bench_pipeline.json"
+  pkill -f "nvidia-smi dmon" || true
+  stage "train (SyncBN, $NGPU process(es))" 120 hcml train --nproc-per-node "$NGPU" --config k400_r2d50_joint \
+    --data /tmp/h264 --run-dir /tmp/train_run train.max_steps=20 train.bn=global data.device=gpu \
+    data.eval_clips=1 data.eval_crops=1 train.progress=false optim.epochs=2 optim.warmup_epochs=1
+  ck=$(ls /tmp/train_run/checkpoints/ckpt_*.pt 2>/dev/null | tail -1)
+  if [ -n "$ck" ]; then
+    stage "predict (H.264 on NVDEC)" 45 sh -c "hcml predict --checkpoint $ck --dir /tmp/h264/val --views 2x3 \
+      --out $OUT/predict.jsonl > $OUT/predict.txt"
+    stage "export (cuda, bf16)" 60 sh -c "hcml export --checkpoint $ck --out /tmp/model_cuda.pt2 --device cuda \
+      --dtype bfloat16 --dynamic-batch > $OUT/export.txt"
+  else
+    skip "predict" "no checkpoint from the train stage"
+    skip "export" "no checkpoint from the train stage"
+  fi
+else
+  skip "pipeline compare" "DALI not installed on the device (payload not carried)"
+  skip "train" "DALI not installed on the device (payload not carried)"
+fi
+
 stage "op correctness" 150 python3 -m pytest -q -m gpu tests/test_cost_volume.py -p no:cacheprovider \
   --junitxml="$OUT/op_tests.xml"
 
@@ -149,15 +179,4 @@ if [ "${HCML_CHECK_ONLY:-}" = op ]; then echo "HCML_CHECK_ONLY=op: the op stages
 
 stage "model compare + profile" 240 sh -c "hcml bench model --arch r2d50 --frames 16 --compare --profile --iters 8 --json > $OUT/bench_model.json"
 
-if python3 -c "import nvidia.dali" 2>/dev/null; then
-  stage "synthetic H.264 set" 90 hcml synth --out /tmp/h264 --codec h264 --size 320 --frames 48 --per-class 20 \
-    --val-per-class 2 --workers 16
-  stage "pipeline compare" 90 sh -c "hcml bench pipeline --data /tmp/h264 --config k400_r2d50_joint --device gpu --threads 16 --compare --batches 30 --json > $OUT/bench_pipeline.json"
-  stage "train (SyncBN, $NGPU process(es))" 120 hcml train --nproc-per-node "$NGPU" --config k400_r2d50_joint \
-    --data /tmp/h264 --run-dir /tmp/train_run train.max_steps=20 train.bn=global data.device=gpu \
-    data.eval_clips=1 data.eval_crops=1 train.progress=false optim.epochs=2 optim.warmup_epochs=1
-else
-  skip "pipeline compare" "DALI not installed on the device (payload not carried)"
-  skip "train" "DALI not installed on the device (payload not carried)"
-fi
 echo "done in $(elapsed)s"
