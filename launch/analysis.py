@@ -6,6 +6,7 @@ torchvision and OpenCV, and PyPI's torchvision does not import beside the CPU to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -89,8 +90,9 @@ def format_knn_table(t: dict) -> str:
 
 
 @torch.no_grad()
-def extract_level_features(model, loader: EvalLoader, info: DistInfo, n_videos: int) -> dict[str, torch.Tensor]:
-    """Globally pooled, L2-normalised per-level motion features per video (views averaged), all ranks gathered."""
+def extract_level_features(model, loader, info: DistInfo, n_videos: int, views: int = 1) -> dict[str, torch.Tensor]:
+    """Globally pooled, L2-normalised per-level motion features per video (views averaged), all ranks gathered.
+    ``loader``: an :class:`EvalLoader` or the list of its batches (decoded once, scored by several models)."""
     model.eval()
     rows, feats = [], {lv: [] for lv in LEVELS}
     for clips, r in loader:
@@ -100,7 +102,8 @@ def extract_level_features(model, loader: EvalLoader, info: DistInfo, n_videos: 
         for lv in LEVELS:
             feats[lv].append(F.normalize(f[lv].float().mean(dim=(2, 3, 4)), dim=1).view(B, V, -1).mean(1).cpu())
         rows.append(r.cpu())
-    sums, _ = per_video(rows, feats, n_videos, loader.spec.eval_clips, info)
+    views = loader.spec.eval_clips if isinstance(loader, EvalLoader) else views
+    sums, _ = per_video(rows, feats, n_videos, views, info)
     return {lv: F.normalize(v, dim=1) for lv, v in sums.items()}
 
 
@@ -132,33 +135,71 @@ def run_knn(config_path: str | None, checkpoint: str, overrides: list[str], k: i
     centre crop, 1 clip), cosine KNN per level.
     ``random_init``: the checkpoint's network at random initialisation (seed ``train.seed``) instead of its
     weights: the reference any self-supervised feature must beat."""
-    cfg, ds, model = _load_motion_model(checkpoint, config_path, overrides)
+    return knn_many([checkpoint], config_path, overrides, k, [out], as_json, random_init=random_init)[0]
+
+
+KEEP_BYTES = 2 << 30  # decoded clips knn_many keeps for several models at most
+
+
+def knn_many(checkpoints: list[str], config_path: str | None, overrides: list[str], k: int, outs: list,
+             as_json: bool | None = None, random_init: bool = False) -> list[dict]:
+    """:func:`run_knn` for several checkpoints of one data setting, each video decoded once when the decoded
+    clips fit in ``KEEP_BYTES`` (the demo's: ~130 MB): every model then scores the same kept batches, so the tables
+    equal separate runs'; otherwise each pass decodes again. With ``random_init`` the first checkpoint's network
+    at random init (BN calibrated on the training clips) stands in for that checkpoint."""
+    cfg, ds, model = _load_motion_model(checkpoints[0], config_path, overrides)
     if not 1 <= k <= len(ds.train):
         raise ConfigError(f"--k {k}: needs 1 <= k <= the {len(ds.train)} training videos of {cfg.data.root}")
     info = init_distributed()
-    work = Path(out or Path(checkpoint).resolve().parent.parent / "knn")
+    query = ds.split(cfg.data.eval_split)
+    sets = {"train": ds.train, "query": query}
+    passes = len(checkpoints) + int(random_init)  # passes over the training clips (calibration included)
+    clip_bytes = 4 * 3 * cfg.data.frames * cfg.data.crop ** 2
+    keep = passes > 1 and (len(ds.train) + len(query)) * clip_bytes <= KEEP_BYTES
+
+    def source(split):
+        loader = components.eval_loader(cfg, ds, sets[split], info, single_view=True)
+        return list(loader) if keep else loader
+
+    batches = {split: source(split) for split in sets} if keep else None
+    jobs = []  # (model, checkpoint, out, random init)
     if random_init:
         torch.manual_seed(cfg.train.seed)
-        model = components.model_from_config(cfg, components.num_classes(cfg, ds)).to(info.device)
-        whole = DistInfo(device=info.device, local_rank=info.local_rank)  # every rank: all training clips
-        calibrate_bn(model, components.eval_loader(cfg, ds, ds.train, whole, single_view=True), info)
-    model = model.to(info.device)
-    feats, query = {}, ds.split(cfg.data.eval_split)
-    for split, samples in (("train", ds.train), ("query", query)):
-        loader = components.eval_loader(cfg, ds, samples, info, single_view=True)
-        feats[split] = extract_level_features(model, loader, info, len(samples))
-    table = knn_table(feats["train"], torch.tensor([s.label for s in ds.train]), feats["query"],
-                      torch.tensor([s.label for s in query]), ds.classes, k, info)
-    table["split"] = cfg.data.eval_split
-    table["random_init_calibrated"] = random_init  # BN statistics of the random network set on training clips
-    if info.main:
-        work.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(work / "knn.json", json.dumps(table, indent=1))
-        if as_json is not None:  # None: the caller prints
-            print(json.dumps(table, indent=1) if as_json else format_knn_table(table))
-            print(f"wrote {work / 'knn.json'}", file=sys.stderr if as_json else sys.stdout)
+        rand = components.model_from_config(cfg, components.num_classes(cfg, ds)).to(info.device)
+        if keep and info.world == 1:
+            calibrate_bn(rand, batches["train"], info)
+        else:  # every rank calibrates on all training clips, not its shard
+            whole = DistInfo(device=info.device, local_rank=info.local_rank)
+            calibrate_bn(rand, components.eval_loader(cfg, ds, ds.train, whole, single_view=True), info)
+        jobs.append((rand, checkpoints[0], outs[0], True))
+    else:
+        jobs.append((model, checkpoints[0], outs[0], False))
+    for ck, out in zip(checkpoints[1:], outs[1:]):
+        other, _, net = _load_motion_model(ck, config_path, overrides)
+        if other.data != cfg.data:  # the kept clips are the first checkpoint's data setting
+            diff = [f.name for f in dataclasses.fields(cfg.data) if getattr(cfg.data, f.name) != getattr(other.data, f.name)]
+            raise ConfigError(f"{ck}: data.{', data.'.join(diff)} differ from {checkpoints[0]}'s; run hcml knn on it "
+                              f"separately")
+        jobs.append((net, ck, out, False))
+    tables = []
+    for net, ck, out, rnd in jobs:
+        net = net.to(info.device)
+        feats = {split: extract_level_features(net, batches[split] if keep else source(split), info,
+                                               len(sets[split])) for split in sets}
+        table = knn_table(feats["train"], torch.tensor([s.label for s in ds.train]), feats["query"],
+                          torch.tensor([s.label for s in query]), ds.classes, k, info)
+        table["split"] = cfg.data.eval_split
+        table["random_init_calibrated"] = rnd  # BN statistics of the random network set on training clips
+        if info.main:
+            work = Path(out or Path(ck).resolve().parent.parent / "knn")
+            work.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(work / "knn.json", json.dumps(table, indent=1))
+            if as_json is not None:  # None: the caller prints
+                print(json.dumps(table, indent=1) if as_json else format_knn_table(table))
+                print(f"wrote {work / 'knn.json'}", file=sys.stderr if as_json else sys.stdout)
+        tables.append(table)
     cleanup()
-    return table
+    return tables
 
 
 # ---------------------------------------------------------------- Grad-CAM++ (Fig. 6)

@@ -211,15 +211,15 @@ def verdict(rep: dict) -> list[str]:
 
 
 def knn_reference(ssl_ckpts: dict[str, Path], out: Path, k: int, split: str) -> dict:
-    from hcml.launch.analysis import run_knn
+    from hcml.launch.analysis import knn_many
 
     print("[demo] KNN on per-level motion features: each SSL checkpoint and the same network at random init",
           flush=True)
-    ov = [f"data.eval_split={split}"]
     first = next(iter(ssl_ckpts.values()))
-    rand = run_knn(None, str(first), ov, k=k, out=str(out / "knn_random_init"), as_json=None, random_init=True)
-    ssl = {key: run_knn(None, str(ck), ov, k=k, out=str(out / f"knn_{key}"), as_json=None)
-           for key, ck in ssl_ckpts.items()}
+    keys = list(ssl_ckpts)
+    tables = knn_many([str(first), *map(str, ssl_ckpts.values())], None, [f"data.eval_split={split}"], k,
+                      [out / "knn_random_init", *(out / f"knn_{key}" for key in keys)], random_init=True)
+    rand, ssl = tables[0], dict(zip(keys, tables[1:]))
     return {"k": k, "split": split, "random_init_calibrated": rand["random_init_calibrated"],
             "ssl": {key: {lv: t["levels"][lv]["accuracy"] for lv in LEVELS} for key, t in ssl.items()},
             "random_init": {lv: rand["levels"][lv]["accuracy"] for lv in LEVELS}}

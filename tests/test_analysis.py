@@ -142,3 +142,18 @@ def test_random_init_reference_calibrates_bn_statistics_on_the_clips():
     assert not m.training
     assert bn.running_mean.abs().max() > 0.01
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights.items())  # no weight moved
+
+
+def test_knn_of_several_checkpoints_decodes_once_and_equals_separate_runs(trained_checkpoint, tmp_path):
+    """The demo's KNN (random init + each SSL checkpoint) scores kept clips with every model: the tables equal
+    those of separate `hcml knn` runs, the calibrated random init included."""
+    from hcml.launch.analysis import knn_many, run_knn
+
+    ck = str(trained_checkpoint)
+    many = knn_many([ck, ck], None, [], 3, [tmp_path / "a", tmp_path / "b"], random_init=True)
+    alone = [run_knn(None, ck, [], 3, str(tmp_path / "c"), None, random_init=True),
+             run_knn(None, ck, [], 3, str(tmp_path / "d"), None)]
+    for m, a in zip(many, alone):
+        assert m["levels"] == a["levels"]
+        assert m["random_init_calibrated"] == a["random_init_calibrated"]
+    assert many[0]["levels"] != many[1]["levels"]  # the random network is not the trained one
