@@ -103,11 +103,13 @@ def _spec(trained: components.Trained, req: Request, dali_device: str):
 
 
 def _dali_available() -> bool:
+    """DALI is a dependency, but a machine without it (a laptop, a serving box) still labels videos via PyAV."""
+    import importlib.util
+
     try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no `nvidia` namespace at all
         return False
-    return True
 
 
 class Predictor:
@@ -120,7 +122,8 @@ class Predictor:
         self.dali_device = "gpu" if cuda else "cpu"
         self.spec = _spec(trained, req, self.dali_device)
         self.prec = components.precision(trained.cfg, self.device)
-        self.model = trained.model.to(self.device).eval()
+        here = dataclasses.replace(info, device=self.device)
+        self.model = components.to_device(trained.model, here, self.prec).eval()
         self.dali = req.decoder != "pyav" and _dali_available()
 
     def label(self, paths: list[str], bar) -> list[dict]:
