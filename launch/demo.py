@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ ARMS = {
 # labels, the same labelled steps for every arm).
 STUDY_ARMS = {
     "hcml_paper_protocol": Arm("SSL, then the whole joint budget of joint_only", "demo", ssl="ssl"),
+    "joint_only_long": Arm("joint only for as many steps (its equal-compute control)", "demo", ["optim.epochs=14"]),
     "hcml_paper_loss_global_bn": Arm("SSL (paper's loss, global BN) -> joint", "demo_joint", PAPER_LOSS,
                                      ssl="ssl_paper_loss_global_bn"),
     "scarce_motion_no_nce": Arm("10% labels: motion module, lambda = 0", "demo_scarce", ["model.nce_lambda=0"]),
@@ -76,7 +78,8 @@ STUDY_ARMS = {
 # The margins the report judges: (arm, control)
 MARGINS = (("hcml", "motion_no_nce"), ("joint_only", "motion_no_nce"), ("hcml", "joint_only"),
            ("hcml_paper_loss", "motion_no_nce"),
-           ("hcml_paper_protocol", "joint_only"), ("hcml_paper_protocol", "motion_no_nce"),
+           ("hcml_paper_protocol", "joint_only"), ("hcml_paper_protocol", "joint_only_long"),
+           ("hcml_paper_protocol", "motion_no_nce"), ("joint_only_long", "joint_only"),
            ("hcml_paper_loss_global_bn", "hcml_paper_loss"), ("hcml_paper_loss_global_bn", "motion_no_nce"),
            ("scarce_hcml", "scarce_joint_only"), ("scarce_hcml", "scarce_motion_no_nce"),
            ("scarce_joint_only", "scarce_motion_no_nce"))
@@ -99,15 +102,41 @@ def pair_direction_accuracy(labels: list[int], preds: list[int], pairs) -> tuple
     return (100.0 * hit / tot if tot else float("nan")), tot
 
 
-def train_all(entries: list[PlanEntry], out: Path, nproc: int) -> dict[str, dict]:
+def finished_runs(entries: list[PlanEntry]) -> set[str]:
+    """The entries an earlier demo already trained exactly so: a summary with no stop signal and this config's
+    fingerprint, and (for a run started from an SSL checkpoint) that SSL run finished too, not retrained now."""
+    from hcml.launch.config import fingerprint
+
+    done: set[str] = set()
+    for e in entries:
+        summary = Path(run_dir_of(e)) / SUMMARY
+        if not summary.is_file():
+            continue
+        if e.init_from_run is not None and Path(e.init_from_run).name not in done:
+            continue  # its SSL phase trains again: so must it
+        s = json.loads(summary.read_text())
+        if s.get("stopped_by_signal", 0) is None and s.get("config_sha256") == fingerprint(
+                load_config(e.config, e.resolved_overrides())):  # model.init_from included, as the run had it
+            done.add(e.name)
+    return done
+
+
+def train_all(entries: list[PlanEntry], out: Path, nproc: int, reuse: bool = False) -> dict[str, dict]:
     """Every training of one seed as one ``hcml train --plan`` (one torchrun, one process group: the imports, the
-    group and its teardown once instead of per run); {entry name: its summary.json}."""
+    group and its teardown once instead of per run); {entry name: its summary.json}. ``reuse`` (``--seeds``, a
+    long study): runs that an earlier demo finished with the same config are not trained again."""
     dirs = {e.name: Path(run_dir_of(e)) for e in entries}
-    for d in dirs.values():  # a summary left by an earlier demo must not stand in for a run that did not happen
-        (d / SUMMARY).unlink(missing_ok=True)
+    keep = finished_runs(entries) if reuse else set()
+    for name, d in dirs.items():  # a summary left by an earlier demo must not stand in for a run that did not happen
+        if name not in keep:
+            (d / SUMMARY).unlink(missing_ok=True)
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)  # nor its checkpoint be resumed
+    if keep:
+        print(f"[demo] {len(keep)} of {len(entries)} trainings finished earlier with the same config: reused "
+              f"({', '.join(sorted(keep))})", flush=True)
     plan = write_plan(out / "plan.json", entries)
     t0 = time.time()
-    argv = ["train", "--plan", str(plan)]
+    argv = ["train", "--plan", str(plan), *(["--resume", "auto"] if keep else [])]
     print(f"[demo] {len(entries)} trainings ({', '.join(e.name for e in entries)}): "
           f"torchrun --nproc_per_node={nproc} hcml {' '.join(argv)}", flush=True)
     rc = run(Launch(nproc), argv)
@@ -283,14 +312,15 @@ def plan_fingerprint(entries) -> dict[str, str]:
     return {e.name: fingerprint(load_config(e.config, e.overrides)) for e in entries}
 
 
-def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool, study: bool = False) -> dict:
+def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool, study: bool = False,
+             reuse: bool = False) -> dict:
     """Every arm once with ``train.seed=seed`` (with ``study``, the SSL study's arms too): {models, nce, knn,
-    steps, ...} for the report."""
+    steps, ...} for the report. ``reuse``: trainings an earlier run finished with the same config are kept."""
     from hcml.launch.checkpoint import list_checkpoints
 
     split = "test"
     ssl_runs, arms, entries = seed_plan(out, data, seed, quick, study)
-    done = train_all(entries, out, nproc)
+    done = train_all(entries, out, nproc, reuse=reuse)
     ssl_ckpts = {key: list_checkpoints(out / key / "checkpoints")[-1] for key in ssl_runs}
     steps = {key: done[key]["step"] for key in ssl_runs}
     nce = {e.name: nce_at_end(out / e.name, load_config(e.config, e.overrides)) for e in entries
@@ -441,7 +471,7 @@ def run_demo(out: Path, nproc: int = 2, quick: bool = False, seeds: int = 1, stu
                           f"trainings; delete the file to train it again)", flush=True)
                     per_seed.append(prev)
                     continue
-            per_seed.append(run_seed(out / f"seed{s}", data, ds, s, nproc, quick, study))
+            per_seed.append(run_seed(out / f"seed{s}", data, ds, s, nproc, quick, study, reuse=not quick))
             atomic_write_text(kept, json.dumps(per_seed[-1], indent=1))
         rep = {**aggregate(per_seed), "per_seed": per_seed}
         arm_dir = out / "seed0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -301,6 +302,34 @@ def test_a_finished_seed_is_reused_only_for_the_same_trainings(tmp_path):
     assert fp(0, True) != fp(1, True)
     assert fp(0, False) != fp(0, True) and set(fp(0, True)) > set(fp(0, False))
     assert fp(0, False, tmp_path / "elsewhere") != fp(0, False)
+
+
+def test_an_interrupted_study_keeps_the_trainings_it_finished(tmp_path):
+    """Run-level reuse under --seeds: a training counts as done only with its summary, no stop signal, the same
+    config fingerprint (model.init_from included), and its SSL phase done too; all others train again."""
+    from hcml.launch.config import fingerprint, load_config
+    from hcml.launch.demo import finished_runs, seed_plan
+    from hcml.launch.plan import run_dir_of
+
+    out = tmp_path / "seed0"
+    entries = seed_plan(out, tmp_path / "data", 0, False, True)[2]
+    for e in entries:
+        d = Path(run_dir_of(e))
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "checkpoints" / "ckpt_00000150.pt").write_bytes(b"")
+    for e in entries:
+        sha = fingerprint(load_config(e.config, e.resolved_overrides()))
+        (Path(run_dir_of(e)) / "summary.json").write_text(json.dumps({"stopped_by_signal": None,
+                                                                       "config_sha256": sha}))
+    names = {e.name for e in entries}
+    assert finished_runs(entries) == names
+    (out / "ssl" / "summary.json").unlink()  # the SSL phase did not finish: it and all it initialises train again
+    again = names - finished_runs(entries)
+    assert again == {"ssl", "hcml", "hcml_paper_protocol", "scarce_hcml"}
+    (out / "joint_only" / "summary.json").write_text(json.dumps({"stopped_by_signal": None, "config_sha256": "x"}))
+    (out / "baseline" / "summary.json").write_text(json.dumps({"stopped_by_signal": 15, "config_sha256": fingerprint(
+        load_config(entries[3].config, entries[3].overrides))}))
+    assert {"joint_only", "baseline"} <= names - finished_runs(entries)
 
 
 def test_demo_recipes_split_the_same_step_total():
