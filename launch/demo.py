@@ -84,8 +84,9 @@ MARGINS = (("hcml", "motion_no_nce"), ("joint_only", "motion_no_nce"), ("hcml", 
            ("scarce_hcml", "scarce_joint_only"), ("scarce_hcml", "scarce_motion_no_nce"),
            ("scarce_joint_only", "scarce_motion_no_nce"))
 SPREAD_FILE = "demo_spread.json"
-PLAN_SECONDS = "__plan_seconds__"
-SEED_REPORT = "seed_report.json"  # one seed's figures under --seeds, written as soon as the seed is done  # train_all's wall time, beside the summaries
+PLAN_SECONDS = "__plan_seconds__"  # train_all's wall time, beside the summaries
+REUSED = "__reused__"  # and the trainings it did not run again (their time is an earlier run's)
+SEED_REPORT = "seed_report.json"  # one seed's figures under --seeds, written as soon as the seed is done
 NOISE_SDS = 2  # a margin counts only above this many standard deviations of its seed-to-seed spread
 
 
@@ -152,6 +153,7 @@ def train_all(entries: list[PlanEntry], out: Path, nproc: int, reuse: bool = Fal
     if rc != 0:
         raise SystemExit(f"[demo] the trainings failed with exit code {rc}")
     summaries[PLAN_SECONDS] = time.time() - t0
+    summaries[REUSED] = sorted(keep)
     return summaries
 
 
@@ -341,12 +343,13 @@ def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool, stud
         print(f"[demo] WARNING: the arms ran different step counts: {main}", flush=True)
     t_knn = time.time()
     knn = knn_reference(ssl_ckpts, out, 10, split)
-    runs = {k: v for k, v in done.items() if k != PLAN_SECONDS}
+    runs = {k: v for k, v in done.items() if k not in (PLAN_SECONDS, REUSED) and k not in done[REUSED]}
     evals = sum(v.get("eval_seconds", 0.0) for v in runs.values())
     setups = sum(v.get("setup_seconds", 0.0) for v in runs.values())
     timing = {"trainings": done[PLAN_SECONDS], "run_setups": setups, "final_evals": evals,
               "training_steps": sum(v["seconds"] for v in runs.values()) - evals - setups,
-              "knn": time.time() - t_knn, "per_run": {k: v["seconds"] for k, v in runs.items()}}
+              "knn": time.time() - t_knn, "per_run": {k: v["seconds"] for k, v in runs.items()},
+              "reused": done[REUSED]}
     timing["launch"] = timing["trainings"] - sum(v["seconds"] for v in runs.values())
     rep = {"seed": seed, "models": models, "nce": nce, "knn": knn, "steps": max(main.values()),
            "ssl_steps": steps["ssl"], "margins": margins(models), "timing": timing,
@@ -444,7 +447,8 @@ def format_timing(t: dict) -> str:
     return (f"time: {t['total']:.0f} s = dataset {t['dataset']:.0f} + trainings {t['trainings']:.0f} (torchrun and "
             f"imports {t['launch']:.0f}, run set-ups {t['run_setups']:.0f}, optimizer steps {t['training_steps']:.0f}, "
             f"final evaluations {t['final_evals']:.0f}) + KNN {t['knn']:.0f} + Grad-CAM {t['gradcam']:.0f} + "
-            f"report {t['report']:.0f}")
+            f"report {t['report']:.0f}" + (f"; {t['reused_runs']} trainings reused from an earlier run"
+                                             if t.get("reused_runs") else ""))
 
 
 def run_demo(out: Path, nproc: int = 2, quick: bool = False, seeds: int = 1, study: bool | None = None) -> int:
@@ -494,8 +498,9 @@ def run_demo(out: Path, nproc: int = 2, quick: bool = False, seeds: int = 1, stu
     png = plot_report(rep, ds.classes, out / "report.png")
     t_end = time.time()
     timings = [r["timing"] for r in rep.get("per_seed", [rep])]
-    rep["timing"] = {**{k: sum(t[k] for t in timings) for k in timings[0] if k != "per_run"},
-                     "dataset": t_data, "gradcam": t_report - t_cam, "report": t_end - t_report, "total": t_end - t0}
+    rep["timing"] = {**{k: sum(t[k] for t in timings) for k in timings[0] if k not in ("per_run", "reused")},
+                     "dataset": t_data, "gradcam": t_report - t_cam, "report": t_end - t_report, "total": t_end - t0,
+                     "reused_runs": sum(len(t.get("reused", [])) for t in timings)}
     rep["seconds"] = rep["timing"]["total"]
     text = (format_report(rep, ds.classes) + f"\nGrad-CAM++ (baseline above, HCML below): {pngs[0]}"
             f"\nThe result as a picture: {png}\n{format_timing(rep['timing'])}")

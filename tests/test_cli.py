@@ -185,7 +185,8 @@ def test_quick_demo_end_to_end(tmp_path):
     again = hcml("demo", "--out", str(out), "--quick", "--study", timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
-    study = {"hcml_paper_protocol", "hcml_paper_loss_global_bn", "scarce_motion_no_nce", "scarce_joint_only",
+    study = {"hcml_paper_protocol", "joint_only_long", "hcml_paper_loss_global_bn", "scarce_motion_no_nce",
+             "scarce_joint_only",
              "scarce_hcml"}
     assert set(rep["models"]) == {"baseline", "motion_no_nce", "joint_only", "hcml", "hcml_paper_loss"} | study
     m = rep["models"]
@@ -338,6 +339,11 @@ def test_demo_recipes_split_the_same_step_total():
 
     demo, ssl, joint = (load_config(resolve_recipe(n)) for n in ("demo", "demo_ssl", "demo_joint"))
     assert ssl.optim.epochs + joint.optim.epochs == demo.optim.epochs
+    # the study's equal-compute control of the paper's protocol (SSL, then demo.yaml's whole budget)
+    from hcml.launch.demo import STUDY_ARMS
+
+    long = load_config(resolve_recipe("demo"), STUDY_ARMS["joint_only_long"].overrides)
+    assert long.optim.epochs == ssl.optim.epochs + demo.optim.epochs
     assert ssl.train.phase == "ssl"
     assert joint.train.phase == "joint" == demo.train.phase
     assert ssl.data == demo.data == joint.data
