@@ -201,7 +201,8 @@ class Predictor:
             if seen[j] == K:
                 self._finish(recs[i], sums[j] / K, [s for s, _ in eval_views(samples[j].num_frames, self.spec)],
                              float(secs[j]), f"dali-{self.dali_device}")
-        return {idx[j]: loader.dropped_why[s.path] for j, s in enumerate(samples) if seen[j] < K}
+        return {idx[j]: loader.dropped_why.get(s.path, f"{int(seen[j])} of {K} views decoded")
+                for j, s in enumerate(samples) if seen[j] < K}
 
     def _pyav(self, path: str, rec: dict, dali_refused: str | None) -> None:
         t = time.perf_counter()
