@@ -74,6 +74,7 @@ STUDY_ARMS = {
     "scarce_motion_no_nce": Arm("10% labels: motion module, lambda = 0", "demo_scarce", ["model.nce_lambda=0"]),
     "scarce_joint_only": Arm("10% labels: joint only from scratch", "demo_scarce"),
     "scarce_hcml": Arm("10% labels: SSL on every video -> joint", "demo_scarce", ssl="ssl"),
+    "scarce_joint_only_long": Arm("10% labels: joint only for as many steps", "demo_scarce", ["optim.epochs=90"]),
 }
 # The margins the report judges: (arm, control)
 MARGINS = (("hcml", "motion_no_nce"), ("joint_only", "motion_no_nce"), ("hcml", "joint_only"),
@@ -82,7 +83,7 @@ MARGINS = (("hcml", "motion_no_nce"), ("joint_only", "motion_no_nce"), ("hcml", 
            ("hcml_paper_protocol", "motion_no_nce"), ("joint_only_long", "joint_only"),
            ("hcml_paper_loss_global_bn", "hcml_paper_loss"), ("hcml_paper_loss_global_bn", "motion_no_nce"),
            ("scarce_hcml", "scarce_joint_only"), ("scarce_hcml", "scarce_motion_no_nce"),
-           ("scarce_joint_only", "scarce_motion_no_nce"))
+           ("scarce_joint_only", "scarce_motion_no_nce"), ("scarce_hcml", "scarce_joint_only_long"))
 SPREAD_FILE = "demo_spread.json"
 PLAN_SECONDS = "__plan_seconds__"  # train_all's wall time, beside the summaries
 REUSED = "__reused__"  # and the trainings it did not run again (their time is an earlier run's)

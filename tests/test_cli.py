@@ -186,8 +186,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     study = {"hcml_paper_protocol", "joint_only_long", "hcml_paper_loss_global_bn", "scarce_motion_no_nce",
-             "scarce_joint_only",
-             "scarce_hcml"}
+             "scarce_joint_only", "scarce_hcml", "scarce_joint_only_long"}
     assert set(rep["models"]) == {"baseline", "motion_no_nce", "joint_only", "hcml", "hcml_paper_loss"} | study
     m = rep["models"]
     assert m["hcml_paper_protocol"]["steps"] == m["joint_only"]["steps"] + rep["ssl_steps"]  # SSL, then it all
@@ -344,6 +343,11 @@ def test_demo_recipes_split_the_same_step_total():
 
     long = load_config(resolve_recipe("demo"), STUDY_ARMS["joint_only_long"].overrides)
     assert long.optim.epochs == ssl.optim.epochs + demo.optim.epochs
+    # and of the label-scarce SSL arm: as many labelled steps as it has steps (48 videos: 3 steps per epoch)
+    scarce = load_config(resolve_recipe("demo_scarce"))
+    scarce_long = load_config(resolve_recipe("demo_scarce"), STUDY_ARMS["scarce_joint_only_long"].overrides)
+    per_epoch = 48 // 16
+    assert scarce_long.optim.epochs * per_epoch == ssl.optim.epochs * 30 + scarce.optim.epochs * per_epoch
     assert ssl.train.phase == "ssl"
     assert joint.train.phase == "joint" == demo.train.phase
     assert ssl.data == demo.data == joint.data
