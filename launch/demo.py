@@ -16,8 +16,10 @@ validation split is for selection, docs/DEMO.md). The report: top-1, direction a
 pairs (an order-blind model scores 50 %), each SSL phase's final contrastive loss against chance (ln of its
 candidates), the per-level KNN of both SSL checkpoints beside the same network at random initialisation with
 calibrated BN statistics (the paper's Table 7 form), and a Grad-CAM++ strip. ``--seeds N`` repeats every arm over
-N seeds and reports mean ± sd; a single run judges a margin only against the spread documented in
-``configs/demo_spread.json`` (written by ``--seeds``). Output: ``report.txt`` and ``report.json``.
+N seeds and reports mean ± sd, with the SSL study's arms (``STUDY_ARMS``: the paper's protocol, the paper's loss
+with global BN, 10 % of the labels, each SSL arm beside its equal-step control); a single run judges a margin only
+against the spread documented in ``configs/demo_spread.json`` (written by ``--seeds``). Output: ``report.txt``,
+``report.json`` and ``report.png``.
 """
 
 from __future__ import annotations
