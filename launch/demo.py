@@ -38,7 +38,7 @@ from hcml.files import atomic_write, atomic_write_text
 from hcml.launch.config import load_config, recipe_dir, resolve_recipe
 from hcml.launch.launcher import Launch, run
 from hcml.launch.plan import PlanEntry, run_dir_of, write_plan
-from hcml.launch.rundir import SUMMARY
+from hcml.launch.rundir import SUMMARY, finished_with, read_json
 from hcml.model import LEVELS
 from hcml.model.contrastive import num_candidates
 from hcml.pipeline import synth
@@ -113,14 +113,13 @@ def finished_runs(entries: list[PlanEntry]) -> set[str]:
 
     done: set[str] = set()
     for e in entries:
-        summary = Path(run_dir_of(e)) / SUMMARY
-        if not summary.is_file():
+        summary = read_json(Path(run_dir_of(e)) / SUMMARY)
+        if not summary:
             continue
         if e.init_from_run is not None and Path(e.init_from_run).name not in done:
             continue  # its SSL phase trains again: so must it
-        s = json.loads(summary.read_text())
-        if s.get("stopped_by_signal", 0) is None and s.get("config_sha256") == fingerprint(
-                load_config(e.config, e.resolved_overrides())):  # model.init_from included, as the run had it
+        # model.init_from included, as the run had it
+        if finished_with(summary, fingerprint(load_config(e.config, e.resolved_overrides()))):
             done.add(e.name)
     return done
 

@@ -60,6 +60,12 @@ def read_json(path: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
+def finished_with(summary: dict, config_sha256: str) -> bool:
+    """Whether a run's summary says it ended without a stop signal under exactly this config (its fingerprint):
+    a finished run that a restarted job, a resubmitted plan or a rerun study need not train again."""
+    return summary.get("stopped_by_signal", 0) is None and summary.get("config_sha256") == config_sha256
+
+
 def read_owner(run_dir: Path) -> dict:
     return read_json(Path(run_dir) / OWNER)
 

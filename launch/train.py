@@ -433,8 +433,7 @@ def _finished_before(cfg: C.Config, resume: str | None) -> bool:
     done = False
     if info.main:
         summary = rundir.read_json(Path(cfg.run_dir) / rundir.SUMMARY)
-        done = (summary.get("stopped_by_signal", 0) is None and summary.get("config_sha256") == C.fingerprint(cfg)
-                and (resume == "auto" or summary.get("job") == job))
+        done = rundir.finished_with(summary, C.fingerprint(cfg)) and (resume == "auto" or summary.get("job") == job)
     return bool(all_gather_objects(done, info)[0])
 
 
