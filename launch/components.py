@@ -151,9 +151,7 @@ def load_for_inference(checkpoint: str, classes_file: str | None = None) -> Trai
     if "fc.weight" not in ck["model"]:
         raise CheckpointError(f"{checkpoint} has no classifier (fc.weight): not an hcml classification model")
     n = int(ck["model"]["fc.weight"].shape[0])
-    model = model_from_config(cfg, n, log=lambda *_: None)
-    check_compatible(ck, model, checkpoint, cfg)
-    model.load_state_dict(ck["model"])
+    model = _restored(ck, cfg, n, checkpoint)
     if classes_file:
         return Trained(cfg, model, read_classes(classes_file, n, "--classes"), str(classes_file))
     if ck.get("classes"):  # a classifier wider than the dataset (model.num_classes) has unnamed outputs
@@ -176,10 +174,15 @@ def load_trained(checkpoint: str, config_path: str | None = None, overrides: lis
     C.apply_overrides(cfg, overrides or [])
     cfg.model.init_from = ""  # the checkpoint holds all the weights
     ds = load_prepared(cfg.data.root)
-    model = model_from_config(cfg, num_classes(cfg, ds))
+    return cfg, ds, _restored(ck, cfg, num_classes(cfg, ds), checkpoint)
+
+
+def _restored(ck: dict, cfg: C.Config, n_classes: int, checkpoint: str | Path) -> HCML:
+    """The network of ``cfg`` with the checkpoint's weights, a checkpoint that does not fit refused in one line."""
+    model = model_from_config(cfg, n_classes)  # model.init_from is cleared: nothing to log
     check_compatible(ck, model, checkpoint, cfg)
     model.load_state_dict(ck["model"])
-    return cfg, ds, model
+    return model
 
 
 def uses_nce(cfg: C.Config) -> bool:

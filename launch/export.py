@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hcml.errors import HCMLError
-from hcml.files import atomic_write
+from hcml.files import atomic_write, temp_prefix
 from hcml.launch import components
 from hcml.model import Classifier
 
@@ -73,7 +73,8 @@ def run_export(checkpoint: str, out: str, frames: int | None = None, crop: int |
         raise HCMLError(f"--crop {S}: must be >= 8")
     dt = DTYPES[dtype]
     net = Classifier(trained.model).eval().to(device=device, dtype=dt)
-    example = torch.randn(2, 3, T, S, S, dtype=dt, device=device)  # batch 2: a batch of 1 would be specialised into the graph
+    # batch 2: a batch of 1 would be specialised into the graph
+    example = torch.randn(2, 3, T, S, S, dtype=dt, device=device)
     dynamic = {"clips": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
     t0 = time.time()
     try:
@@ -99,7 +100,8 @@ def run_export(checkpoint: str, out: str, frames: int | None = None, crop: int |
         from torch._inductor import aoti_compile_and_package, aoti_load_package
 
         t1 = time.time()
-        tmp = Path(aoti).with_name(f".{Path(aoti).stem}.tmp.pt2")  # aoti insists on the suffix
+        # the project's temp name (a killed run's is removed as stale); AOTInductor insists on the suffix
+        tmp = Path(aoti).with_name(temp_prefix(aoti) + ".pt2")
         try:
             aoti_compile_and_package(ep, package_path=str(tmp))
             tmp.replace(aoti)
