@@ -177,7 +177,8 @@ def knn_many(checkpoints: list[str], config_path: str | None, overrides: list[st
     for ck, out in zip(checkpoints[1:], outs[1:]):
         other, _, net = _load_motion_model(ck, config_path, overrides)
         if other.data != cfg.data:  # the kept clips are the first checkpoint's data setting
-            diff = [f.name for f in dataclasses.fields(cfg.data) if getattr(cfg.data, f.name) != getattr(other.data, f.name)]
+            diff = [f.name for f in dataclasses.fields(cfg.data)
+                    if getattr(cfg.data, f.name) != getattr(other.data, f.name)]
             raise ConfigError(f"{ck}: data.{', data.'.join(diff)} differ from {checkpoints[0]}'s; run hcml knn on it "
                               f"separately")
         jobs.append((net, ck, out, False))

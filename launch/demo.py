@@ -182,8 +182,8 @@ def format_report(rep: dict, classes: list[str]) -> str:
     if study:
         sub = rep.get("label_subset", {})
         lines += ["", f"The SSL study (docs/DEMO.md); steps = self-supervised + labelled; "
-                      f"{sub.get('fraction', 0):.0%} labels = {len(sub.get('videos', []))} training videos, class-balanced, seed {sub.get('seed')} "
-                      f"(report.json lists them); controls from the table above",
+                      f"{sub.get('fraction', 0):.0%} labels = {len(sub.get('videos', []))} training videos, "
+                      f"class-balanced, seed {sub.get('seed')} (report.json lists them); controls from the table above",
                   f"{'arm':<56}{'steps':>9}{'top-1':>14}   direction in pairs"]
         for k, r in study.items():
             ssl = r.get("ssl_steps", 0)
@@ -334,12 +334,11 @@ def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool, stud
     models = {}
     for key, arm in arms.items():
         s = done[key]
-        ev = s["eval"]
+        ev, ssl = s["eval"], steps[arm.ssl] if arm.ssl else 0
         d, n = pair_direction_accuracy(labels, ev["predictions"], pairs)
         models[key] = {"label": arm.label, "top1": ev["top1"], "top5": ev["top5"], "pair_direction": d,
-                       "pair_n": n, "per_class": ev["per_class"], "steps": s["step"] + (steps[arm.ssl] if arm.ssl else 0),
-                       "ssl_steps": steps[arm.ssl] if arm.ssl else 0, "train_seconds": s["seconds"],
-                       "split": ev.get("split"), "study": key in STUDY_ARMS}
+                       "pair_n": n, "per_class": ev["per_class"], "steps": s["step"] + ssl, "ssl_steps": ssl,
+                       "train_seconds": s["seconds"], "split": ev.get("split"), "study": key in STUDY_ARMS}
     main = {k: m["steps"] for k, m in models.items() if not m["study"]}
     if len(set(main.values())) != 1:
         print(f"[demo] WARNING: the arms ran different step counts: {main}", flush=True)
@@ -348,11 +347,10 @@ def run_seed(out: Path, data: Path, ds, seed: int, nproc: int, quick: bool, stud
     runs = {k: v for k, v in done.items() if k not in (PLAN_SECONDS, REUSED) and k not in done[REUSED]}
     evals = sum(v.get("eval_seconds", 0.0) for v in runs.values())
     setups = sum(v.get("setup_seconds", 0.0) for v in runs.values())
-    timing = {"trainings": done[PLAN_SECONDS], "run_setups": setups, "final_evals": evals,
-              "training_steps": sum(v["seconds"] for v in runs.values()) - evals - setups,
-              "knn": time.time() - t_knn, "per_run": {k: v["seconds"] for k, v in runs.items()},
-              "reused": done[REUSED]}
-    timing["launch"] = timing["trainings"] - sum(v["seconds"] for v in runs.values())
+    ran = sum(v["seconds"] for v in runs.values())  # inside the trainings; the rest of the plan's time: launch
+    timing = {"trainings": done[PLAN_SECONDS], "launch": done[PLAN_SECONDS] - ran, "run_setups": setups,
+              "final_evals": evals, "training_steps": ran - evals - setups, "knn": time.time() - t_knn,
+              "per_run": {k: v["seconds"] for k, v in runs.items()}, "reused": done[REUSED]}
     rep = {"seed": seed, "models": models, "nce": nce, "knn": knn, "steps": max(main.values()),
            "ssl_steps": steps["ssl"], "margins": margins(models), "timing": timing,
            "plan": plan_fingerprint(entries)}

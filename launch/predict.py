@@ -159,10 +159,11 @@ class Predictor:
             bar.update()
         return [recs[i] for i in range(len(paths))]
 
-    def _finish(self, rec: dict, scores: torch.Tensor, starts: list[int], seconds: float, decoder: str,
-                decoded: int | None = None) -> None:
+    def _finish(self, rec: dict, scores: torch.Tensor, seconds: float, decoder: str, decoded: int | None = None
+                ) -> None:
         names, k = self.trained.classes, min(self.req.top_k, len(self.trained.classes))
         p, idx = scores.topk(k)
+        starts = [s for s, _ in eval_views(rec["frames"], self.spec)]  # the views both decoders took
         notes = []
         span = clip_span(self.spec.frames, self.spec.stride)
         if rec["frames"] < span:
@@ -199,8 +200,7 @@ class Predictor:
             bar.update(int((seen == K).sum()) - before)
         for j, i in enumerate(idx):
             if seen[j] == K:
-                self._finish(recs[i], sums[j] / K, [s for s, _ in eval_views(samples[j].num_frames, self.spec)],
-                             float(secs[j]), f"dali-{self.dali_device}")
+                self._finish(recs[i], sums[j] / K, float(secs[j]), f"dali-{self.dali_device}")
         return {idx[j]: loader.dropped_why.get(s.path, f"{int(seen[j])} of {K} views decoded")
                 for j, s in enumerate(samples) if seen[j] < K}
 
@@ -214,8 +214,7 @@ class Predictor:
         B = self.spec.eval_rows_per_batch
         scores = torch.cat([score_views(self.model, views[i:i + B], self.prec, self.device)
                             for i in range(0, len(views), B)]).mean(0)
-        self._finish(rec, scores, [s for s, _ in eval_views(rec["frames"], self.spec)], time.perf_counter() - t,
-                     "pyav", decoded)
+        self._finish(rec, scores, time.perf_counter() - t, "pyav", decoded)
         if dali_refused:
             rec["note"] = "; ".join(filter(None, [rec.get("note"), f"DALI refused it ({dali_refused}): PyAV"]))
 

@@ -30,7 +30,8 @@ def bench_train(data: str, config: str | None = None, steps: int = 20, overrides
     dev = info.device
     ds = components.check_runnable(cfg)
     parts = build_parts(cfg, components.num_classes(cfg, ds), info)
-    sched = components.schedule(cfg, components.data_spec(cfg, ds, dev).steps_per_epoch(len(components.train_videos(cfg, ds)), 1), info)
+    videos = len(components.train_videos(cfg, ds))
+    sched = components.schedule(cfg, components.data_spec(cfg, ds, dev).steps_per_epoch(videos, 1), info)
     m = cfg.model
 
     profiler = nullcontext()
