@@ -148,6 +148,34 @@ def test_a_stopped_worker_ends_the_job_naming_it_within_the_stall_timeout(tiny_d
     assert m, log.read_text()[-3000:]
 
 
+def test_a_frozen_job_is_not_a_stall_and_finishes(tiny_dataset, tmp_path):
+    """Every process of `hcml train --nproc-per-node 2` stopped at once for 15 s (a paused or snapshotted VM, as
+    killed a demo on the development VM; 2.5x train.stall_timeout_s=6), then continued: no rank calls it a stall,
+    each says it was frozen, the run finishes every step and exits 0 — the pause costs no step."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(hcml_train(tiny_dataset, run, "--nproc-per-node", "2", "optim.epochs=4",
+                            "train.stall_timeout_s=6"), log)
+    wait_for_step(run, 2, proc, log)
+    frozen = [proc.pid, *processes_of(run)]
+    try:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(15)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        rc = proc.wait(timeout=180)
+    finally:
+        kill_all(run)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "stalled" not in text
+    assert len(re.findall(r"rank [01]\): warning: this process was frozen for 1\d s", text)) >= 2, text[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by_signal"] is None and summary["step"] == 24, summary
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
