@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hcml.model.contrastive import l2_normalize
 from hcml.ops import cost_volume, num_displacements
 
 
@@ -88,9 +89,9 @@ class PrimeMotionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, fmt = x.shape[0], memory_format_of(x)
-        # cosine correlation: the match, not the feature energy, decides. normalize() runs in fp32 under
-        # autocast; cast back so the cost volume reads bf16/fp16 (half the memory traffic, fp32 accumulation).
-        f = F.normalize(x, dim=1).to(x.dtype)
+        # cosine correlation: the match, not the feature energy, decides. Normalised in fp32 and cast back, so the
+        # cost volume reads bf16/fp16 under autocast (half the memory traffic, fp32 accumulation).
+        f = l2_normalize(x, dim=1)
         cv = cost_volume(frames_to_batch(previous_frame(f)), frames_to_batch(f), self.md, self.s)
         cv = F.relu(self.cv_bn(batch_to_frames(cv, B, fmt)))
         return self.mix(torch.cat([cv, self.reduce(x)], dim=1))

@@ -68,6 +68,8 @@ def library() -> ctypes.CDLL | None:
     for name in ("f32", "f64"):
         getattr(lib, f"hcml_cv_forward_{name}").argtypes = [P, P, P, L, L, L, L, L, L, L, L]
         getattr(lib, f"hcml_cv_backward_{name}").argtypes = [P, P, P, P, P, L, L, L, L, L, L, L, L]
+        getattr(lib, f"hcml_cv_forward_planar_{name}").argtypes = [P, P, P, P, L, L, L, L, L, L, L]
+        getattr(lib, f"hcml_cv_backward_planar_{name}").argtypes = [P, P, P, P, P, P, P, L, L, L, L, L, L, L]
     return lib
 
 
@@ -106,4 +108,44 @@ def backward(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, md: int, s: int)
     fn = getattr(library(), f"hcml_cv_backward_{_SUFFIX[a.dtype]}")
     _split(N, lambda n0, n1: fn(g.data_ptr(), a.data_ptr(), b.data_ptr(), g1.data_ptr(), g2.data_ptr(), N, H, W, C,
                                 md, s, n0, n1))
+    return g1, g2
+
+
+def planar(t: torch.Tensor) -> bool:
+    """Whether the planar kernels read ``t`` (N, C, H, W) where it lies: each (n, c) plane contiguous (any n and c
+    strides: NCHW, a transposed (B, T) view, a slice of channels)."""
+    _, _, H, W = t.shape
+    return (W <= 1 or t.stride(3) == 1) and (H <= 1 or t.stride(2) == W)
+
+
+def _strides(*ts: torch.Tensor) -> ctypes.Array:
+    """(n, c) strides of each tensor, in elements, for the planar kernels."""
+    return (ctypes.c_long * (2 * len(ts)))(*(st for t in ts for st in t.stride()[:2]))
+
+
+def forward_planar(a: torch.Tensor, b: torch.Tensor, md: int, s: int, D: int) -> torch.Tensor:
+    """a, b (N, C, H, W) of one dtype with contiguous planes (:func:`planar`) → contiguous (N, D², H, W)."""
+    N, C, H, W = a.shape
+    out = torch.empty((N, D * D, H, W), dtype=a.dtype)
+    st = _strides(a, b)
+    fn = getattr(library(), f"hcml_cv_forward_planar_{_SUFFIX[a.dtype]}")
+    _split(N, lambda n0, n1: fn(a.data_ptr(), b.data_ptr(), out.data_ptr(), st, H, W, C, md, s, n0, n1))
+    return out
+
+
+def backward_planar(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, md: int, s: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """g (N, D², H, W), a, b (N, C, H, W), all with contiguous planes → contiguous (dL/da, dL/db)."""
+    N, C, H, W = a.shape
+    g1 = torch.empty((N, C, H, W), dtype=a.dtype)
+    g2 = torch.empty((N, C, H, W), dtype=a.dtype)
+    st = _strides(a, b, g)
+    fn = getattr(library(), f"hcml_cv_backward_planar_{_SUFFIX[a.dtype]}")
+
+    def run(n0: int, n1: int) -> None:
+        gm = torch.empty(g.shape[1] * H * W, dtype=a.dtype)  # each thread's scratch: the masked grad of one image
+        fn(g.data_ptr(), a.data_ptr(), b.data_ptr(), g1.data_ptr(), g2.data_ptr(), gm.data_ptr(), st, H, W, C, md,
+           s, n0, n1)
+
+    _split(N, run)
     return g1, g2

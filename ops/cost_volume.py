@@ -21,8 +21,9 @@ Implementations behind one API:
 - CUDA: ``csrc/cost_volume_nhwc.cuh`` (kernels compiled for the models' (d, s), and generic ones),
   dispatched in ``csrc/cost_volume_kernels.cu`` (needs only the CUDA toolkit), torch binding in
   ``csrc/cost_volume_binding.cpp``; built ahead of time in the Dockerfile, else JIT with a cache.
-- CPU: C kernels over NHWC buffers (``csrc/cost_volume_cpu.c``, compiled on first use, called via ctypes with
-  the images split over torch's threads); without a C compiler, one batched GEMM per displacement row reading
+- CPU: C kernels (``csrc/cost_volume_cpu.c``, compiled on first use, called via ctypes with the images split
+  over torch's threads) that read both layouts in place: NHWC for channels_last inputs, planar (contiguous
+  (n, c) planes, any n and c strides) for the rest, so the model's NCHW-on-CPU layout costs no copies; without a C compiler, one batched GEMM per displacement row reading
   the D columns of each pixel off a band of the score matrix (see the CPU section below).
 - Reference: :func:`cost_volume_reference` (unfold), for tests and benchmarks only.
 
@@ -61,12 +62,12 @@ def _layout(t: Tensor) -> torch.memory_format:
 
 
 # ---------------------------------------------------------------- CPU paths
-# Both work on NHWC tensors in the accumulation dtype. First choice: the C kernels of ops/csrc/cost_volume_cpu.c
-# (ops/_cpu.py builds them with the system compiler). Without a C compiler (or HCML_CPU_COST_VOLUME=torch), the
-# pure-torch band GEMMs: for one displacement row dy_i, pixel row y of f1 meets row y + dy_i of the zero-padded
-# f2. One batched GEMM per dy_i, (N·H, W, C) @ (N·H, C, W + 2·md), scores every x against every padded column;
-# the D columns that are real displacements (x + j·s) lie on a band of that (W, W + 2·md) matrix, read with one
-# strided view. The backward writes the incoming grads into that band (zeros elsewhere) and runs the two
+# First choice: the C kernels of ops/csrc/cost_volume_cpu.c (ops/_cpu.py builds them with the system compiler),
+# NHWC for channels_last inputs and planar for the rest, so neither layout is copied. Without a C compiler (or
+# HCML_CPU_COST_VOLUME=torch), the pure-torch band GEMMs on NHWC views: for one displacement row dy_i, pixel
+# row y of f1 meets row y + dy_i of the zero-padded f2. One batched GEMM per dy_i, (N·H, W, C) @ (N·H, C,
+# W + 2·md), scores every x against every padded column; the D columns that are real displacements (x + j·s) lie
+# on a band of that (W, W + 2·md) matrix, read with one strided view. The backward writes the incoming grads into that band (zeros elsewhere) and runs the two
 # transposed GEMMs.
 
 
@@ -125,22 +126,31 @@ def _gemm_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int, D: int
     return (g1 / max(C, 1)).view(N, H, W, C), g2p[:, md:md + H, md:md + W] / max(C, 1)
 
 
+def _c_input(t: Tensor, acc: torch.dtype) -> Tensor:
+    """``t`` in the accumulation dtype, read in place by the planar C kernels when its rows are unit-stride."""
+    t = t.to(acc)
+    return t if _cpu.planar(t) else t.contiguous()
+
+
 def _cpu_forward(f1: Tensor, f2: Tensor, md: int, s: int) -> Tensor:
     D, acc = num_displacements(md, s), _acc_dtype(f1)
-    if _cpu.available(acc):
-        out = _cpu.forward(_nhwc(f1, acc).contiguous(), _nhwc(f2, acc).contiguous(), md, s, D)
-    else:
-        out = _gemm_forward(f1, f2, md, s, D, acc)
-    return _from_nhwc(out, f1)
+    if not _cpu.available(acc):
+        return _from_nhwc(_gemm_forward(f1, f2, md, s, D, acc), f1)
+    if _layout(f1) == torch.channels_last:  # NHWC in place: the permutes are views
+        return _from_nhwc(_cpu.forward(_nhwc(f1, acc).contiguous(), _nhwc(f2, acc).contiguous(), md, s, D), f1)
+    return _cpu.forward_planar(_c_input(f1, acc), _c_input(f2, acc), md, s, D).to(f1.dtype)
 
 
 def _cpu_backward(grad: Tensor, f1: Tensor, f2: Tensor, md: int, s: int) -> tuple[Tensor, Tensor]:
     D, acc = num_displacements(md, s), _acc_dtype(f1)
-    if _cpu.available(acc):
+    if not _cpu.available(acc):
+        g1, g2 = _gemm_backward(grad, f1, f2, md, s, D, acc)
+    elif _layout(f1) == torch.channels_last:
         g1, g2 = _cpu.backward(_nhwc(grad, acc).contiguous(), _nhwc(f1, acc).contiguous(),
                                _nhwc(f2, acc).contiguous(), md, s)
     else:
-        g1, g2 = _gemm_backward(grad, f1, f2, md, s, D, acc)
+        g1, g2 = _cpu.backward_planar(_c_input(grad, acc), _c_input(f1, acc), _c_input(f2, acc), md, s)
+        return g1.to(f1.dtype), g2.to(f2.dtype)
     return _from_nhwc(g1, f1), _from_nhwc(g2, f2)
 
 

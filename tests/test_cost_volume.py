@@ -113,6 +113,54 @@ def test_channels_last_inputs_give_the_same_result(cpu_path):
     torch.testing.assert_close(a, b)
 
 
+# Other memory layouts of the same (N, C, H, W) values: what a model or a user hands the op.
+LAYOUTS = {
+    "contiguous": lambda t: t,
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "n-c-swapped": lambda t: t.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),  # a (B, T) batch seen so
+    "channel-slice": lambda t: torch.cat([t, t[:, :1]], 1)[:, :t.shape[1]],
+    "row-slice": lambda t: torch.cat([t, t[:, :, :2]], 2)[:, :, :t.shape[2]],
+    "column-slice": lambda t: torch.cat([t, t[..., :3]], 3)[..., :t.shape[3]],  # rows not contiguous: copied
+    "hw-transposed": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+}
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 7, 9, 4, 2), (2, 3, 6, 5, 6, 2), (3, 2, 5, 8, 2, 1), (2, 4, 1, 6, 2, 1)])
+def test_any_input_layout_gives_the_naive_values_and_gradients(shape, cpu_path):
+    """Every layout (the C kernels read NHWC or whole planes in place and copy the rest), each input and the
+    incoming gradient in a different one, gives the naive loop's values and the float64 reference's gradients."""
+    B, C, H, W, md, s = shape
+    gen = torch.Generator().manual_seed(3)
+    f1, f2 = torch.randn(B, C, H, W, generator=gen), torch.randn(B, C, H, W, generator=gen)
+    D = num_displacements(md, s)
+    g = torch.randn(B, D * D, H, W, generator=gen)
+    ref = naive(f1, f2, md, s)
+    a, b = f1.double().requires_grad_(), f2.double().requires_grad_()
+    grads_ref = torch.autograd.grad(cost_volume_reference(a, b, md, s), (a, b), g.double())
+    names = list(LAYOUTS)
+    for k, n1 in enumerate(names):
+        n2, ng = names[(k + 1) % len(names)], names[(k + 2) % len(names)]
+        a, b = LAYOUTS[n1](f1.clone()).requires_grad_(), LAYOUTS[n2](f2.clone()).requires_grad_()
+        assert torch.equal(a, f1) and torch.equal(b, f2)
+        out = cost_volume(a, b, md, s)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{n1}/{n2}: {m}")
+        grads = torch.autograd.grad(out, (a, b), LAYOUTS[ng](g.clone()))
+        for got, want in zip(grads, grads_ref):
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"gradients, inputs {n1}/{n2}, grad {ng}: {m}")
+
+
+def test_planar_kernels_read_planes_in_place():
+    """The layouts whose (n, c) planes are contiguous go to the planar C kernels without a copy (the model's
+    NCHW-on-CPU path); rows that are not contiguous are not read in place."""
+    from hcml.ops import _cpu
+
+    t = torch.randn(3, 4, 5, 6)
+    for name, want in [("contiguous", True), ("n-c-swapped", True), ("channel-slice", True), ("row-slice", True),
+                       ("column-slice", False), ("hw-transposed", False)]:
+        assert _cpu.planar(LAYOUTS[name](t)) is want, name
+
+
 def test_bad_arguments_are_named():
     x = torch.randn(1, 2, 5, 5)
     with pytest.raises(ValueError, match="multiple of stride"):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hcml.model import build_model, phase_loss
-from hcml.model.contrastive import future_prediction_loss, gather_positions, info_nce, negative_masks
+from hcml.model.contrastive import future_prediction_loss, gather_positions, info_nce, l2_normalize, negative_masks
 from hcml.model.summary import summarize
 
 
@@ -118,6 +118,25 @@ def test_motion_is_causal_no_future_frames():
 
 
 # ---------------------------------------------------------------- contrastive sampling
+@pytest.mark.parametrize("dim", [1, -1, 2])
+def test_l2_normalize_equals_f_normalize(dim):
+    """Values and input gradients equal torch's F.normalize (to float rounding), zero vectors included (eps
+    clamp: zero out, the 1/eps gradient), and a half-precision input comes back in its dtype."""
+    x = torch.randn(3, 5, 4, 6, 7, dtype=torch.float64)
+    x[0, :, 1, 2, 3] = 0  # a zero vector along dim 1
+    x = x.movedim(1, dim).contiguous().movedim(dim, 1) if dim != 1 else x  # another memory layout
+    x.requires_grad_(True)
+    g = torch.randn(x.shape, dtype=torch.float64)
+    ours, ref = l2_normalize(x.float(), dim), F.normalize(x.float(), dim=dim)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    ga, = torch.autograd.grad(l2_normalize(x, dim), x, g)
+    gb, = torch.autograd.grad(F.normalize(x, dim=dim), x, g)
+    torch.testing.assert_close(ga, gb, atol=1e-9, rtol=1e-7)  # 1/eps at the zero vector
+    half = l2_normalize(x.detach().to(torch.bfloat16), dim)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), ref.detach(), atol=1e-2, rtol=1e-2)
+
+
 def test_negative_counts_match_the_paper():
     B, N, T = 3, 4, 5
     m = negative_masks(B, N, T)
