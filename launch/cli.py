@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from hcml.errors import HCMLError
+from hcml.host import usable_cores
 from hcml.launch.launcher import LAUNCHED
 
 
@@ -266,7 +267,7 @@ def add_synth(p) -> None:
     p.add_argument("--frames", type=count(2), default=32)
     p.add_argument("--codec", choices=["vp9", "h264"], default="vp9")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=count(1), default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=count(1), default=usable_cores())
     p.add_argument("--overwrite", action="store_true", help="replace an earlier synth in --out")
 
 
@@ -281,7 +282,7 @@ def add_prepare(p) -> None:
     p.add_argument("--train-list", help="lists: the training list ('path label' per line)")
     p.add_argument("--val-list", help="lists: the validation list")
     p.add_argument("--classes", help="lists: class names, one per line (line number = label)")
-    p.add_argument("--workers", type=count(1), default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=count(1), default=usable_cores())
     p.add_argument("--reencode", choices=["h264", "hevc", "vp9", "none"], default="none",
                    help="h264 or hevc for NVDEC (GPU), vp9 for DALI's CPU decoder (it takes no H.264); none keeps "
                    "the files")

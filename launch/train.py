@@ -23,6 +23,7 @@ from torch import nn
 
 from hcml.errors import CheckpointError, NonFiniteLoss
 from hcml.files import atomic_write_text
+from hcml.host import threads_per_process
 from hcml.launch import components, config as C, rundir
 from hcml.launch.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, step_of
 from hcml.launch.distributed import (DistInfo, all_gather_objects, all_reduce_max, barrier, broadcast_buffers, cleanup,
@@ -122,7 +123,7 @@ def setup(cfg: C.Config, resume: str | None, overwrite: bool = False) -> Run:
         lock = rundir.RunLock(run_dir).acquire()
     barrier(info)
     if info.device.type == "cpu":
-        torch.set_num_threads(max(1, int(os.environ.get("HCML_THREADS", (os.cpu_count() or 1) // info.world))))
+        torch.set_num_threads(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", info.world))))
     torch.manual_seed(cfg.train.seed * 100 + info.rank)
     np.random.seed(cfg.train.seed + info.rank)
     if cfg.train.deterministic:
