@@ -1,5 +1,5 @@
-"""What several test files share: the tiny training recipe, the loss log of a run, waiting for a step, and finding
-or killing a run's processes."""
+"""What several test files share: the tiny training recipe, the loss log of a run, waiting for a step, finding,
+freezing or killing a run's processes."""
 
 from __future__ import annotations
 
@@ -33,6 +33,27 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen | None = None, lo
             assert proc.poll() is None, log.read_text()[-3000:] if log else f"exited {proc.returncode}"
         assert time.time() < deadline, f"no step {step} in {timeout} s"
         time.sleep(0.05)
+
+
+def freeze(pid: int, timeout: float = 10) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it has stopped. kill() returns while a thread running on
+    another core still runs until the signal reaches it (CI saw a prepare rename its temp file after the signal
+    was sent), so what a test looks at after this is what the frozen process left."""
+    import signal
+
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.time() + timeout
+    while True:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                states.append(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:  # the thread ended meanwhile
+                continue
+        if all(s in "TtZX" for s in states):
+            return
+        assert time.time() < deadline, f"process {pid} did not stop in {timeout} s (thread states {states})"
+        time.sleep(0.001)
 
 
 def processes_of(run: Path) -> list[int]:

@@ -18,6 +18,7 @@ from hcml.pipeline.prepare import prepare
 from hcml.pipeline.prepared import load_prepared
 from hcml.pipeline.sources import SourceOptions, load_source
 from tests.conftest import PY, run_env
+from tests.helpers import freeze
 from tests.videos import decoded_indices, write
 
 K400_HEADER = "label,youtube_id,time_start,time_end,split\n"
@@ -309,7 +310,7 @@ def test_a_stopped_prepare_says_so_in_one_line_and_the_same_command_continues(tm
     while len(list((tmp_path / "out").rglob("v*.webm"))) < 3:
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGSTOP)  # the count below is what the signal meets
+    freeze(proc.pid)  # the count below is what the signal meets
     started = len(list((tmp_path / "out").rglob("v*.webm"))) + 1  # the finished ones and the one in progress
     assert started <= 10, started
     os.kill(proc.pid, sig)
@@ -339,9 +340,10 @@ def test_killed_prepare_continues_and_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "a")], env=run_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline:  # kill once 3 videos are done and the next one is half-written
+    while True:  # kill once 3 videos are done and the next one is half-written
+        assert time.time() < deadline and proc.poll() is None, "never saw 3 videos done and a 4th half-written"
         if len(list((tmp_path / "a").rglob("v*.webm"))) >= 3 and list((tmp_path / "a").rglob(".tmp-*")):
-            os.kill(proc.pid, signal.SIGSTOP)  # frozen: the half-file seen is still there when it dies
+            freeze(proc.pid)  # every thread stopped: the half-file seen now is still there when it dies
             if list((tmp_path / "a").rglob(".tmp-*")):
                 break
             os.kill(proc.pid, signal.SIGCONT)
