@@ -180,6 +180,11 @@ def test_quick_demo_end_to_end(tmp_path):
     assert parts <= t["total"] + 0.5 and parts >= 0.9 * t["total"] - 2, t
     assert t["trainings"] == pytest.approx(t["launch"] + t["run_setups"] + t["training_steps"] + t["final_evals"])
     assert min(t["launch"], t["run_setups"], t["training_steps"], t["final_evals"]) > 0, t
+    runs = ("ssl", "ssl_paper_loss", "baseline", "motion_no_nce", "joint_only", "hcml", "hcml_paper_loss")
+    assert set(t["per_run"]) == set(runs), t  # each training's own time, adding up to the trainings' share
+    assert sum(r["seconds"] for r in t["per_run"].values()) == pytest.approx(t["trainings"] - t["launch"])
+    assert all(r["steps"] > 0 and r["ms_per_step"] > 0 for r in t["per_run"].values()), t
+    assert "per training (" in report and "hcml_paper_loss " in report.split("per training (")[1]
     # a second demo into the same folder replaces its own runs (the run dirs refuse a fresh start otherwise), here
     # with the SSL study's arms: the paper's protocol, global BN in the paper-loss SSL phase, 10 % of the labels
     again = hcml("demo", "--out", str(out), "--quick", "--study", timeout=900)
@@ -262,6 +267,26 @@ def test_demo_noise_rule_and_seed_aggregation():
     assert agg["margin_spread"]["joint_only-motion_no_nce"]["top1_sd"] == pytest.approx(2.0)
     assert agg["knn"]["ssl"]["ssl"]["low"] == 10.0
     assert agg["seeds"] == [0, 1, 2]
+
+
+def test_demo_timing_per_training_and_over_seeds():
+    """Each training's pace is its optimizer steps' seconds (set-up and final evaluation left out) per step; over
+    seeds the seconds add up and the pace is the mean of the seeds that trained it (a reused one did not)."""
+    from hcml.launch.demo import format_timing, run_timing, sum_timings
+
+    r = run_timing({"seconds": 30.0, "eval_seconds": 4.0, "setup_seconds": 1.0, "step": 100})
+    assert r == {"seconds": 30.0, "steps": 100, "ms_per_step": 250.0}
+    base = {"trainings": 40.0, "launch": 5.0, "run_setups": 1.0, "training_steps": 30.0, "final_evals": 4.0,
+            "knn": 2.0}
+    s0 = {**base, "per_run": {"a": r, "b": run_timing({"seconds": 5.0, "step": 50})}, "reused": []}
+    s1 = {**base, "per_run": {"a": run_timing({"seconds": 20.0, "step": 100})}, "reused": ["b"]}
+    old = {**base, "per_run": {"a": 12.0}, "reused": []}  # a seed report written before the pace was recorded
+    t = sum_timings([s0, s1, old])
+    assert t["trainings"] == 120.0 and t["reused_runs"] == 1
+    assert t["per_run"]["a"] == {"seconds": 50.0, "steps": 200, "ms_per_step": 225.0}
+    assert t["per_run"]["b"] == {"seconds": 5.0, "steps": 50, "ms_per_step": 100.0}
+    line = format_timing({**t, "dataset": 1.0, "gradcam": 0.0, "report": 0.0, "total": 130.0})
+    assert "a 50 s (225 ms/step), b 5 s (100 ms/step)" in line and "1 trainings reused" in line
 
 
 def test_label_subset_is_class_balanced_seeded_and_in_list_order():
