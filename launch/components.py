@@ -19,7 +19,7 @@ from hcml.launch.checkpoint import load_checkpoint
 from hcml.launch.distributed import GlobalBatchNorm, DistInfo
 from hcml.model import HCML
 from hcml.pipeline.loader import DataSpec, EvalLoader, TrainLoader, check_decodable, dali_device
-from hcml.pipeline.prepared import PreparedDataset, Sample, label_subset, load_prepared
+from hcml.pipeline.prepared import PreparedDataset, Sample, label_subset, load_prepared, read_class_names
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,7 @@ class Trained:
 
 def read_classes(path: str | Path, n: int, what: str) -> list[str]:
     """One class name per line; exactly ``n`` of them (the classifier's outputs)."""
-    try:
-        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise DatasetError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+    names = read_class_names(path, what)
     if len(names) != n:
         raise DatasetError(f"{what} {path}: {len(names)} class names, the checkpoint's classifier has {n} outputs")
     return names

@@ -174,6 +174,17 @@ def label_subset(samples: list[Sample], fraction: float, seed: int = 0) -> list[
     return [s for i, s in enumerate(samples) if i in keep]
 
 
+def read_class_names(path: str | Path, what: str = "class list") -> list[str]:
+    """One class name per non-blank line, line order = label, ends stripped (a list written on Windows or with
+    trailing blanks names the same classes): the one reader for a dataset's classes.txt and predict's --classes."""
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise DatasetError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{what} {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def load_prepared(root: str | Path) -> PreparedDataset:
     root = Path(root)
     if not root.is_dir():
@@ -183,7 +194,7 @@ def load_prepared(root: str | Path) -> PreparedDataset:
         raise DatasetError(f"{root} is not a prepared dataset ({cls_path.name} missing): make one from the videos "
                            f"with `hcml prepare DATASET --root {root} --out NEW_DIR` (docs/DATASETS.md) or "
                            f"`hcml synth`")
-    classes = [c for c in cls_path.read_text().splitlines() if c.strip()]
+    classes = read_class_names(cls_path, "the dataset's class list")
     meta_path = root / "dataset.yaml"
     meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else {}
     test = _read_split(root, "test.txt", len(classes)) if (root / "test.txt").is_file() else []

@@ -362,3 +362,22 @@ def test_killed_prepare_continues_and_equals_an_uninterrupted_run(tmp_path):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
     for p in (tmp_path / "b").rglob("v*.webm"):
         assert decoded_indices(p) == decoded_indices(tmp_path / "a" / p.relative_to(tmp_path / "b"))
+
+
+def test_a_class_list_from_windows_or_with_blanks_names_the_same_classes(tmp_path):
+    """classes.txt written with CRLF, trailing blanks and an empty last line gives the names a clean list gives, to
+    training (load_prepared) and to predict's --classes alike; a list that is not UTF-8 is refused naming the file."""
+    from hcml.launch.components import read_classes
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "classes.txt").write_bytes(b"air drumming \r\n  bowling\r\n\r\n")
+    (root / "train.txt").write_text("a.webm 1\n")
+    (root / "val.txt").write_text("b.webm 0\n")
+    assert load_prepared(root).classes == ["air drumming", "bowling"]
+    assert read_classes(root / "classes.txt", 2, "--classes") == ["air drumming", "bowling"]
+    with pytest.raises(DatasetError, match="--classes .*classes.txt: 2 class names, .* has 3 outputs"):
+        read_classes(root / "classes.txt", 3, "--classes")
+    (root / "classes.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"class list .*ds/classes.txt: not UTF-8 text \(byte 3"):
+        load_prepared(root)
