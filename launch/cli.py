@@ -344,12 +344,13 @@ def add_eval(p) -> None:
 
 
 def add_predict(p) -> None:
-    p.add_argument("videos", nargs="*", metavar="VIDEO", help="video files (any container/codec FFmpeg reads)")
+    p.add_argument("videos", nargs="*", metavar="VIDEO", help="video files (any container/codec FFmpeg "
+                   "reads) or folders of JPEG frames (Something-Something V1: one folder, one video)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of hcml train (ckpt_<step>.pt)")
     p.add_argument("--list", default=None, metavar="FILE", help="a file of video paths, one per line (relative "
                    "to the file's folder; # comments)")
-    p.add_argument("--dir", action="append", metavar="DIR", help="every video file under DIR, recursively "
-                   "(repeatable)")
+    p.add_argument("--dir", action="append", metavar="DIR", help="every video file under DIR, recursively, and "
+                   "every folder of JPEG frames in it (repeatable)")
     p.add_argument("--top-k", type=count(1), default=5, help="class names with probabilities per video (default 5)")
     p.add_argument("--views", default=None, metavar="KxC", help="K clips x C crops (1 or 3) per video; default: "
                    "the checkpoint's data.eval_clips x data.eval_crops, as hcml eval")

@@ -445,7 +445,8 @@ def plot_report(rep: dict, classes: list[str], path: Path) -> Path:
 def run_timing(summary: dict) -> dict:
     """One training's wall time and its optimizer steps' pace: the figure to compare between machines."""
     steps_s = summary["seconds"] - summary.get("eval_seconds", 0.0) - summary.get("setup_seconds", 0.0)
-    return {"seconds": summary["seconds"], "steps": summary["step"], "ms_per_step": 1000 * steps_s / max(1, summary["step"])}
+    steps = summary["step"]
+    return {"seconds": summary["seconds"], "steps": steps, "ms_per_step": 1000 * steps_s / max(1, steps)}
 
 
 def sum_timings(timings: list[dict]) -> dict:

@@ -30,6 +30,7 @@ from hcml.launch.evaluate import score_views
 from hcml.pipeline.loader import DALI_CODECS, EvalLoader, clip_span, eval_views, shard_rows
 from hcml.pipeline.prepared import Sample
 from hcml.pipeline.rawvideo import VIDEO_SUFFIXES, decode_views
+from hcml.pipeline.video import JPEG_SUFFIXES
 
 STATUS_ENV = "HCML_PREDICT_STATUS"  # the launcher's file where rank 0 leaves how many videos failed
 OUTPUTS = (".jsonl", ".csv")
@@ -58,7 +59,8 @@ def parse_views(text: str) -> tuple[int, int]:
 def collect_videos(videos: list[str], list_file: str | None, dirs: list[str]) -> list[str]:
     """The videos to label, in the order given, each once: arguments, then ``--list`` lines (relative to the
     list's folder; blank lines and ``#`` comments skipped), then every video file under each ``--dir``
-    (recursively, sorted). A missing list or folder is an error; a missing video is that video's failure."""
+    (recursively, sorted), a folder of JPEG frames counting as one video (Something-Something V1's layout). A
+    missing list or folder is an error; a missing video is that video's failure."""
     out = list(videos)
     if list_file:
         path = Path(list_file)
@@ -72,13 +74,22 @@ def collect_videos(videos: list[str], list_file: str | None, dirs: list[str]) ->
         root = Path(d)
         if not root.is_dir():
             raise HCMLError(f"--dir {d}: {'not a directory' if root.exists() else 'no such directory'}")
-        found = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+        found = sorted(str(p) for p in [root, *root.rglob("*")]
+                       if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES or p.is_dir() and is_frame_folder(p))
         if not found:
-            raise HCMLError(f"--dir {d}: no video files in it ({', '.join(VIDEO_SUFFIXES)})")
+            raise HCMLError(f"--dir {d}: no video files in it ({', '.join(VIDEO_SUFFIXES)}) and no folder of "
+                            f"JPEG frames")
         out += found
     if not out:
         raise HCMLError("no videos: give VIDEO paths, --list FILE or --dir DIR")
     return list(dict.fromkeys(out))
+
+
+def is_frame_folder(path: Path) -> bool:
+    """A folder of JPEG frames and no video files: one video (a folder of videos with a poster .jpg is not)."""
+    files = [p for p in path.iterdir() if p.is_file()]
+    return any(p.suffix.lower() in JPEG_SUFFIXES for p in files) and \
+        not any(p.suffix.lower() in VIDEO_SUFFIXES for p in files)
 
 
 def check_request(req: Request) -> components.Trained:
@@ -134,11 +145,11 @@ class Predictor:
         for i, path in enumerate(paths):
             rec = {"video": path, "ok": False}
             recs[i] = rec
-            if Path(path).is_dir():
-                rec["error"] = "a directory (pass --dir DIR for the videos in it)"
+            if Path(path).is_dir() and not is_frame_folder(Path(path)):
+                rec["error"] = "a directory, not a folder of JPEG frames (pass --dir DIR for the videos in it)"
                 bar.update()
                 continue
-            pr = probe_video(path, timestamps="any")
+            pr = probe_video(path, timestamps="any")  # a JPEG frame folder (Something-V1) is one video
             if not pr.ok:
                 rec["error"] = pr.reason + (f": {pr.detail}" if pr.detail else "")
                 bar.update()

@@ -24,6 +24,7 @@ from hcml.errors import DatasetError, HCMLError
 from hcml.files import atomic_write_text
 from hcml.pipeline.prepared import claim_folder, write_prepared
 from hcml.pipeline.sources import SourceOptions, load_source
+from hcml.pipeline.video import FRAME_FOLDER_FPS, frame_folder_frames
 
 from hcml.pipeline.loader import DALI_CODECS, clip_span
 
@@ -66,12 +67,18 @@ def probe_video(path: str | Path, min_frames: int = 1, timestamps: str = "unique
     import av
 
     path = Path(path)
-    if path.is_dir():  # a JPEG frame folder (Something-V1)
-        frames = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if path.is_dir():  # a JPEG frame folder (Something-V1): its first frame must decode, as a video's must
+        frames = frame_folder_frames(path)
         if not frames:
             return Probe(str(path), False, "no frames", "directory has no .jpg frames")
+        try:
+            with av.open(str(frames[0])) as c:
+                first = next(c.decode(video=0))
+        except Exception as e:  # noqa: BLE001 - PyAV's errors for a damaged or mislabelled file
+            return Probe(str(path), False, "undecodable", f"{frames[0].name}: {type(e).__name__}: {e}",
+                         "jpeg-frames", len(frames))
         return Probe(str(path), len(frames) >= min_frames, "" if len(frames) >= min_frames else "too few frames",
-                     f"{len(frames)} frames", "jpeg-frames", len(frames))
+                     f"{len(frames)} frames", "jpeg-frames", len(frames), FRAME_FOLDER_FPS, first.width, first.height)
     if not path.exists():
         return Probe(str(path), False, "missing")
     if path.stat().st_size == 0:

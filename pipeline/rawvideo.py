@@ -10,11 +10,15 @@ linear ROI resize, no antialiasing), so a view equals DALI's to within a few gre
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hcml.pipeline.loader import DataSpec, crop_window, eval_positions, eval_views
+from hcml.pipeline.video import frame_folder_frames
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ts")
 
@@ -72,13 +76,39 @@ def frame_crops(frame, spec: DataSpec) -> torch.Tensor:
     return (out.round() - mean) / std  # DALI's resize also rounds to uint8 before normalising
 
 
-def decode_views(path: str, num_frames: int, spec: DataSpec, threads: int = 0) -> tuple[torch.Tensor, int]:
-    """The eval views of a video: (views, crops, 3, T, crop, crop) float32, and how many frames decoded. Frames
-    past the end repeat the last one (DALI's ``pad_mode="edge"``). Decodes in presentation order up to the last
-    frame a view needs, cropping each needed frame as it comes (memory: the views, not the video). OSError with
-    the reason when the file cannot be opened or decodes no frame."""
+def _video_frames(path: str, threads: int) -> Iterator:
     import av
 
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise OSError(f"{path}: no video stream")
+        st = container.streams.video[0]
+        st.thread_type = "AUTO"
+        if threads:
+            st.thread_count = threads
+        yield from container.decode(st)
+
+
+def _folder_frames(path: str, wanted: set[int]) -> Iterator:
+    """A frame folder's frames in order, decoding only the ``wanted`` ones and the last (edge padding's); None
+    stands for a frame nobody needs. Random access: a view costs its own frames, not the frames before it."""
+    import av
+
+    jpgs = frame_folder_frames(path)
+    for i, p in enumerate(jpgs):
+        if i in wanted or i == len(jpgs) - 1:
+            with av.open(str(p)) as c:
+                yield next(c.decode(video=0))
+        else:
+            yield None
+
+
+def decode_views(path: str, num_frames: int, spec: DataSpec, threads: int = 0) -> tuple[torch.Tensor, int]:
+    """The eval views of a video file or a JPEG frame folder: (views, crops, 3, T, crop, crop) float32, and how many
+    frames decoded (a folder: read). Frames past the end repeat the last one (DALI's ``pad_mode="edge"``).
+    Decodes in presentation order up to the last frame a view needs, cropping each needed frame as it comes
+    (memory: the views, not the video). OSError with the reason when the file cannot be opened or decodes no
+    frame; a frame that fails part-way ends the video there (the rest edge-padded, as for a cut file)."""
     want = view_frames(num_frames, spec)
     need: dict[int, list[tuple[int, int]]] = {}
     for k, idx in enumerate(want):
@@ -87,30 +117,26 @@ def decode_views(path: str, num_frames: int, spec: DataSpec, threads: int = 0) -
     out = torch.empty(len(want), spec.eval_crops, 3, spec.frames, spec.crop, spec.crop)
     filled = torch.zeros(len(want), spec.frames, dtype=torch.bool)
     last_needed, n, prev = max(need), 0, None
+    frames = _folder_frames(path, set(need)) if Path(path).is_dir() else _video_frames(path, threads)
     try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise OSError(f"{path}: no video stream")
-            st = container.streams.video[0]
-            st.thread_type = "AUTO"
-            if threads:
-                st.thread_count = threads
-            for frame in container.decode(st):
-                prev = frame
-                if n in need:
-                    crops = frame_crops(frame, spec)
-                    for k, t in need[n]:
-                        out[k, :, :, t] = crops
-                        filled[k, t] = True
-                n += 1
-                if n > last_needed:
-                    break
+        for frame in frames:
+            prev = frame if frame is not None else prev
+            if n in need:
+                crops = frame_crops(frame, spec)
+                for k, t in need[n]:
+                    out[k, :, :, t] = crops
+                    filled[k, t] = True
+            n += 1
+            if n > last_needed:
+                break
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001 - PyAV's errors for a damaged file
         if n == 0:
             raise OSError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
         # damaged part-way: the frames that decoded stand, the rest is edge-padded (the caller reports it)
+    finally:
+        frames.close()
     if n == 0:
         raise OSError(f"{path}: no frame decodes")
     if not filled.all():  # shorter than a view needs: its last decoded frame repeats (DALI's pad_mode="edge")

@@ -95,6 +95,16 @@ def encode_video(frames: Iterable, path: str | Path, codec: str = "vp9", fps: fl
     return n
 
 
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+FRAME_FOLDER_FPS = 12.0  # Something-Something V1's frames: 12 per second
+
+
+def frame_folder_frames(path: str | Path) -> list[Path]:
+    """A JPEG frame folder's frames in name order (Something-Something V1: ``<id>/00001.jpg ...``): the one rule
+    for prepare, its probe and predict."""
+    return sorted(p for p in Path(path).iterdir() if p.suffix.lower() in JPEG_SUFFIXES and p.is_file())
+
+
 def read_frames(src: str | Path) -> tuple[Iterable, float]:
     """(decoded ``av.VideoFrame`` iterator, average fps) of a video file, or of a folder of JPEG frames (sorted by
     name; Something-V1's layout, 12 fps)."""
@@ -102,14 +112,14 @@ def read_frames(src: str | Path) -> tuple[Iterable, float]:
 
     src = Path(src)
     if src.is_dir():
-        jpgs = sorted(p for p in src.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        jpgs = frame_folder_frames(src)
 
         def jpeg_frames():
             for p in jpgs:
                 with av.open(str(p)) as c:
                     yield next(c.decode(video=0))
 
-        return jpeg_frames(), 12.0
+        return jpeg_frames(), FRAME_FOLDER_FPS
 
     container = av.open(str(src))
     st = container.streams.video[0]

@@ -95,11 +95,12 @@ def _left_crop_number(view_t: torch.Tensor) -> int:
     return sum(1 << b for b in range(6) if float(row[int((b + 0.5) * 8)]) > 127)
 
 
-@pytest.mark.parametrize("kind,frames", [("mp4-bframes", 40), ("avi-mpeg4", 40), ("mp4-bframes", 7)])
+@pytest.mark.parametrize("kind,frames", [("mp4-bframes", 40), ("avi-mpeg4", 40), ("mp4-bframes", 7),
+                                         ("jpeg-folder", 40), ("jpeg-folder", 7)])
 def test_pyav_views_show_the_right_frames_in_presentation_order(tmp_path, kind, frames):
-    """H.264 with B-frames (decode order != presentation order) and MPEG-4 AVI, which DALI cannot decode on a CPU:
-    every view's t-th frame is frame start + t x stride of the video; a video shorter than a clip repeats its last
-    frame (edge padding, as DALI's pad_mode="edge")."""
+    """H.264 with B-frames (decode order != presentation order), MPEG-4 AVI, which DALI cannot decode on a CPU, and
+    a Something-V1 folder of JPEG frames: every view's t-th frame is frame start + t x stride of the video; a video
+    shorter than a clip repeats its last frame (edge padding, as DALI's pad_mode="edge")."""
     from hcml.pipeline.loader import DataSpec, eval_views
     from hcml.pipeline.rawvideo import decode_views
 
@@ -111,6 +112,34 @@ def test_pyav_views_show_the_right_frames_in_presentation_order(tmp_path, kind, 
     for k, (start, _) in enumerate(eval_views(frames, spec)):
         got = [_left_crop_number(views[k, 0, :, t]) for t in range(spec.frames)]
         assert got == [min(start + t * spec.stride, frames - 1) for t in range(spec.frames)], (k, start, got)
+
+
+def test_a_frame_folder_decodes_only_the_frames_its_views_show(tmp_path):
+    """Frame folders are read at random: a broken JPEG that no view shows costs nothing (no note, every view
+    right); one that a view shows ends the video there and the rest is edge-padded, as for a cut video file."""
+    from hcml.pipeline.loader import DataSpec, eval_views
+    from hcml.pipeline.rawvideo import decode_views
+
+    folder = videos.write("jpeg-folder", tmp_path / "12345", frames=40)
+    spec = DataSpec(frames=4, stride=2, crop=48, eval_short_side=48, eval_clips=2, eval_crops=3, batch_size=2,
+                    threads=1, device="cpu", mean=[0.0] * 3, std=[1 / 255] * 3)
+    shown = sorted({s + t * spec.stride for s, _ in eval_views(40, spec) for t in range(spec.frames)})
+    unshown = next(f for f in range(shown[0], shown[-1]) if f not in shown)
+    (folder / f"{unshown + 1:05d}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    views, decoded = decode_views(str(folder), 40, spec)
+    assert decoded == shown[-1] + 1
+    for k, (start, _) in enumerate(eval_views(40, spec)):
+        assert [_left_crop_number(views[k, 0, :, t]) for t in range(spec.frames)] == \
+            [start + t * spec.stride for t in range(spec.frames)]
+    broken = shown[len(shown) // 2]  # a frame the second view shows
+    (folder / f"{broken + 1:05d}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    views, decoded = decode_views(str(folder), 40, spec)
+    assert decoded == broken
+    last_good = max(f for f in shown if f < broken)
+    for k, (start, _) in enumerate(eval_views(40, spec)):
+        want = [start + t * spec.stride for t in range(spec.frames)]
+        assert [_left_crop_number(views[k, 0, :, t]) for t in range(spec.frames)] == \
+            [f if f < broken else last_good for f in want]
 
 
 def test_predict_raw_videos_reports_each_broken_one_and_goes_on(trained, tmp_path):
@@ -125,26 +154,32 @@ def test_predict_raw_videos_reports_each_broken_one_and_goes_on(trained, tmp_pat
     whole = (raw / "mp4-bframes.mp4").read_bytes()
     (raw / "cut.mp4").write_bytes(whole[:len(whole) // 2])
     (raw / "notes.mp4").write_text("not a video\n" * 50)
-    missing = tmp_path / "gone.webm"
-    r = hcml("predict", "--checkpoint", str(trained), "--dir", str(raw), str(missing), "--top-k", "2",
+    videos.write("jpeg-folder", raw / "ssv1" / "12345", frames=40)  # Something-V1: a folder of frames is a video
+    videos.write("jpeg-folder", raw / "thumbs", frames=1)  # frames beside no video: a (1-frame) video too
+    (raw / "poster.jpg").write_bytes((raw / "thumbs" / "00001.jpg").read_bytes())  # beside videos: no video
+    missing, plain = tmp_path / "gone.webm", tmp_path / "plain"
+    plain.mkdir()
+    r = hcml("predict", "--checkpoint", str(trained), "--dir", str(raw), str(missing), str(plain), "--top-k", "2",
              "--out", str(tmp_path / "p.jsonl"))
     assert r.returncode == 1, r.stderr[-2000:]
     recs = {Path(rec["video"]).name: rec for rec in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
     assert set(recs) == {"mp4-bframes.mp4", "webm.webm", "avi-mpeg4.avi", "short.mp4", "cut.mp4", "notes.mp4",
-                         "gone.webm"}
-    for name in ("mp4-bframes.mp4", "avi-mpeg4.avi", "short.mp4"):
+                         "12345", "thumbs", "gone.webm", "plain"}
+    for name in ("mp4-bframes.mp4", "avi-mpeg4.avi", "short.mp4", "12345", "thumbs"):
         assert recs[name]["ok"] and recs[name]["decoder"] == "pyav", recs[name]
+    assert recs["12345"]["codec"] == "jpeg-frames" and recs["12345"]["size"] == [80, 48]
     assert recs["webm.webm"]["decoder"] == "dali-cpu"
-    assert "edge-padded" in recs["short.mp4"]["note"]
+    assert "edge-padded" in recs["short.mp4"]["note"] and "edge-padded" in recs["thumbs"]["note"]
     assert recs["gone.webm"]["error"] == "missing"
-    for name in ("cut.mp4", "notes.mp4", "gone.webm"):
+    assert recs["plain"]["error"].startswith("a directory, not a folder of JPEG frames")
+    for name in ("cut.mp4", "notes.mp4", "gone.webm", "plain"):
         assert not recs[name]["ok"]
         assert f"{name}: FAILED: " in r.stdout, r.stdout
-    assert "4 of 7 videos labelled, 3 failed" in r.stdout
+    assert "6 of 10 videos labelled, 4 failed" in r.stdout
     for rec in recs.values():
         if rec["ok"]:
-            assert len(rec["top_k"]) == 2 and rec["seconds"] > 0 and rec["frames"] in (6, 40)
-    c = hcml("predict", "--checkpoint", str(trained), "--dir", str(raw), str(missing), "--top-k", "2",
+            assert len(rec["top_k"]) == 2 and rec["seconds"] > 0 and rec["frames"] in (1, 6, 40)
+    c = hcml("predict", "--checkpoint", str(trained), "--dir", str(raw), str(missing), str(plain), "--top-k", "2",
              "--out", str(tmp_path / "p.csv"), "--nproc-per-node", "2")
     assert c.returncode == 1, c.stderr[-2000:]
     assert "Traceback" not in c.stderr and "ChildFailedError" not in c.stderr, c.stderr[-2000:]

@@ -84,6 +84,25 @@ def test_ssv1_adapter_reads_frame_folders(tmp_path):
         load_source("ssv1", tmp_path)
 
 
+def test_a_frame_folder_probes_like_a_video(tmp_path):
+    """Its frame count, size and Something-V1's 12 fps; a first frame that is no JPEG fails the probe as an
+    undecodable video does, naming the frame; a folder with no frames is 'no frames'."""
+    d = tmp_path / "100"
+    d.mkdir()
+    for t in range(1, 6):
+        imsave(d / f"{t:05d}.jpg", np.full((36, 64, 3), 40 * t, np.uint8))
+    (d / "notes.txt").write_text("not a frame")
+    p = probe_video(d, min_frames=5)
+    assert (p.ok, p.codec, p.frames, p.fps, p.width, p.height) == (True, "jpeg-frames", 5, 12.0, 64, 36)
+    assert probe_video(d, min_frames=6).reason == "too few frames"
+    (d / "00001.jpg").write_bytes(b"\xff\xd8 cut short")
+    p = probe_video(d)
+    assert not p.ok and p.reason == "undecodable" and p.detail.startswith("00001.jpg: "), p
+    empty = tmp_path / "101"
+    empty.mkdir()
+    assert probe_video(empty).reason == "no frames"
+
+
 def make_ucf(root: Path) -> Path:
     lists = root / "ucfTrainTestlist"
     lists.mkdir(parents=True)
