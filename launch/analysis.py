@@ -21,7 +21,7 @@ from hcml.launch import components
 from hcml.launch.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from hcml.launch.evaluate import per_class_accuracy, per_video
 from hcml.model import LEVELS
-from hcml.pipeline.loader import EvalLoader, check_decodable
+from hcml.pipeline.loader import DALI_CODECS, EvalLoader
 
 
 # ---------------------------------------------------------------- KNN (Table 7)
@@ -206,16 +206,17 @@ def knn_many(checkpoints: list[str], config_path: str | None, overrides: list[st
 # ---------------------------------------------------------------- Grad-CAM++ (Fig. 6)
 def unique_stems(paths: list[str]) -> dict[str, str]:
     """A file-name stem per path, unique among ``paths``: the name, or with as many parent folders as it takes
-    to tell clashing ones apart (``train_move_left_0000`` vs ``val_move_left_0000``)."""
-    out = {}
-    for p in paths:
-        parts = Path(p).with_suffix("").parts
-        for k in range(1, len(parts) + 1):
-            name = "_".join(parts[-k:])
-            if all(Path(q).with_suffix("").parts[-k:] != parts[-k:] for q in paths if q != p):
-                break
-        out[p] = name.lstrip("/_") or "video"
-    return out
+    to tell clashing ones apart (``train_move_left_0000`` vs ``val_move_left_0000``); the suffix stays where only
+    it differs (``cam.mp4`` vs ``cam.webm``)."""
+    def name(p: str, keep_suffix: bool) -> str | None:
+        def parts(q: str) -> tuple[str, ...]:
+            return (Path(q) if keep_suffix else Path(q).with_suffix("")).parts
+
+        own, others = parts(p), [parts(q) for q in paths if q != p]
+        k = next((k for k in range(1, len(own) + 1) if all(o[-k:] != own[-k:] for o in others)), None)
+        return None if k is None else "_".join(own[-k:]).lstrip("/_") or "video"
+
+    return {p: name(p, False) or name(p, True) or "video" for p in paths}
 
 
 def gradcam_pp(model, clip: torch.Tensor, target: int | None = None) -> tuple[np.ndarray, int]:
@@ -281,9 +282,13 @@ def save_gradcam_strip(rows: list[dict], out_png: str | Path, max_frames: int = 
 
 def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out: str,
                 baseline: str | None = None, overrides: list[str] | None = None, target: int | None = None) -> list[Path]:
-    """``hcml gradcam``: a PNG strip per video (HCML, and the baseline above it when given)."""
+    """``hcml gradcam``: a PNG strip per video (HCML, and the baseline above it when given). Each video's centred
+    clip comes from DALI where its decoder reads the codec on this device, else from PyAV with the same frames,
+    crop and colour conversion (``pipeline/rawvideo.py``, as ``hcml predict``): an H.264 MP4 or a frame folder
+    on a CPU machine."""
     from hcml.pipeline.prepared import Sample
     from hcml.pipeline.prepare import probe_video
+    from hcml.pipeline.rawvideo import decode_views
 
     cfg, ds, model = _load_motion_model(checkpoint, config_path, overrides or [])
     models = [("HCML", model)]
@@ -294,24 +299,29 @@ def run_gradcam(config_path: str | None, checkpoint: str, videos: list[str], out
     models = [(name, m.to(device)) for name, m in models]
     known = {s.path: s for s in ds.train + ds.val}
     out_dir = Path(out)
-    device_kind = components.data_spec(cfg, ds, device).device
+    spec = dataclasses.replace(components.data_spec(cfg, ds, device), eval_clips=1, eval_crops=1)
     probes = {}
-    for v in videos:  # every video checked before any work: missing, unreadable, or a codec this reader lacks
+    for v in videos:  # every video checked before any work: missing or unreadable
         path = str(Path(v).resolve())
-        pr = probe_video(path)
+        pr = probe_video(path, timestamps="any")
         if not pr.ok:
             raise DatasetError(f"--videos {v}: {pr.reason}{': ' + pr.detail if pr.detail else ''}")
-        check_decodable({pr.codec}, device_kind, f"--videos {v}")
         probes[path] = pr
     out_dir.mkdir(parents=True, exist_ok=True)
     names = unique_stems(list(probes))
     written = []
     for path, pr in probes.items():
         s = known.get(path) or Sample(path, -1, pr.frames)
-        loader = components.eval_loader(cfg, ds, [Sample(s.path, max(s.label, 0), s.num_frames)], info,
-                                        single_view=True)
-        clips, _ = next(iter(loader))
-        clip = clips[0, :1].float().to(device)  # (1, 3, T, H, W)
+        if pr.codec in DALI_CODECS[spec.device]:
+            loader = components.eval_loader(cfg, ds, [Sample(s.path, max(s.label, 0), s.num_frames)], info,
+                                            single_view=True)
+            clips, _ = next(iter(loader))
+            clip = clips[0, :1].float().to(device)  # (1, 3, T, H, W)
+        else:  # DALI's decoder here does not read this codec
+            try:
+                clip = decode_views(path, s.num_frames, spec, threads=spec.threads)[0][0].to(device)
+            except OSError as e:
+                raise DatasetError(f"--videos {path}: {e}") from None
         mean = torch.tensor(cfg.data.mean).view(3, 1, 1, 1)
         std = torch.tensor(cfg.data.std).view(3, 1, 1, 1)
         frames = ((clip[0].cpu() * std + mean) * 255).clamp(0, 255).permute(1, 2, 3, 0).numpy()

@@ -396,7 +396,8 @@ def add_knn(p) -> None:
 def add_gradcam(p) -> None:
     p.add_argument("--config", default=None, help="default: the config stored in the checkpoint")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--videos", nargs="+", required=True)
+    p.add_argument("--videos", nargs="+", required=True, help="video files or JPEG frame folders, as hcml predict "
+                   "takes them (DALI where it reads the codec here, PyAV otherwise)")
     p.add_argument("--baseline", default=None, help="a no-motion checkpoint shown above for comparison")
     p.add_argument("--target", type=count(0), default=None, help="class index (default: the predicted class)")
     p.add_argument("--data", help="prepared dataset directory (for labels)")

@@ -192,6 +192,25 @@ def test_predict_raw_videos_reports_each_broken_one_and_goes_on(trained, tmp_pat
             assert float(rows[name]["top1_prob"]) == pytest.approx(rec["top_k"][0]["prob"], abs=1e-4)
 
 
+def test_gradcam_takes_videos_dali_cannot_decode_here(trained, tmp_path):
+    """`hcml gradcam` on a CPU machine: an H.264 MP4 with B-frames and a JPEG frame folder (PyAV, as predict) beside
+    a WebM (DALI), one PNG strip each; a file that is no video is one line naming it."""
+    h264 = videos.write("mp4-bframes", tmp_path / "cam.mp4", frames=40)
+    folder = videos.write("jpeg-folder", tmp_path / "frames" / "12345", frames=40)
+    webm = videos.write("webm", tmp_path / "cam.webm", frames=40)
+    r = hcml("gradcam", "--checkpoint", str(trained), "--videos", str(h264), str(folder), str(webm),
+             "--out", str(tmp_path / "cams"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    pngs = sorted(p.name for p in (tmp_path / "cams").glob("*.png"))
+    assert len(pngs) == 3 and r.stdout.count("wrote ") == 3, (pngs, r.stdout)
+    for p in (tmp_path / "cams").glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video\n" * 50)
+    r = hcml("gradcam", "--checkpoint", str(trained), "--videos", str(bad), "--out", str(tmp_path / "cams2"))
+    assert r.returncode == 2 and "notes.mp4" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_predict_input_mistakes_are_one_line(trained, tmp_path):
     """Exit 2, one line naming the problem, nothing written: a checkpoint that is not one, malformed --views,
     a --list that does not exist, an --out of another kind, no videos at all."""
