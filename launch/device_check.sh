@@ -138,6 +138,7 @@ elif python3 -c "import nvidia.dali" 2>/dev/null; then
   stage "train (SyncBN, $NGPU process(es))" 120 hcml train --nproc-per-node "$NGPU" --config k400_r2d50_joint \
     --data /tmp/h264 --run-dir /tmp/train_run train.max_steps=20 train.bn=global data.device=gpu \
     data.eval_clips=1 data.eval_crops=1 train.progress=false optim.epochs=2 optim.warmup_epochs=1
+  cp /tmp/train_run/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null || true  # step time, GPU memory per record
   ck=$(ls /tmp/train_run/checkpoints/ckpt_*.pt 2>/dev/null | tail -1)
   if [ -n "$ck" ]; then
     stage "predict (H.264 on NVDEC)" 45 sh -c "hcml predict --checkpoint $ck --dir /tmp/h264/val --views 2x3 \

@@ -169,6 +169,18 @@ class PrometheusExporter:
             server.shutdown()
 
 
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """This process's GPU memory for the metrics log, in GiB: allocated now, reserved by the caching allocator, and
+    the peak allocated since the process started (what sizing a batch needs); {} on a CPU. Prometheus has the
+    first two per rank (``hcml_gpu_memory_*_bytes``)."""
+    if device.type != "cuda":
+        return {}
+    gib = 2.0 ** 30
+    return {"gpu_mem_gib": torch.cuda.memory_allocated(device) / gib,
+            "gpu_mem_reserved_gib": torch.cuda.memory_reserved(device) / gib,
+            "gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / gib}
+
+
 class JsonlLog:
     """``metrics.jsonl``: one JSON record per logged step/eval. Only rank 0 writes (``enabled``).
 

@@ -29,7 +29,7 @@ from hcml.launch.checkpoint import list_checkpoints, load_checkpoint, save_check
 from hcml.launch.distributed import (DistInfo, all_gather_objects, all_reduce_max, barrier, broadcast_buffers, cleanup,
                                      init_distributed)
 from hcml.launch.evaluate import evaluate
-from hcml.launch.metrics import JsonlLog, PrometheusExporter, plot_run
+from hcml.launch.metrics import JsonlLog, PrometheusExporter, gpu_memory, plot_run
 from hcml.launch.step import StepParts, train_step as one_step
 from hcml.launch.watchdog import Watchdog
 from hcml.pipeline.loader import TrainLoader
@@ -297,7 +297,7 @@ def log_step(run: Run, values: dict[str, float], lr: float, clips: int, step_s: 
     if run.step % run.cfg.train.log_every == 0 or run.step == 1:
         run.metrics.write(kind="train", step=run.step, epoch=run.epoch, lr=lr, clips_per_s=clips / step_s,
                           data_wait_s=wait_s, step_s=step_s, data_wait_ratio=wait_s / max(step_s, 1e-9),
-                          samples_skipped=skipped_total(run),
+                          samples_skipped=skipped_total(run), **gpu_memory(run.info.device),
                           **{f"loss_{k}" if k != "total" else "loss": v for k, v in values.items()})
 
 

@@ -225,3 +225,20 @@ def test_tensorboard_mirrors_metrics_jsonl_and_a_resume_continues_without_duplic
     log = JsonlLog(tmp_path / "metrics.jsonl", tensorboard=tmp_path / "tb")
     log.reset()  # a fresh run into the folder starts empty curves, as it starts an empty log
     assert not list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_gpu_memory_fields_of_the_metrics_log(monkeypatch):
+    """On CUDA each train record carries allocated, reserved and peak memory in GiB (the allocator's own counters,
+    here stand-ins, as no GPU is on this machine); on a CPU none of the three fields is written."""
+    import torch
+
+    from hcml.launch.metrics import gpu_memory
+
+    assert gpu_memory(torch.device("cpu")) == {}
+    asked = []
+    for name, value in (("memory_allocated", 3 * 2 ** 30), ("memory_reserved", 4 * 2 ** 30),
+                        ("max_memory_allocated", 5.5 * 2 ** 30)):
+        monkeypatch.setattr(torch.cuda, name, lambda device, v=value, n=name: asked.append((n, device)) or v)
+    dev = torch.device("cuda", 1)
+    assert gpu_memory(dev) == {"gpu_mem_gib": 3.0, "gpu_mem_reserved_gib": 4.0, "gpu_mem_peak_gib": 5.5}
+    assert {d for _, d in asked} == {dev}  # this rank's device, not the current default
