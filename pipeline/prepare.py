@@ -24,7 +24,7 @@ from hcml.errors import DatasetError, HCMLError
 from hcml.files import atomic_write_text
 from hcml.pipeline.prepared import claim_folder, write_prepared
 from hcml.pipeline.sources import SourceOptions, load_source
-from hcml.pipeline.video import FRAME_FOLDER_FPS, frame_folder_frames
+from hcml.pipeline.video import FRAME_FOLDER_FPS, decode_jpeg, frame_folder_frames
 
 from hcml.pipeline.loader import DALI_CODECS, clip_span
 
@@ -72,8 +72,7 @@ def probe_video(path: str | Path, min_frames: int = 1, timestamps: str = "unique
         if not frames:
             return Probe(str(path), False, "no frames", "directory has no .jpg frames")
         try:
-            with av.open(str(frames[0])) as c:
-                first = next(c.decode(video=0))
+            first = decode_jpeg(frames[0])
         except Exception as e:  # noqa: BLE001 - PyAV's errors for a damaged or mislabelled file
             return Probe(str(path), False, "undecodable", f"{frames[0].name}: {type(e).__name__}: {e}",
                          "jpeg-frames", len(frames))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hcml.pipeline.loader import DataSpec, crop_window, eval_positions, eval_views
-from hcml.pipeline.video import frame_folder_frames
+from hcml.pipeline.video import decode_jpeg, frame_folder_frames
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ts")
 
@@ -92,15 +92,9 @@ def _video_frames(path: str, threads: int) -> Iterator:
 def _folder_frames(path: str, wanted: set[int]) -> Iterator:
     """A frame folder's frames in order, decoding only the ``wanted`` ones and the last (edge padding's); None
     stands for a frame nobody needs. Random access: a view costs its own frames, not the frames before it."""
-    import av
-
     jpgs = frame_folder_frames(path)
     for i, p in enumerate(jpgs):
-        if i in wanted or i == len(jpgs) - 1:
-            with av.open(str(p)) as c:
-                yield next(c.decode(video=0))
-        else:
-            yield None
+        yield decode_jpeg(p) if i in wanted or i == len(jpgs) - 1 else None
 
 
 def decode_views(path: str, num_frames: int, spec: DataSpec, threads: int = 0) -> tuple[torch.Tensor, int]:

@@ -105,6 +105,14 @@ def frame_folder_frames(path: str | Path) -> list[Path]:
     return sorted(p for p in Path(path).iterdir() if p.suffix.lower() in JPEG_SUFFIXES and p.is_file())
 
 
+def decode_jpeg(path: str | Path):
+    """One JPEG frame as a PyAV frame (yuvj4xxp, as an MJPEG stream's), the colour path every video frame takes."""
+    import av
+
+    with av.open(str(path)) as c:
+        return next(c.decode(video=0))
+
+
 def read_frames(src: str | Path) -> tuple[Iterable, float]:
     """(decoded ``av.VideoFrame`` iterator, average fps) of a video file, or of a folder of JPEG frames (sorted by
     name; Something-V1's layout, 12 fps)."""
@@ -112,14 +120,7 @@ def read_frames(src: str | Path) -> tuple[Iterable, float]:
 
     src = Path(src)
     if src.is_dir():
-        jpgs = frame_folder_frames(src)
-
-        def jpeg_frames():
-            for p in jpgs:
-                with av.open(str(p)) as c:
-                    yield next(c.decode(video=0))
-
-        return jpeg_frames(), FRAME_FOLDER_FPS
+        return (decode_jpeg(p) for p in frame_folder_frames(src)), FRAME_FOLDER_FPS
 
     container = av.open(str(src))
     st = container.streams.video[0]
